@@ -1,0 +1,102 @@
+//! The admin listener: `GET /metrics` (Prometheus text), `GET /healthz` (the process runs
+//! its loops) and `GET /readyz` (a broker answers and the topic exists, and the bridge is not
+//! shutting down).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::header::CONTENT_TYPE;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+
+use crate::metrics::Metrics;
+
+/// Whether the bridge should be sent traffic, and if not, why.
+pub struct Readiness {
+    kafka: Mutex<Result<(), String>>,
+    shutting_down: AtomicBool,
+    metrics: Arc<Metrics>,
+}
+
+impl Readiness {
+    pub fn new(metrics: Arc<Metrics>) -> Readiness {
+        Readiness {
+            kafka: Mutex::new(Err("no readiness probe has completed yet".into())),
+            shutting_down: AtomicBool::new(false),
+            metrics,
+        }
+    }
+
+    /// Records the latest probe; returns true when this changes the state.
+    pub fn set_kafka(&self, state: Result<(), String>) -> bool {
+        self.metrics.kafka_up.set(i64::from(state.is_ok()));
+        let mut current = self.kafka.lock().expect("readiness lock");
+        let changed = current.is_ok() != state.is_ok();
+        *current = state;
+        changed
+    }
+
+    pub fn set_shutting_down(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    /// `Ok` when ready, else the reason.
+    pub fn check(&self) -> Result<(), String> {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err("the bridge is shutting down".into());
+        }
+        self.kafka.lock().expect("readiness lock").clone()
+    }
+}
+
+pub struct Admin {
+    pub metrics: Arc<Metrics>,
+    pub readiness: Arc<Readiness>,
+}
+
+impl Admin {
+    pub async fn handle<B>(self: Arc<Self>, req: Request<B>) -> Response<Full<Bytes>> {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                "GET only\n".into(),
+            );
+        }
+        match req.uri().path() {
+            "/metrics" => text(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                self.metrics.render(),
+            ),
+            "/healthz" => text(
+                StatusCode::OK,
+                "application/json",
+                r#"{"status":"ok"}"#.into(),
+            ),
+            "/readyz" => match self.readiness.check() {
+                Ok(()) => text(
+                    StatusCode::OK,
+                    "application/json",
+                    r#"{"ready":true}"#.into(),
+                ),
+                Err(reason) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "application/json",
+                    serde_json::json!({ "ready": false, "reason": reason }).to_string(),
+                ),
+            },
+            _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+        }
+    }
+}
+
+fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}

@@ -1,0 +1,457 @@
+//! Settings: one strict, documented type, loaded in layers (the built-in
+//! `config/default.toml`, an optional file, then `TAMIO_BRIDGE__SECTION__KEY` variables) and
+//! checked as a whole before anything starts.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The defaults, compiled in so that the binary runs from any directory.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// Prefix of the environment variables that override settings.
+pub const ENV_PREFIX: &str = "TAMIO_BRIDGE";
+
+/// Every setting of the bridge.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// The webhook ingress.
+    pub server: Server,
+    /// The admin listener: metrics and health.
+    pub admin: Admin,
+    /// The Kafka producer.
+    pub kafka: Kafka,
+    /// Signature verification.
+    pub signature: Signature,
+    /// Logging.
+    pub log: Log,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Server {
+    /// Address the webhook ingress listens on.
+    pub listen: SocketAddr,
+    /// The one path that accepts deliveries.
+    pub path: String,
+    /// Largest request body accepted.
+    pub max_body_bytes: usize,
+    /// Deadline for a whole request, Kafka's acknowledgement included.
+    pub request_timeout_ms: u64,
+    /// Time allowed for a request's headers to arrive.
+    pub header_read_timeout_ms: u64,
+    /// Requests processed at once; above it, 503 at once.
+    pub max_in_flight: usize,
+    /// Connections open at once.
+    pub max_connections: usize,
+    /// Time allowed for requests in flight to finish on shutdown.
+    pub drain_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    /// Address of /metrics, /healthz and /readyz.
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Kafka {
+    /// Bootstrap servers, comma-separated; empty starts the embedded broker.
+    pub brokers: String,
+    /// Topic every ticket event is written to.
+    pub topic: String,
+    /// librdkafka's `message.timeout.ms`.
+    pub delivery_timeout_ms: u64,
+    /// Period of the readiness probe.
+    pub readiness_interval_ms: u64,
+    /// Deadline of one readiness probe.
+    pub readiness_timeout_ms: u64,
+    /// Deadline of the final flush on shutdown.
+    pub flush_timeout_ms: u64,
+    /// Options passed through to librdkafka.
+    #[serde(default)]
+    pub librdkafka: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Signature {
+    /// Header that carries the signature.
+    pub header: String,
+    /// Secrets accepted for every endpoint.
+    #[serde(default)]
+    pub secrets: Vec<Secret>,
+    /// Largest accepted distance between the signature's timestamp and now.
+    pub tolerance_secs: u64,
+    /// Secrets for single endpoints, keyed by `endpoint_id`.
+    #[serde(default)]
+    pub endpoints: HashMap<String, Endpoint>,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Endpoint {
+    /// Secrets accepted for this endpoint (besides `signature.secrets`).
+    pub secrets: Vec<Secret>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Log {
+    /// "text" or "json".
+    pub format: LogFormat,
+    /// tracing EnvFilter directives.
+    pub level: String,
+}
+
+/// A signing secret. Its bytes never appear in `Debug` output, logs or error messages.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The secret's bytes, for keying the HMAC.
+    pub fn expose(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+impl fmt::Debug for Signature {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut endpoints: Vec<(&String, usize)> = self
+            .endpoints
+            .iter()
+            .map(|(id, e)| (id, e.secrets.len()))
+            .collect();
+        endpoints.sort();
+        f.debug_struct("Signature")
+            .field("header", &self.header)
+            .field(
+                "secrets",
+                &format_args!("[{} redacted]", self.secrets.len()),
+            )
+            .field("tolerance_secs", &self.tolerance_secs)
+            .field("endpoints", &endpoints)
+            .finish()
+    }
+}
+
+/// Why the settings could not be used. The message names the setting.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("cannot load settings: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("setting `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> SettingsError {
+    SettingsError::Invalid {
+        key,
+        reason: reason.into(),
+    }
+}
+
+impl Settings {
+    /// Loads the defaults, then `file` if given, then the environment, and validates.
+    pub fn load(file: Option<&Path>) -> Result<Settings, SettingsError> {
+        Self::load_from(file, std::env::vars())
+    }
+
+    /// Like [`Settings::load`], with the environment given explicitly (for tests).
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, SettingsError> {
+        let env: HashMap<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+            .collect();
+        let mut builder = config::Config::builder().add_source(config::File::from_str(
+            DEFAULT_TOML,
+            config::FileFormat::Toml,
+        ));
+        if let Some(path) = file {
+            builder = builder.add_source(config::File::from(path).required(true));
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("__")
+                .separator("__")
+                .list_separator(",")
+                .with_list_parse_key("signature.secrets")
+                .try_parsing(true)
+                .source(Some(env)),
+        );
+        let settings: Settings = builder.build()?.try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks that cannot be expressed in the types.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        let s = &self.server;
+        if !s.path.starts_with('/') {
+            return Err(invalid("server.path", "must start with `/`"));
+        }
+        if s.max_body_bytes == 0 {
+            return Err(invalid("server.max_body_bytes", "must be above 0"));
+        }
+        if s.request_timeout_ms == 0 {
+            return Err(invalid("server.request_timeout_ms", "must be above 0"));
+        }
+        if s.header_read_timeout_ms == 0 {
+            return Err(invalid("server.header_read_timeout_ms", "must be above 0"));
+        }
+        if s.max_in_flight == 0 {
+            return Err(invalid("server.max_in_flight", "must be above 0"));
+        }
+        if s.max_connections == 0 {
+            return Err(invalid("server.max_connections", "must be above 0"));
+        }
+        if s.listen == self.admin.listen && s.listen.port() != 0 {
+            return Err(invalid("admin.listen", "must differ from server.listen"));
+        }
+        let k = &self.kafka;
+        if k.topic.trim().is_empty() {
+            return Err(invalid("kafka.topic", "must not be empty"));
+        }
+        if k.topic.len() > 249
+            || !k
+                .topic
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        {
+            return Err(invalid(
+                "kafka.topic",
+                "a Kafka topic name has at most 249 of the characters a-z A-Z 0-9 . _ -",
+            ));
+        }
+        if k.delivery_timeout_ms == 0 {
+            return Err(invalid("kafka.delivery_timeout_ms", "must be above 0"));
+        }
+        if k.delivery_timeout_ms >= s.request_timeout_ms {
+            return Err(invalid(
+                "kafka.delivery_timeout_ms",
+                format!(
+                    "must be below server.request_timeout_ms ({}), so that a failed delivery is \
+                     reported to the sender before its request's deadline",
+                    s.request_timeout_ms
+                ),
+            ));
+        }
+        if k.readiness_interval_ms == 0 {
+            return Err(invalid("kafka.readiness_interval_ms", "must be above 0"));
+        }
+        if k.readiness_timeout_ms == 0 {
+            return Err(invalid("kafka.readiness_timeout_ms", "must be above 0"));
+        }
+        for key in ["bootstrap.servers", "enable.idempotence", "acks"] {
+            if k.librdkafka.contains_key(key) {
+                return Err(invalid(
+                    "kafka.librdkafka",
+                    format!(
+                        "`{key}` is set by the bridge itself (use kafka.brokers, and the \
+                         producer is always idempotent with acks=all)"
+                    ),
+                ));
+            }
+        }
+        let sig = &self.signature;
+        if sig.header.trim().is_empty() || http::HeaderName::try_from(&sig.header).is_err() {
+            return Err(invalid(
+                "signature.header",
+                "must be a valid HTTP header name",
+            ));
+        }
+        if sig.tolerance_secs == 0 {
+            return Err(invalid("signature.tolerance_secs", "must be above 0"));
+        }
+        if sig.secrets.iter().any(|s| s.expose().is_empty()) {
+            return Err(invalid("signature.secrets", "a secret must not be empty"));
+        }
+        for (id, endpoint) in &sig.endpoints {
+            if id.is_empty() {
+                return Err(invalid(
+                    "signature.endpoints",
+                    "an endpoint id must not be empty",
+                ));
+            }
+            if endpoint.secrets.is_empty() || endpoint.secrets.iter().any(|s| s.expose().is_empty())
+            {
+                return Err(SettingsError::Invalid {
+                    key: "signature.endpoints",
+                    reason: format!("endpoint `{id}` needs at least one non-empty secret"),
+                });
+            }
+        }
+        if self.log.level.trim().is_empty() {
+            return Err(invalid("log.level", "must not be empty"));
+        }
+        Ok(())
+    }
+
+    /// True when no broker is configured and the embedded one is to be started.
+    pub fn embedded_kafka(&self) -> bool {
+        self.kafka.brokers.trim().is_empty()
+    }
+
+    /// True when at least one secret is configured.
+    pub fn has_secrets(&self) -> bool {
+        !self.signature.secrets.is_empty() || !self.signature.endpoints.is_empty()
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.server.request_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_load_and_match_the_documented_values() {
+        let s = Settings::load_from(None, env(&[])).unwrap();
+        assert_eq!(s.server.listen.to_string(), "0.0.0.0:8080");
+        assert_eq!(s.server.path, "/webhooks/tamio");
+        assert_eq!(s.admin.listen.to_string(), "0.0.0.0:9090");
+        assert_eq!(s.kafka.topic, "tamio.tickets");
+        assert_eq!(s.signature.header, "Tamio-Signature");
+        assert_eq!(s.signature.tolerance_secs, 300);
+        assert!(s.embedded_kafka());
+        assert!(!s.has_secrets());
+    }
+
+    #[test]
+    fn environment_overrides_and_splits_secret_lists() {
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("TAMIO_BRIDGE__KAFKA__BROKERS", "127.0.0.1:9092"),
+                (
+                    "TAMIO_BRIDGE__SIGNATURE__SECRETS",
+                    "old-secret,new-secret,12345",
+                ),
+                ("TAMIO_BRIDGE__SERVER__MAX_BODY_BYTES", "2048"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.kafka.brokers, "127.0.0.1:9092");
+        assert_eq!(
+            s.signature.secrets,
+            vec![
+                Secret::new("old-secret"),
+                Secret::new("new-secret"),
+                Secret::new("12345")
+            ]
+        );
+        assert_eq!(s.server.max_body_bytes, 2048);
+    }
+
+    #[test]
+    fn file_layers_over_defaults_with_endpoint_secrets() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(
+            f,
+            r#"
+[kafka]
+brokers = "b1:9092,b2:9092"
+[kafka.librdkafka]
+"linger.ms" = "20"
+[signature.endpoints."9ab698f5-99de-4ff6-8bfc-a7dcb973d177"]
+secrets = ["Endpoint-Secret"]
+"#
+        )
+        .unwrap();
+        let path = f.path().with_extension("toml");
+        std::fs::copy(f.path(), &path).unwrap();
+        let s = Settings::load_from(Some(&path), env(&[])).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(s.kafka.brokers, "b1:9092,b2:9092");
+        assert_eq!(
+            s.kafka.librdkafka.get("linger.ms").map(String::as_str),
+            Some("20")
+        );
+        let endpoint = &s.signature.endpoints["9ab698f5-99de-4ff6-8bfc-a7dcb973d177"];
+        assert_eq!(endpoint.secrets, vec![Secret::new("Endpoint-Secret")]);
+        assert_eq!(s.server.path, "/webhooks/tamio", "defaults stay underneath");
+    }
+
+    #[test]
+    fn bad_settings_name_the_key() {
+        let cases = [
+            (
+                "TAMIO_BRIDGE__SERVER__LISTEN",
+                "not-an-address",
+                "server.listen",
+            ),
+            ("TAMIO_BRIDGE__SERVER__PATH", "webhooks", "server.path"),
+            ("TAMIO_BRIDGE__KAFKA__TOPIC", "bad topic!", "kafka.topic"),
+            (
+                "TAMIO_BRIDGE__KAFKA__DELIVERY_TIMEOUT_MS",
+                "60000",
+                "kafka.delivery_timeout_ms",
+            ),
+            (
+                "TAMIO_BRIDGE__SIGNATURE__HEADER",
+                "bad header",
+                "signature.header",
+            ),
+            ("TAMIO_BRIDGE__LOG__FORMAT", "xml", "log.format"),
+            ("TAMIO_BRIDGE__SERVER__NO_SUCH_KEY", "1", "no_such_key"),
+        ];
+        for (key, value, named) in cases {
+            let err = Settings::load_from(None, env(&[(key, value)])).unwrap_err();
+            let msg = err.to_string();
+            assert!(
+                msg.contains(named),
+                "{key}={value}: `{msg}` should name `{named}`"
+            );
+        }
+    }
+
+    #[test]
+    fn debug_output_never_shows_secrets() {
+        let s = Settings::load_from(
+            None,
+            env(&[("TAMIO_BRIDGE__SIGNATURE__SECRETS", "hunter2-very-secret")]),
+        )
+        .unwrap();
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("1 redacted"), "{shown}");
+    }
+}

@@ -1,0 +1,334 @@
+//! The Tamio envelope (api_version 2): parsed from a [`VerifiedBody`] without copying it,
+//! and validated field by field so that a refusal names the field and the reason.
+//!
+//! Unknown fields are allowed: the sender adds fields over time. A key given twice is refused
+//! (two values for one field leave its meaning open).
+
+use std::borrow::Cow;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::verify::VerifiedBody;
+
+/// The envelope version this bridge understands.
+pub const API_VERSION: u64 = 2;
+
+/// Prefix of the ticket event types, whose `data.ticket.id` is required.
+pub const TICKET_EVENT_PREFIX: &str = "whitelabel_ticket_";
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error("the body is not valid JSON: {0}")]
+    Json(String),
+    #[error("`{field}` {reason}")]
+    Field {
+        field: &'static str,
+        reason: &'static str,
+    },
+}
+
+fn field_err(field: &'static str, reason: &'static str) -> EnvelopeError {
+    EnvelopeError::Field { field, reason }
+}
+
+/// A valid envelope, borrowing from the body.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Envelope<'a> {
+    pub event_id: Cow<'a, str>,
+    pub event_type: Cow<'a, str>,
+    pub endpoint_id: Cow<'a, str>,
+    pub api_version: u64,
+    /// `data.ticket.id` where the event carries a ticket.
+    pub ticket_id: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct Wire<'a> {
+    #[serde(borrow, default)]
+    event_id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    event_type: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    api_version: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    object: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    endpoint_id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct Data<'a> {
+    #[serde(borrow, default)]
+    ticket: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct Ticket<'a> {
+    #[serde(borrow, default)]
+    id: Option<&'a RawValue>,
+}
+
+/// A JSON string, borrowed when it has no escapes.
+fn string<'a>(raw: &'a RawValue) -> Option<Cow<'a, str>> {
+    let text = raw.get();
+    if !text.starts_with('"') {
+        return None;
+    }
+    match serde_json::from_str::<&'a str>(text) {
+        Ok(s) => Some(Cow::Borrowed(s)),
+        Err(_) => serde_json::from_str::<String>(text).ok().map(Cow::Owned),
+    }
+}
+
+fn non_empty_string<'a>(
+    raw: Option<&'a RawValue>,
+    field: &'static str,
+) -> Result<Cow<'a, str>, EnvelopeError> {
+    let raw = raw.ok_or_else(|| field_err(field, "is missing or null"))?;
+    let s = string(raw).ok_or_else(|| field_err(field, "must be a string"))?;
+    if s.trim().is_empty() {
+        return Err(field_err(field, "must not be empty"));
+    }
+    Ok(s)
+}
+
+fn is_object(raw: &RawValue) -> bool {
+    raw.get().starts_with('{')
+}
+
+impl<'a> Envelope<'a> {
+    /// Parses and validates the verified body.
+    pub fn parse(body: &'a VerifiedBody) -> Result<Envelope<'a>, EnvelopeError> {
+        Self::parse_bytes(body.bytes())
+    }
+
+    pub(crate) fn parse_bytes(bytes: &'a [u8]) -> Result<Envelope<'a>, EnvelopeError> {
+        let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+        if first != Some(&b'{') {
+            return Err(EnvelopeError::Json(
+                "the envelope must be a JSON object".to_owned(),
+            ));
+        }
+        let wire: Wire<'a> =
+            serde_json::from_slice(bytes).map_err(|e| EnvelopeError::Json(e.to_string()))?;
+
+        let event_id = non_empty_string(wire.event_id, "event_id")?;
+        let event_type = non_empty_string(wire.event_type, "event_type")?;
+        let api_version = wire
+            .api_version
+            .ok_or_else(|| field_err("api_version", "is missing or null"))?;
+        if serde_json::from_str::<u64>(api_version.get()).ok() != Some(API_VERSION) {
+            return Err(field_err("api_version", "must be the number 2"));
+        }
+        let object = wire
+            .object
+            .ok_or_else(|| field_err("object", "is missing or null"))?;
+        if string(object).as_deref() != Some("event") {
+            return Err(field_err("object", "must be the string \"event\""));
+        }
+        let endpoint_id = non_empty_string(wire.endpoint_id, "endpoint_id")?;
+        let data = wire
+            .data
+            .ok_or_else(|| field_err("data", "is missing or null"))?;
+        if !is_object(data) {
+            return Err(field_err("data", "must be an object"));
+        }
+
+        let ticket_id = if event_type.starts_with(TICKET_EVENT_PREFIX) {
+            let data: Data<'a> = serde_json::from_str(data.get())
+                .map_err(|_| field_err("data", "has a repeated or unreadable `ticket` key"))?;
+            let ticket = data.ticket.ok_or_else(|| {
+                field_err(
+                    "data.ticket",
+                    "is missing or null (required for ticket events)",
+                )
+            })?;
+            if !is_object(ticket) {
+                return Err(field_err("data.ticket", "must be an object"));
+            }
+            let ticket: Ticket<'a> = serde_json::from_str(ticket.get())
+                .map_err(|_| field_err("data.ticket", "has a repeated or unreadable `id` key"))?;
+            Some(non_empty_string(ticket.id, "data.ticket.id")?)
+        } else {
+            None
+        };
+
+        Ok(Envelope {
+            event_id,
+            event_type,
+            endpoint_id,
+            api_version: API_VERSION,
+            ticket_id,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CREATED: &str = include_str!("../../tests/fixtures/whitelabel_ticket_created.json");
+
+    fn parse(s: &str) -> Result<Envelope<'_>, EnvelopeError> {
+        Envelope::parse_bytes(s.as_bytes())
+    }
+
+    fn with(field: &str, value: &str) -> String {
+        let mut v: serde_json::Value = serde_json::from_str(CREATED).unwrap();
+        let value: serde_json::Value = serde_json::from_str(value).unwrap();
+        let (parent, key) = match field.rsplit_once('.') {
+            Some((p, k)) => (format!("/{}", p.replace('.', "/")), k),
+            None => (String::new(), field),
+        };
+        let target = v.pointer_mut(&parent).unwrap().as_object_mut().unwrap();
+        if value.is_null() {
+            target.remove(key);
+        } else {
+            target.insert(key.to_owned(), value);
+        }
+        v.to_string()
+    }
+
+    fn refused(body: &str) -> (String, String) {
+        match parse(body) {
+            Err(EnvelopeError::Field { field, reason }) => (field.to_owned(), reason.to_owned()),
+            other => panic!("expected a field error for {body}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn fixture_parses_borrowed() {
+        let env = parse(CREATED).unwrap();
+        assert_eq!(env.event_id, "whev_o48n74r1vsv642vex");
+        assert_eq!(env.event_type, "whitelabel_ticket_created");
+        assert_eq!(env.endpoint_id, "9ab698f5-99de-4ff6-8bfc-a7dcb973d177");
+        assert_eq!(
+            env.ticket_id.as_deref(),
+            Some("fbaddbf8-e290-4fa4-a3ed-fbb4837dabe1")
+        );
+        assert!(matches!(env.event_id, Cow::Borrowed(_)));
+        assert!(matches!(env.ticket_id, Some(Cow::Borrowed(_))));
+    }
+
+    #[test]
+    fn escaped_strings_are_decoded() {
+        let body = with("event_id", r#""whev_\u0041""#);
+        assert_eq!(parse(&body).unwrap().event_id, "whev_A");
+    }
+
+    #[test]
+    fn each_field_is_checked_and_named() {
+        let cases = [
+            ("event_id", "null", "event_id", "is missing or null"),
+            ("event_id", "\"\"", "event_id", "must not be empty"),
+            ("event_id", "7", "event_id", "must be a string"),
+            ("event_type", "null", "event_type", "is missing or null"),
+            ("event_type", "[]", "event_type", "must be a string"),
+            ("api_version", "1", "api_version", "must be the number 2"),
+            (
+                "api_version",
+                "\"2\"",
+                "api_version",
+                "must be the number 2",
+            ),
+            ("api_version", "null", "api_version", "is missing or null"),
+            (
+                "object",
+                "\"ticket\"",
+                "object",
+                "must be the string \"event\"",
+            ),
+            ("endpoint_id", "\" \"", "endpoint_id", "must not be empty"),
+            ("data", "[1]", "data", "must be an object"),
+            ("data", "null", "data", "is missing or null"),
+            (
+                "data.ticket",
+                "null",
+                "data.ticket",
+                "is missing or null (required for ticket events)",
+            ),
+            ("data.ticket", "\"x\"", "data.ticket", "must be an object"),
+            (
+                "data.ticket.id",
+                "null",
+                "data.ticket.id",
+                "is missing or null",
+            ),
+            (
+                "data.ticket.id",
+                "\"\"",
+                "data.ticket.id",
+                "must not be empty",
+            ),
+            ("data.ticket.id", "42", "data.ticket.id", "must be a string"),
+        ];
+        for (field, value, named, reason) in cases {
+            let body = with(field, value);
+            assert_eq!(
+                refused(&body),
+                (named.to_owned(), reason.to_owned()),
+                "{field}={value}"
+            );
+        }
+    }
+
+    #[test]
+    fn other_event_types_need_no_ticket() {
+        let body = with("event_type", "\"order_paid\"");
+        let body = with_data_without_ticket(&body);
+        let env = parse(&body).unwrap();
+        assert_eq!(env.ticket_id, None);
+    }
+
+    fn with_data_without_ticket(body: &str) -> String {
+        let mut v: serde_json::Value = serde_json::from_str(body).unwrap();
+        v["data"] = serde_json::json!({"order": {"id": "o-1"}});
+        v.to_string()
+    }
+
+    #[test]
+    fn unknown_fields_are_allowed() {
+        let body = with("brand_new_field", r#"{"nested": [1, 2, 3]}"#);
+        assert!(parse(&body).is_ok());
+    }
+
+    #[test]
+    fn not_json_and_hostile_json_are_refused_as_json() {
+        let deep = "[".repeat(100_000);
+        let huge_number = format!(
+            r#"{{"event_id":"e","n":{},"event_type":"x"}}"#,
+            "9".repeat(500)
+        );
+        for body in [
+            "",
+            "not json",
+            "[]",
+            "\"string\"",
+            "{\"event_id\": ",
+            &deep,
+            r#"{"event_id":"a","event_id":"b"}"#,
+        ] {
+            assert!(
+                matches!(parse(body), Err(EnvelopeError::Json(_))),
+                "{:.40}",
+                body
+            );
+        }
+        // A number too large for any integer type in an unknown field is carried as it is.
+        assert!(matches!(
+            parse(&huge_number),
+            Err(EnvelopeError::Field {
+                field: "api_version",
+                ..
+            })
+        ));
+        let invalid_utf8 = b"{\"event_id\":\"\xff\xfe\"}";
+        assert!(matches!(
+            Envelope::parse_bytes(invalid_utf8),
+            Err(EnvelopeError::Json(_))
+        ));
+    }
+}

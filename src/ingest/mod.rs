@@ -1,0 +1,334 @@
+//! The request pipeline, on one screen: check the request line and headers, read the body
+//! within its bound, verify the signature, validate the envelope, route it, publish it and
+//! wait for Kafka's acknowledgement, then answer.
+
+pub mod envelope;
+pub mod route;
+pub mod verify;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::header::{ALLOW, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Body;
+use tokio::sync::Semaphore;
+use tracing::{field, Instrument};
+
+use crate::config::Settings;
+use crate::error::IngestError;
+use crate::metrics::{Metrics, Outcome};
+use crate::publish::{Publisher, Record};
+use envelope::Envelope;
+use verify::Verifier;
+
+/// What the sender is told about an accepted event.
+#[derive(Debug, serde::Serialize)]
+struct Accepted {
+    event_id: String,
+    topic: String,
+    partition: i32,
+    offset: i64,
+    duplicate: bool,
+}
+
+/// Everything a request needs, shared by all connections.
+pub struct Ingest {
+    path: String,
+    max_body_bytes: usize,
+    request_timeout: Duration,
+    topic: String,
+    verifier: Verifier,
+    publisher: Publisher,
+    metrics: Arc<Metrics>,
+    in_flight: Arc<Semaphore>,
+    max_in_flight: usize,
+}
+
+impl Ingest {
+    pub fn new(settings: &Settings, publisher: Publisher, metrics: Arc<Metrics>) -> Ingest {
+        Ingest {
+            path: settings.server.path.clone(),
+            max_body_bytes: settings.server.max_body_bytes,
+            request_timeout: settings.request_timeout(),
+            topic: settings.kafka.topic.clone(),
+            verifier: Verifier::new(&settings.signature),
+            publisher,
+            metrics,
+            in_flight: Arc::new(Semaphore::new(settings.server.max_in_flight)),
+            max_in_flight: settings.server.max_in_flight,
+        }
+    }
+
+    /// Answers one request; never fails (every error becomes its response).
+    pub async fn handle<B>(self: Arc<Self>, req: Request<B>) -> Response<Full<Bytes>>
+    where
+        B: Body + Send,
+        B::Error: std::error::Error + Send + Sync + 'static,
+    {
+        let started = Instant::now();
+        let span = tracing::info_span!(
+            "request",
+            method = %req.method(),
+            event_id = field::Empty,
+            event_type = field::Empty,
+        );
+        async move {
+            let (outcome, response) = match self.process(req).await {
+                Ok(accepted) => {
+                    tracing::debug!(
+                        partition = accepted.partition,
+                        offset = accepted.offset,
+                        "accepted"
+                    );
+                    (Outcome::Accepted, json(StatusCode::OK, &accepted))
+                }
+                Err(err) => {
+                    let status = err.status();
+                    if status.is_server_error() {
+                        tracing::warn!(status = status.as_u16(), kind = err.kind(), "{err}");
+                    } else {
+                        tracing::info!(status = status.as_u16(), kind = err.kind(), "{err}");
+                    }
+                    (err.outcome(), error_response(&err))
+                }
+            };
+            self.metrics
+                .answered(outcome, started.elapsed().as_secs_f64());
+            response
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn process<B>(&self, req: Request<B>) -> Result<Accepted, IngestError>
+    where
+        B: Body,
+        B::Error: std::error::Error + Send + Sync + 'static,
+    {
+        if req.uri().path() != self.path {
+            return Err(IngestError::NotFound(self.path.clone()));
+        }
+        if req.method() != Method::POST {
+            return Err(IngestError::MethodNotAllowed(req.method().clone()));
+        }
+        let _permit = self
+            .in_flight
+            .try_acquire()
+            .map_err(|_| IngestError::Overloaded(self.max_in_flight))?;
+        self.metrics.in_flight.inc();
+        let _in_flight = scopeguard(|| self.metrics.in_flight.dec());
+
+        let received_at = SystemTime::now();
+        let deadline = tokio::time::Instant::now() + self.request_timeout;
+        let (parts, body) = req.into_parts();
+        check_headers(&parts.headers, self.max_body_bytes)?;
+
+        let bytes = match tokio::time::timeout_at(
+            deadline,
+            Limited::new(body, self.max_body_bytes).collect(),
+        )
+        .await
+        {
+            Err(_) => return Err(IngestError::BodyTimeout(self.request_timeout)),
+            Ok(Err(e)) if e.is::<LengthLimitError>() => {
+                return Err(IngestError::TooLarge {
+                    limit: self.max_body_bytes,
+                })
+            }
+            Ok(Err(e)) => return Err(IngestError::BodyRead(e.to_string())),
+            Ok(Ok(collected)) => collected.to_bytes(),
+        };
+
+        let now = unix_secs(received_at);
+        let verified = self
+            .verifier
+            .verify(&parts.headers, bytes, now)
+            .inspect_err(|e| {
+                self.metrics
+                    .signature_failures
+                    .with_label_values(&[e.reason()])
+                    .inc()
+            })?;
+        self.metrics
+            .sender_delay
+            .observe(now.saturating_sub(verified.timestamp()).max(0) as f64);
+
+        let envelope = Envelope::parse(&verified)?;
+        let span = tracing::Span::current();
+        span.record("event_id", envelope.event_id.as_ref());
+        span.record("event_type", envelope.event_type.as_ref());
+
+        let destination = route::route(&envelope, &self.topic)?;
+        let delivered = self
+            .publisher
+            .publish(
+                Record {
+                    topic: destination.topic,
+                    key: &destination.key,
+                    value: verified.bytes(),
+                    event_id: &envelope.event_id,
+                    event_type: &envelope.event_type,
+                    endpoint_id: &envelope.endpoint_id,
+                    signature: parts
+                        .headers
+                        .get(self.verifier.header())
+                        .map(HeaderValue::as_bytes),
+                    received_at,
+                },
+                deadline,
+            )
+            .await?;
+
+        Ok(Accepted {
+            event_id: envelope.event_id.to_string(),
+            topic: destination.topic.to_owned(),
+            partition: delivered.partition,
+            offset: delivered.offset,
+            duplicate: false,
+        })
+    }
+}
+
+/// Refuses, before reading the body, what the headers already show to be unacceptable.
+fn check_headers(headers: &HeaderMap, max_body_bytes: usize) -> Result<(), IngestError> {
+    let content_type = headers
+        .get(CONTENT_TYPE)
+        .ok_or_else(|| {
+            IngestError::UnsupportedMediaType(
+                "the Content-Type header is missing; deliveries are application/json".into(),
+            )
+        })?
+        .to_str()
+        .unwrap_or("");
+    let media_type = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if media_type != "application/json" && !media_type.ends_with("+json") {
+        return Err(IngestError::UnsupportedMediaType(format!(
+            "Content-Type `{}` is not JSON; deliveries are application/json",
+            content_type.chars().take(100).collect::<String>()
+        )));
+    }
+    if let Some(encoding) = headers.get(CONTENT_ENCODING) {
+        let encoding = encoding.to_str().unwrap_or("").trim();
+        if !encoding.eq_ignore_ascii_case("identity") {
+            return Err(IngestError::UnsupportedMediaType(format!(
+                "Content-Encoding `{}` is not supported; send the body uncompressed",
+                encoding.chars().take(100).collect::<String>()
+            )));
+        }
+    }
+    if let Some(length) = headers.get(CONTENT_LENGTH) {
+        let too_large = length
+            .to_str()
+            .ok()
+            .and_then(|l| l.parse::<u64>().ok())
+            .is_some_and(|l| l > max_body_bytes as u64);
+        if too_large {
+            return Err(IngestError::TooLarge {
+                limit: max_body_bytes,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn unix_secs(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default()
+}
+
+fn json<T: serde::Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
+    let bytes = serde_json::to_vec(body).expect("response bodies serialise");
+    let mut response = Response::new(Full::new(Bytes::from(bytes)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+/// `{"error": kind, "message": ...}` with the status and headers the error calls for.
+pub fn error_response(err: &IngestError) -> Response<Full<Bytes>> {
+    let mut response = json(
+        err.status(),
+        &serde_json::json!({ "error": err.kind(), "message": err.to_string() }),
+    );
+    if let Some(after) = err.retry_after() {
+        response
+            .headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from(after.as_secs()));
+    }
+    if matches!(err, IngestError::MethodNotAllowed(_)) {
+        response
+            .headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("POST"));
+    }
+    response
+}
+
+/// Runs `f` when dropped: keeps a gauge right on every path out of a request, cancellation
+/// included.
+fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f()
+            }
+        }
+    }
+    Guard(Some(f))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn content_types() {
+        for ok in [
+            "application/json",
+            "application/json; charset=utf-8",
+            "Application/JSON",
+            "application/cloudevents+json",
+        ] {
+            assert!(
+                check_headers(&headers(&[("content-type", ok)]), 10).is_ok(),
+                "{ok}"
+            );
+        }
+        for bad in ["text/plain", "application/x-www-form-urlencoded", ""] {
+            let e = check_headers(&headers(&[("content-type", bad)]), 10).unwrap_err();
+            assert_eq!(e.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE, "{bad}");
+        }
+        let e = check_headers(&HeaderMap::new(), 10).unwrap_err();
+        assert_eq!(e.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    }
+
+    #[test]
+    fn encodings_and_declared_lengths() {
+        let json = ("content-type", "application/json");
+        let e = check_headers(&headers(&[json, ("content-encoding", "gzip")]), 10).unwrap_err();
+        assert_eq!(e.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        assert!(check_headers(&headers(&[json, ("content-encoding", "identity")]), 10).is_ok());
+        let e = check_headers(&headers(&[json, ("content-length", "11")]), 10).unwrap_err();
+        assert_eq!(e.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(check_headers(&headers(&[json, ("content-length", "10")]), 10).is_ok());
+    }
+}

@@ -1,0 +1,195 @@
+//! The binary: loads settings, starts logging, starts the embedded broker when no Kafka is
+//! configured, binds the sockets and calls [`tamio_kafka_bridge::run`] until SIGTERM or SIGINT.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use rdkafka::mocking::MockCluster;
+use tamio_kafka_bridge::config::{LogFormat, Secret, Settings};
+use tamio_kafka_bridge::ingest::verify;
+use tokio::net::TcpListener;
+
+/// Receives signed Tamio webhooks and publishes each ticket event to Kafka.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// A TOML file layered over the defaults (environment variables win over both).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Prints the signature header value for a body: `t=<now>,s=<hex HMAC-SHA256>`.
+    Sign {
+        /// The signing secret.
+        #[arg(long, env = "TAMIO_SIGN_SECRET", hide_env_values = true)]
+        secret: String,
+        /// Unix seconds to sign at (default: now).
+        #[arg(long)]
+        timestamp: Option<i64>,
+        /// The body file; standard input when absent.
+        file: Option<PathBuf>,
+    },
+    /// Loads and checks the settings, prints them (secrets redacted) and exits.
+    CheckConfig,
+}
+
+/// An example delivery, printed ready to send in the embedded mode.
+const EXAMPLE_EVENT: &str = include_str!("../tests/fixtures/whitelabel_ticket_created.json");
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Sign {
+            secret,
+            timestamp,
+            file,
+        }) => {
+            let body = match file {
+                Some(path) => {
+                    std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?
+                }
+                None => {
+                    let mut buf = Vec::new();
+                    std::io::stdin().read_to_end(&mut buf)?;
+                    buf
+                }
+            };
+            println!(
+                "{}",
+                verify::header_value(secret.as_bytes(), timestamp.unwrap_or_else(now), &body)
+            );
+            Ok(())
+        }
+        Some(Command::CheckConfig) => {
+            let settings = Settings::load(cli.config.as_deref())?;
+            println!("{settings:#?}");
+            Ok(())
+        }
+        None => serve(cli.config),
+    }
+}
+
+fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
+    let mut settings = Settings::load(config.as_deref())?;
+    init_logging(&settings)?;
+
+    // The embedded broker lives on this stack frame for as long as the bridge runs.
+    let mut _embedded = None;
+    let mut example_secret = None;
+    if settings.embedded_kafka() {
+        let cluster = MockCluster::new(1).context("starting the embedded broker")?;
+        cluster
+            .create_topic(&settings.kafka.topic, 3, 1)
+            .context("creating the topic on the embedded broker")?;
+        settings.kafka.brokers = cluster.bootstrap_servers();
+        tracing::warn!(
+            bootstrap = %settings.kafka.brokers,
+            topic = %settings.kafka.topic,
+            "EMBEDDED KAFKA: no kafka.brokers is set, so an in-memory broker runs inside this \
+             process for trying the bridge out. It keeps nothing: every event is gone when the \
+             bridge stops. Any Kafka client can read the topic at the bootstrap address above. \
+             Set kafka.brokers (TAMIO_BRIDGE__KAFKA__BROKERS) for real use."
+        );
+        _embedded = Some(cluster);
+        if !settings.has_secrets() {
+            let secret = format!("try-{:032x}", rand::random::<u128>());
+            settings.signature.secrets.push(Secret::new(secret.clone()));
+            example_secret = Some(secret);
+        }
+    }
+    if !settings.has_secrets() {
+        bail!(
+            "setting `signature.secrets`: no signing secret is configured, and the bridge \
+             refuses unsigned deliveries. Set TAMIO_BRIDGE__SIGNATURE__SECRETS or \
+             signature.secrets / signature.endpoints in the --config file."
+        );
+    }
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let listener = TcpListener::bind(settings.server.listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "setting `server.listen`: cannot bind {}",
+                    settings.server.listen
+                )
+            })?;
+        let admin = TcpListener::bind(settings.admin.listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "setting `admin.listen`: cannot bind {}",
+                    settings.admin.listen
+                )
+            })?;
+        if let Some(secret) = example_secret {
+            print_try_it(&settings, &listener, &secret);
+        }
+        tamio_kafka_bridge::run(settings, listener, admin, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+/// Prints the one-time secret of the embedded mode and a request signed with it.
+fn print_try_it(settings: &Settings, listener: &TcpListener, secret: &str) {
+    let port = listener.local_addr().map(|a| a.port()).unwrap_or(8080);
+    let body = EXAMPLE_EVENT.trim();
+    let header = verify::header_value(secret.as_bytes(), now(), body.as_bytes());
+    tracing::warn!(
+        "EMBEDDED KAFKA: no signing secret is set, so this run made a one-time secret; it is \
+         printed below with a signed example request (valid for {} s)",
+        settings.signature.tolerance_secs
+    );
+    println!(
+        "\n  one-time signing secret: {secret}\n\n  try it:\n\n\
+         curl -sS -X POST 'http://127.0.0.1:{port}{path}' \\\n  \
+         -H 'Content-Type: application/json' \\\n  \
+         -H '{name}: {header}' \\\n  \
+         --data-binary '{body}'\n\n  \
+         sign your own body: TAMIO_SIGN_SECRET={secret} tamio-kafka-bridge sign body.json\n",
+        path = settings.server.path,
+        name = settings.signature.header,
+    );
+}
+
+fn init_logging(settings: &Settings) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&settings.log.level))
+        .context("setting `log.level`")?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match settings.log.format {
+        LogFormat::Json => builder.json().with_current_span(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default()
+}

@@ -1,0 +1,263 @@
+//! Every metric of the bridge, declared once on one registry and passed to the stages that
+//! count. Label values come from small fixed sets, never from request data.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::ingest::envelope::TICKET_EVENT_PREFIX;
+
+/// How a request ended: the `outcome` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Accepted,
+    Duplicate,
+    Unauthorized,
+    Invalid,
+    TooLarge,
+    UnsupportedMediaType,
+    MethodNotAllowed,
+    NotFound,
+    Timeout,
+    Unavailable,
+    Internal,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 11] = [
+        Outcome::Accepted,
+        Outcome::Duplicate,
+        Outcome::Unauthorized,
+        Outcome::Invalid,
+        Outcome::TooLarge,
+        Outcome::UnsupportedMediaType,
+        Outcome::MethodNotAllowed,
+        Outcome::NotFound,
+        Outcome::Timeout,
+        Outcome::Unavailable,
+        Outcome::Internal,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Accepted => "accepted",
+            Outcome::Duplicate => "duplicate",
+            Outcome::Unauthorized => "unauthorized",
+            Outcome::Invalid => "invalid",
+            Outcome::TooLarge => "too_large",
+            Outcome::UnsupportedMediaType => "unsupported_media_type",
+            Outcome::MethodNotAllowed => "method_not_allowed",
+            Outcome::NotFound => "not_found",
+            Outcome::Timeout => "timeout",
+            Outcome::Unavailable => "unavailable",
+            Outcome::Internal => "internal",
+        }
+    }
+}
+
+/// The ticket event types counted by name; any other type counts as `other`.
+pub const KNOWN_EVENT_TYPES: &[&str] = &[
+    "whitelabel_ticket_created",
+    "whitelabel_ticket_updated",
+    "whitelabel_ticket_assigned",
+    "whitelabel_ticket_resolved",
+];
+
+/// Reasons of the signature-failure counter.
+pub const SIGNATURE_FAILURE_REASONS: &[&str] = &[
+    "missing",
+    "malformed",
+    "stale",
+    "mismatch",
+    "unknown_endpoint",
+];
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub kafka_delivery_duration: Histogram,
+    pub events_delivered: IntCounterVec,
+    pub kafka_delivery_failures: IntCounterVec,
+    pub signature_failures: IntCounterVec,
+    pub sender_delay: Histogram,
+    pub in_flight: IntGauge,
+    pub kafka_up: IntGauge,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+const DELAY_BUCKETS: &[f64] = &[
+    1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0,
+];
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "tamio_bridge_requests_total",
+                "Webhook requests answered, by outcome.",
+            ),
+            &["outcome"],
+        )
+        .unwrap();
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "tamio_bridge_request_duration_seconds",
+                "Time from reading a request to answering it, by outcome.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["outcome"],
+        )
+        .unwrap();
+        let kafka_delivery_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "tamio_bridge_kafka_delivery_duration_seconds",
+                "Time from handing a record to the producer to its delivery report.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )
+        .unwrap();
+        let events_delivered = IntCounterVec::new(
+            Opts::new(
+                "tamio_bridge_events_delivered_total",
+                "Events Kafka acknowledged, by event type (unknown types count as `other`).",
+            ),
+            &["event_type"],
+        )
+        .unwrap();
+        let kafka_delivery_failures = IntCounterVec::new(
+            Opts::new(
+                "tamio_bridge_kafka_delivery_failures_total",
+                "Events Kafka did not acknowledge, by reason.",
+            ),
+            &["reason"],
+        )
+        .unwrap();
+        let signature_failures = IntCounterVec::new(
+            Opts::new(
+                "tamio_bridge_signature_failures_total",
+                "Deliveries refused for their signature, by reason.",
+            ),
+            &["reason"],
+        )
+        .unwrap();
+        let sender_delay = Histogram::with_opts(
+            HistogramOpts::new(
+                "tamio_bridge_sender_delay_seconds",
+                "Receipt time minus the signature's timestamp: how late the sender delivers.",
+            )
+            .buckets(DELAY_BUCKETS.to_vec()),
+        )
+        .unwrap();
+        let in_flight = IntGauge::new(
+            "tamio_bridge_in_flight_requests",
+            "Webhook requests being processed.",
+        )
+        .unwrap();
+        let kafka_up = IntGauge::new(
+            "tamio_bridge_kafka_up",
+            "1 while a broker answers the producer and the topic exists; the same truth as /readyz.",
+        )
+        .unwrap();
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "tamio_bridge_build_info",
+                "Always 1; the version as a label.",
+            ),
+            &["version"],
+        )
+        .unwrap();
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+
+        // Every series of a fixed label set exists from the start, so that rates and ratios
+        // are defined before the first event of each kind.
+        for outcome in Outcome::ALL {
+            requests.with_label_values(&[outcome.as_str()]);
+            request_duration.with_label_values(&[outcome.as_str()]);
+        }
+        for t in KNOWN_EVENT_TYPES.iter().chain(&["other"]) {
+            events_delivered.with_label_values(&[t]);
+        }
+        for r in crate::publish::FAILURE_REASONS {
+            kafka_delivery_failures.with_label_values(&[r]);
+        }
+        for r in SIGNATURE_FAILURE_REASONS {
+            signature_failures.with_label_values(&[r]);
+        }
+
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(request_duration.clone()),
+            Box::new(kafka_delivery_duration.clone()),
+            Box::new(events_delivered.clone()),
+            Box::new(kafka_delivery_failures.clone()),
+            Box::new(signature_failures.clone()),
+            Box::new(sender_delay.clone()),
+            Box::new(in_flight.clone()),
+            Box::new(kafka_up.clone()),
+            Box::new(build_info),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("process metrics register once");
+
+        Metrics {
+            registry,
+            requests,
+            request_duration,
+            kafka_delivery_duration,
+            events_delivered,
+            kafka_delivery_failures,
+            signature_failures,
+            sender_delay,
+            in_flight,
+            kafka_up,
+        }
+    }
+
+    /// Counts one answered request.
+    pub fn answered(&self, outcome: Outcome, seconds: f64) {
+        self.requests.with_label_values(&[outcome.as_str()]).inc();
+        self.request_duration
+            .with_label_values(&[outcome.as_str()])
+            .observe(seconds);
+    }
+
+    /// Counts one event Kafka acknowledged.
+    pub fn delivered(&self, event_type: &str) {
+        let label = if event_type.starts_with(TICKET_EVENT_PREFIX)
+            && KNOWN_EVENT_TYPES.contains(&event_type)
+        {
+            event_type
+        } else {
+            "other"
+        };
+        self.events_delivered.with_label_values(&[label]).inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::with_capacity(8192);
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding into a Vec does not fail");
+        String::from_utf8(out).expect("the text format is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

@@ -1,0 +1,277 @@
+//! The Kafka producer: builds each record, hands it to librdkafka and waits for the delivery
+//! report, so that the sender is answered only once Kafka has the event.
+//!
+//! The producer is idempotent with `acks=all`: librdkafka keeps the order of the records of
+//! one partition across its own retries, and the record key (the ticket id) picks the
+//! partition with the Java client's murmur2 hash, so consumers and other producers agree on
+//! where a ticket lives.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+
+use crate::config::Kafka;
+use crate::metrics::Metrics;
+
+/// Why an event did not reach Kafka. Every case asks the sender to retry later.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    #[error("Kafka did not acknowledge the event within {0:?}")]
+    Timeout(Duration),
+    #[error("the producer queue is full; Kafka is not keeping up")]
+    QueueFull,
+    #[error("Kafka refused the event ({reason}): {detail}")]
+    Kafka {
+        reason: &'static str,
+        detail: String,
+    },
+}
+
+impl PublishError {
+    /// The `reason` label of the delivery-failure counter.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            PublishError::Timeout(_) => "timeout",
+            PublishError::QueueFull => "queue_full",
+            PublishError::Kafka { reason, .. } => reason,
+        }
+    }
+
+    fn from_kafka(err: &KafkaError) -> PublishError {
+        let code = err.rdkafka_error_code();
+        let reason = match code {
+            Some(RDKafkaErrorCode::QueueFull) => return PublishError::QueueFull,
+            Some(
+                RDKafkaErrorCode::MessageTimedOut
+                | RDKafkaErrorCode::RequestTimedOut
+                | RDKafkaErrorCode::OperationTimedOut,
+            ) => "timeout",
+            Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize) => {
+                "message_too_large"
+            }
+            Some(
+                RDKafkaErrorCode::UnknownTopicOrPartition
+                | RDKafkaErrorCode::UnknownTopic
+                | RDKafkaErrorCode::UnknownPartition,
+            ) => "unknown_topic",
+            Some(
+                RDKafkaErrorCode::TopicAuthorizationFailed
+                | RDKafkaErrorCode::ClusterAuthorizationFailed
+                | RDKafkaErrorCode::SaslAuthenticationFailed
+                | RDKafkaErrorCode::Authentication,
+            ) => "authorization",
+            Some(
+                RDKafkaErrorCode::AllBrokersDown
+                | RDKafkaErrorCode::BrokerTransportFailure
+                | RDKafkaErrorCode::NotEnoughReplicas
+                | RDKafkaErrorCode::NotEnoughReplicasAfterAppend
+                | RDKafkaErrorCode::LeaderNotAvailable
+                | RDKafkaErrorCode::NotLeaderForPartition,
+            ) => "broker_unavailable",
+            _ => "other",
+        };
+        PublishError::Kafka {
+            reason,
+            detail: err.to_string(),
+        }
+    }
+}
+
+/// Every value of [`PublishError::reason`], for pre-registering the metric's series.
+pub const FAILURE_REASONS: &[&str] = &[
+    "timeout",
+    "queue_full",
+    "message_too_large",
+    "unknown_topic",
+    "authorization",
+    "broker_unavailable",
+    "other",
+];
+
+/// One record to publish. The value is the request body byte for byte.
+pub struct Record<'a> {
+    pub topic: &'a str,
+    pub key: &'a str,
+    pub value: &'a [u8],
+    pub event_id: &'a str,
+    pub event_type: &'a str,
+    pub endpoint_id: &'a str,
+    pub signature: Option<&'a [u8]>,
+    pub received_at: SystemTime,
+}
+
+/// Where Kafka wrote a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivered {
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// The producer options the bridge sets, before `kafka.librdkafka` (which wins).
+pub fn producer_config(kafka: &Kafka, brokers: &str) -> ClientConfig {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("partitioner", "murmur2_random")
+        .set("message.timeout.ms", kafka.delivery_timeout_ms.to_string())
+        .set("linger.ms", "5")
+        .set("allow.auto.create.topics", "false")
+        .set("client.id", "tamio-kafka-bridge");
+    for (k, v) in &kafka.librdkafka {
+        cfg.set(k, v);
+    }
+    cfg
+}
+
+#[derive(Clone)]
+pub struct Publisher {
+    producer: FutureProducer,
+    metrics: Arc<Metrics>,
+}
+
+impl Publisher {
+    pub fn new(kafka: &Kafka, metrics: Arc<Metrics>) -> Result<Publisher, KafkaError> {
+        let producer: FutureProducer = producer_config(kafka, &kafka.brokers).create()?;
+        Ok(Publisher { producer, metrics })
+    }
+
+    /// Hands the record to librdkafka and waits, until `deadline` at the latest, for Kafka to
+    /// acknowledge it with `acks=all`.
+    pub async fn publish(
+        &self,
+        record: Record<'_>,
+        deadline: tokio::time::Instant,
+    ) -> Result<Delivered, PublishError> {
+        let received_at = humantime::format_rfc3339_millis(record.received_at).to_string();
+        let mut headers = OwnedHeaders::new_with_capacity(6)
+            .insert(Header {
+                key: "event_id",
+                value: Some(record.event_id),
+            })
+            .insert(Header {
+                key: "event_type",
+                value: Some(record.event_type),
+            })
+            .insert(Header {
+                key: "endpoint_id",
+                value: Some(record.endpoint_id),
+            })
+            .insert(Header {
+                key: "api_version",
+                value: Some("2"),
+            })
+            .insert(Header {
+                key: "received_at",
+                value: Some(received_at.as_str()),
+            });
+        if let Some(signature) = record.signature {
+            headers = headers.insert(Header {
+                key: "signature",
+                value: Some(signature),
+            });
+        }
+        let timestamp_ms = record
+            .received_at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or_default();
+        let future_record = FutureRecord::to(record.topic)
+            .key(record.key)
+            .payload(record.value)
+            .headers(headers)
+            .timestamp(timestamp_ms);
+
+        let started = Instant::now();
+        let result = match self.producer.send_result(future_record) {
+            Err((err, _)) => Err(PublishError::from_kafka(&err)),
+            Ok(delivery) => match tokio::time::timeout_at(deadline, delivery).await {
+                Err(_) => Err(PublishError::Timeout(
+                    deadline.saturating_duration_since(tokio::time::Instant::from_std(started)),
+                )),
+                Ok(Err(_canceled)) => Err(PublishError::Kafka {
+                    reason: "other",
+                    detail: "the producer was shut down before the delivery report".into(),
+                }),
+                Ok(Ok(Err((err, _)))) => Err(PublishError::from_kafka(&err)),
+                Ok(Ok(Ok(d))) => Ok(Delivered {
+                    partition: d.partition,
+                    offset: d.offset,
+                }),
+            },
+        };
+        self.metrics
+            .kafka_delivery_duration
+            .observe(started.elapsed().as_secs_f64());
+        match &result {
+            Ok(_) => self.metrics.delivered(record.event_type),
+            Err(e) => self
+                .metrics
+                .kafka_delivery_failures
+                .with_label_values(&[e.reason()])
+                .inc(),
+        }
+        result
+    }
+
+    /// Asks a broker for the topic's metadata: `Ok` when a broker answered within `timeout`
+    /// and the topic exists with partitions, else a sentence saying what is wrong.
+    pub async fn probe(&self, topic: &str, timeout: Duration) -> Result<(), String> {
+        let producer = self.producer.clone();
+        let topic = topic.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let md = producer
+                .client()
+                .fetch_metadata(Some(&topic), Timeout::After(timeout))
+                .map_err(|e| format!("no broker answered a metadata request: {e}"))?;
+            let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
+                return Err(format!("topic `{topic}` is missing from the metadata"));
+            };
+            if let Some(err) = t.error() {
+                return Err(format!(
+                    "topic `{topic}` is not available: {}",
+                    RDKafkaErrorCode::from(err)
+                ));
+            }
+            if t.partitions().is_empty() {
+                return Err(format!("topic `{topic}` has no partitions"));
+            }
+            Ok(())
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("readiness probe failed: {e}")))
+    }
+
+    /// Waits up to `timeout` for every queued record to be acknowledged; returns how many
+    /// were still outstanding when it gave up.
+    pub async fn flush(&self, timeout: Duration) -> i32 {
+        let producer = self.producer.clone();
+        tokio::task::spawn_blocking(move || {
+            let _ = producer.flush(Timeout::After(timeout));
+            producer.in_flight_count()
+        })
+        .await
+        .unwrap_or(-1)
+    }
+
+    /// Records handed to librdkafka and not yet reported.
+    pub fn in_flight(&self) -> i32 {
+        self.producer.in_flight_count()
+    }
+
+    /// Options the producer was built with, for the start-up log (rdkafka masks the values
+    /// of passwords and keys).
+    pub fn describe(kafka: &Kafka) -> BTreeMap<String, String> {
+        producer_config(kafka, &kafka.brokers)
+            .config_map()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
+    }
+}

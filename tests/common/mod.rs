@@ -1,0 +1,385 @@
+//! Test harness: the real broker (started by `.ci/test`), the bridge started in process on
+//! port 0 or as the real binary, a small HTTP client, signing, and a reader of whole topics.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use tamio_kafka_bridge::config::Settings;
+use tamio_kafka_bridge::ingest::verify;
+use tokio::net::TcpListener;
+
+pub const SECRET: &str = "test-secret-5f1c0c2e";
+pub const FIXTURES: [&str; 4] = [
+    include_str!("../fixtures/whitelabel_ticket_created.json"),
+    include_str!("../fixtures/whitelabel_ticket_updated.json"),
+    include_str!("../fixtures/whitelabel_ticket_assigned.json"),
+    include_str!("../fixtures/whitelabel_ticket_resolved.json"),
+];
+
+/// The broker the suite runs against. Missing means the suite was not started by its
+/// command: fail loudly rather than skip.
+pub fn brokers() -> String {
+    std::env::var("TAMIO_TEST_BROKERS").unwrap_or_else(|_| {
+        panic!(
+            "TAMIO_TEST_BROKERS is not set: these tests need a running Kafka-protocol broker. \
+             Run them with `.ci/test`, which installs and starts one."
+        )
+    })
+}
+
+pub fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// A topic name no other test uses.
+pub fn unique_topic(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!(
+        "{prefix}-{}-{}-{nanos}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// Creates `topic` on the test broker (it does not create topics on its own).
+pub async fn create_topic(topic: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("admin client");
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .expect("CreateTopics request");
+    for r in results {
+        r.unwrap_or_else(|(t, e)| panic!("creating topic {t}: {e}"));
+    }
+}
+
+/// Settings for a test bridge: the test broker, `topic`, one secret, ports 0.
+pub fn settings(topic: &str, extra: &[(&str, &str)]) -> Settings {
+    let mut env: Vec<(String, String)> = vec![
+        ("TAMIO_BRIDGE__KAFKA__BROKERS".into(), brokers()),
+        ("TAMIO_BRIDGE__KAFKA__TOPIC".into(), topic.into()),
+        ("TAMIO_BRIDGE__SIGNATURE__SECRETS".into(), SECRET.into()),
+        ("TAMIO_BRIDGE__SERVER__LISTEN".into(), "127.0.0.1:0".into()),
+        ("TAMIO_BRIDGE__ADMIN__LISTEN".into(), "127.0.0.1:0".into()),
+        (
+            "TAMIO_BRIDGE__KAFKA__READINESS_INTERVAL_MS".into(),
+            "200".into(),
+        ),
+    ];
+    for (k, v) in extra {
+        env.retain(|(key, _)| key != k);
+        env.push((k.to_string(), v.to_string()));
+    }
+    Settings::load_from(None, env).expect("test settings are valid")
+}
+
+/// A bridge running in this process.
+pub struct Bridge {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub path: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Bridge {
+    pub async fn start(settings: Settings) -> Bridge {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let admin = admin_listener.local_addr().unwrap();
+        let path = settings.server.path.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            tamio_kafka_bridge::run(settings, listener, admin_listener, async move {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("bridge runs");
+        });
+        Bridge {
+            addr,
+            admin,
+            path,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Starts a bridge and waits until /readyz says it is ready.
+    pub async fn start_ready(settings: Settings) -> Bridge {
+        let bridge = Bridge::start(settings).await;
+        bridge.wait_ready(Duration::from_secs(20)).await;
+        bridge
+    }
+
+    pub async fn wait_ready(&self, within: Duration) {
+        let started = Instant::now();
+        loop {
+            let r = get(self.admin, "/readyz").await;
+            if r.status == StatusCode::OK {
+                return;
+            }
+            assert!(
+                started.elapsed() < within,
+                "bridge not ready within {within:?}: {}",
+                r.text()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}{}", self.addr, self.path)
+    }
+
+    /// Sends `body` signed now with `SECRET`.
+    pub async fn send(&self, body: &str) -> Reply {
+        self.send_signed(body, SECRET, now()).await
+    }
+
+    pub async fn send_signed(&self, body: &str, secret: &str, t: i64) -> Reply {
+        let sig = verify::header_value(secret.as_bytes(), t, body.as_bytes());
+        post(
+            &self.url(),
+            &[
+                ("content-type", "application/json"),
+                ("tamio-signature", &sig),
+            ],
+            body.as_bytes().to_vec(),
+        )
+        .await
+    }
+
+    pub async fn metrics(&self) -> String {
+        get(self.admin, "/metrics").await.text()
+    }
+
+    /// Stops the bridge as SIGTERM would and waits for run() to return.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(30), task)
+                .await
+                .expect("bridge stops within 30 s")
+                .expect("bridge task did not panic");
+        }
+    }
+}
+
+/// An HTTP answer.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.text()))
+    }
+}
+
+fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub async fn request(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> Result<Reply, String> {
+    let mut req = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::new(Bytes::from(body))).unwrap();
+    let resp = client().request(req).await.map_err(|e| format!("{e:?}"))?;
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok(Reply {
+        status,
+        headers,
+        body,
+    })
+}
+
+pub async fn post(url: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Reply {
+    request("POST", url, headers, body)
+        .await
+        .unwrap_or_else(|e| panic!("POST {url}: {e}"))
+}
+
+pub async fn get(addr: SocketAddr, path: &str) -> Reply {
+    request("GET", &format!("http://{addr}{path}"), &[], Vec::new())
+        .await
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+}
+
+/// The value of one sample in a Prometheus text exposition, e.g.
+/// `tamio_bridge_requests_total{outcome="accepted"}`.
+pub fn sample(exposition: &str, series: &str) -> f64 {
+    exposition
+        .lines()
+        .find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == series).then(|| value.parse::<f64>().unwrap())
+        })
+        .unwrap_or_else(|| panic!("series {series} not in the exposition"))
+}
+
+/// One record read back from Kafka.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<String>,
+    pub value: Vec<u8>,
+    pub headers: BTreeMap<String, String>,
+}
+
+impl Record {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.value).unwrap()
+    }
+}
+
+/// Reads `topic` from the beginning on every partition, until at least `expected` records
+/// arrived and then no more for `settle`, or `within` passed. Counting by consuming, since
+/// the test broker's offset answers are not to be trusted.
+pub async fn read_topic_from(
+    bootstrap: &str,
+    topic: &str,
+    expected: usize,
+    settle: Duration,
+    within: Duration,
+) -> Vec<Record> {
+    let bootstrap = bootstrap.to_owned();
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("group.id", unique_topic("reader"))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false")
+            .create()
+            .expect("consumer");
+        let md = consumer
+            .fetch_metadata(Some(&topic), Duration::from_secs(10))
+            .expect("metadata");
+        let partitions = md
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic)
+            .map(|t| t.partitions().len())
+            .unwrap_or(0);
+        assert!(partitions > 0, "topic {topic} has no partitions");
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions as i32 {
+            tpl.add_partition_offset(&topic, p, Offset::Beginning)
+                .unwrap();
+        }
+        consumer.assign(&tpl).expect("assign");
+        let started = Instant::now();
+        let mut last = Instant::now();
+        let mut out = Vec::new();
+        while started.elapsed() < within {
+            if out.len() >= expected && last.elapsed() >= settle {
+                break;
+            }
+            match consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => {
+                    let mut headers = BTreeMap::new();
+                    if let Some(h) = m.headers() {
+                        for header in h.iter() {
+                            headers.insert(
+                                header.key.to_owned(),
+                                String::from_utf8_lossy(header.value.unwrap_or_default())
+                                    .into_owned(),
+                            );
+                        }
+                    }
+                    out.push(Record {
+                        partition: m.partition(),
+                        offset: m.offset(),
+                        key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                        value: m.payload().unwrap_or_default().to_vec(),
+                        headers,
+                    });
+                    last = Instant::now();
+                }
+                Some(Err(e)) => panic!("consuming {topic}: {e}"),
+                None => {}
+            }
+        }
+        out
+    })
+    .await
+    .unwrap()
+}
+
+pub async fn read_topic(topic: &str, expected: usize) -> Vec<Record> {
+    read_topic_from(
+        &brokers(),
+        topic,
+        expected,
+        Duration::from_millis(1500),
+        Duration::from_secs(60),
+    )
+    .await
+}
+
+/// A ticket event for `ticket` with a fresh event id and a sequence number.
+pub fn ticket_event(event_id: &str, ticket: &str, seq: usize) -> String {
+    serde_json::json!({
+        "event_id": event_id,
+        "event_type": "whitelabel_ticket_updated",
+        "api_version": 2,
+        "object": "event",
+        "endpoint_id": "9ab698f5-99de-4ff6-8bfc-a7dcb973d177",
+        "data": {"ticket": {"id": ticket, "seq": seq, "is_open": true}}
+    })
+    .to_string()
+}

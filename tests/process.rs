@@ -1,0 +1,371 @@
+//! The real binary: signals, the embedded mode, start-up refusals and the `sign` command.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use http::StatusCode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tamio-kafka-bridge");
+
+fn command(env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(BIN);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("TAMIO_BRIDGE") || k == "RUST_LOG" {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("TAMIO_BRIDGE__SERVER__LISTEN", "127.0.0.1:0")
+        .env("TAMIO_BRIDGE__ADMIN__LISTEN", "127.0.0.1:0")
+        .env("TAMIO_BRIDGE__LOG__FORMAT", "json");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+/// A running bridge process with its log collected.
+struct Process {
+    child: Child,
+    addr: SocketAddr,
+    admin: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+    stdout: Arc<Mutex<String>>,
+}
+
+impl Process {
+    fn spawn(env: &[(&str, &str)]) -> Process {
+        let mut child = command(env)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the bridge binary starts");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if line.contains("accepting webhook deliveries") {
+                        let _ = tx.send(line.clone());
+                    }
+                    log.lock().unwrap().push(line);
+                }
+            });
+        }
+        let stdout = Arc::new(Mutex::new(String::new()));
+        {
+            let stdout = stdout.clone();
+            let mut out = child.stdout.take().unwrap();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = out.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    stdout
+                        .lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            });
+        }
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| {
+                let _ = child.kill();
+                panic!("the bridge did not start: {:#?}", log.lock().unwrap())
+            });
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let field = |name: &str| -> SocketAddr {
+            v["fields"][name]
+                .as_str()
+                .unwrap_or_else(|| panic!("no {name} in {line}"))
+                .parse()
+                .unwrap()
+        };
+        Process {
+            addr: field("listen"),
+            admin: field("admin"),
+            child,
+            log,
+            stdout,
+        }
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    fn wait(&mut self, within: Duration) -> i32 {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code().unwrap_or(-1);
+            }
+            if started.elapsed() > within {
+                let _ = self.child.kill();
+                panic!("the bridge did not exit within {within:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    async fn wait_ready(&self) {
+        let started = Instant::now();
+        while get(self.admin, "/readyz").await.status != StatusCode::OK {
+            assert!(started.elapsed() < Duration::from_secs(20), "not ready");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+    }
+}
+
+async fn send_to(addr: SocketAddr, body: &str) -> Result<Reply, String> {
+    let sig =
+        tamio_kafka_bridge::ingest::verify::header_value(SECRET.as_bytes(), now(), body.as_bytes());
+    request(
+        "POST",
+        &format!("http://{addr}/webhooks/tamio"),
+        &[
+            ("content-type", "application/json"),
+            ("tamio-signature", &sig),
+        ],
+        body.as_bytes().to_vec(),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_requests_in_flight_loses_none_and_exits_0() {
+    let topic = unique_topic("sigterm");
+    create_topic(&topic, 3).await;
+    let brokers = brokers();
+    let mut bridge = Process::spawn(&[
+        ("TAMIO_BRIDGE__KAFKA__BROKERS", &brokers),
+        ("TAMIO_BRIDGE__KAFKA__TOPIC", &topic),
+        ("TAMIO_BRIDGE__SIGNATURE__SECRETS", SECRET),
+        ("TAMIO_BRIDGE__LOG__LEVEL", "debug"),
+    ]);
+    bridge.wait_ready().await;
+
+    // A request that is certainly in flight when the signal comes: half its body is sent.
+    let slow_body = ticket_event("whev_slow", "ticket-slow", 0);
+    let sig = tamio_kafka_bridge::ingest::verify::header_value(
+        SECRET.as_bytes(),
+        now(),
+        slow_body.as_bytes(),
+    );
+    let mut slow = tokio::net::TcpStream::connect(bridge.addr).await.unwrap();
+    let head = format!(
+        "POST /webhooks/tamio HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Tamio-Signature: {sig}\r\nContent-Length: {}\r\n\r\n",
+        slow_body.len()
+    );
+    let (first, rest) = slow_body.split_at(slow_body.len() / 2);
+    slow.write_all(head.as_bytes()).await.unwrap();
+    slow.write_all(first.as_bytes()).await.unwrap();
+
+    // Load from several clients at once while the signal arrives.
+    let acked = Arc::new(Mutex::new(Vec::<String>::new()));
+    let addr = bridge.addr;
+    let mut workers = Vec::new();
+    for w in 0..8 {
+        let acked = acked.clone();
+        workers.push(tokio::spawn(async move {
+            for i in 0..10_000 {
+                let id = format!("whev_load_{w}_{i}");
+                let body = ticket_event(&id, &format!("ticket-{w}-{}", i % 7), i);
+                match send_to(addr, &body).await {
+                    Ok(r) if r.status == StatusCode::OK => acked.lock().unwrap().push(id),
+                    Ok(r) => panic!(
+                        "unexpected answer during shutdown: {} {}",
+                        r.status,
+                        r.text()
+                    ),
+                    Err(_) => return, // the listener closed: expected after the signal
+                }
+            }
+        }));
+    }
+    while acked.lock().unwrap().len() < 100 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    bridge.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    slow.write_all(rest.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(15), slow.read_to_end(&mut answer))
+        .await
+        .expect("the in-flight request is answered")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    for w in workers {
+        w.await.unwrap();
+    }
+    assert_eq!(
+        bridge.wait(Duration::from_secs(30)),
+        0,
+        "{}",
+        bridge.log_text()
+    );
+
+    let mut expected = acked.lock().unwrap().clone();
+    expected.push("whev_slow".into());
+    let records = read_topic(&topic, expected.len()).await;
+    let found: std::collections::HashSet<&str> = records
+        .iter()
+        .map(|r| r.headers["event_id"].as_str())
+        .collect();
+    let missing: Vec<&String> = expected
+        .iter()
+        .filter(|id| !found.contains(id.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "acknowledged but not in Kafka: {missing:?}"
+    );
+    let log = bridge.log_text();
+    assert!(log.contains("SIGTERM received"), "{log}");
+    assert!(log.contains("producer flushed"), "{log}");
+    assert!(!log.contains(SECRET), "the secret appeared in the log");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_nothing_configured_it_runs_on_the_embedded_broker() {
+    let mut bridge = Process::spawn(&[]);
+    bridge.wait_ready().await;
+    let log = bridge.log_text();
+    assert!(log.contains("EMBEDDED KAFKA"), "{log}");
+    let bootstrap = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find_map(|v| v["fields"]["bootstrap"].as_str().map(str::to_owned))
+        .expect("the bootstrap address is logged");
+
+    // Paste what it printed: the signed example request.
+    let printed = bridge.stdout.lock().unwrap().clone();
+    let header = printed
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("-H 'Tamio-Signature: "))
+        .and_then(|l| l.strip_suffix("' \\"))
+        .unwrap_or_else(|| panic!("no signature header printed: {printed}"))
+        .to_owned();
+    let body = printed
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("--data-binary '"))
+        .and_then(|l| l.strip_suffix('\''))
+        .unwrap_or_else(|| panic!("no body printed: {printed}"))
+        .to_owned();
+    let reply = request(
+        "POST",
+        &format!("http://{}/webhooks/tamio", bridge.addr),
+        &[
+            ("content-type", "application/json"),
+            ("tamio-signature", &header),
+        ],
+        body.clone().into_bytes(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+
+    // Any Kafka client reads the topic at the printed address.
+    let records = read_topic_from(
+        &bootstrap,
+        "tamio.tickets",
+        1,
+        Duration::from_millis(500),
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].value, body.as_bytes());
+    bridge.signal("INT");
+    assert_eq!(bridge.wait(Duration::from_secs(30)), 0);
+}
+
+fn run_to_exit(env: &[(&str, &str)], args: &[&str]) -> (i32, String, String) {
+    let out = command(env).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn refuses_to_start_without_a_secret_when_kafka_is_configured() {
+    let (code, _, stderr) = run_to_exit(&[("TAMIO_BRIDGE__KAFKA__BROKERS", "127.0.0.1:9")], &[]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("signature.secrets"), "{stderr}");
+}
+
+#[test]
+fn bad_settings_stop_start_up_naming_the_setting() {
+    for (key, value, named) in [
+        ("TAMIO_BRIDGE__SERVER__LISTEN", "nowhere", "server.listen"),
+        (
+            "TAMIO_BRIDGE__SIGNATURE__TOLERANCE_SECS",
+            "0",
+            "signature.tolerance_secs",
+        ),
+        ("TAMIO_BRIDGE__KAFKA__TOPIC", "", "kafka.topic"),
+    ] {
+        let (code, _, stderr) = run_to_exit(&[(key, value)], &[]);
+        assert_ne!(code, 0, "{key}={value}");
+        assert!(stderr.contains(named), "{key}={value}: {stderr}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bridge.toml");
+    std::fs::write(&file, "[kafka]\nbrokers = 'x:1'\nnot_a_setting = 1\n").unwrap();
+    let (code, _, stderr) = run_to_exit(&[], &["--config", file.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("not_a_setting"), "{stderr}");
+}
+
+#[test]
+fn sign_prints_the_header_an_independent_hmac_agrees_with() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("body.json");
+    std::fs::write(&file, r#"{"a":1}"#).unwrap();
+    let (code, stdout, stderr) = run_to_exit(
+        &[],
+        &[
+            "sign",
+            "--secret",
+            "whsec-demo",
+            "--timestamp",
+            "1671472527",
+            file.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    // Python: hmac.new(b"whsec-demo", b'1671472527.{"a":1}', hashlib.sha256).hexdigest()
+    assert_eq!(
+        stdout.trim(),
+        "t=1671472527,s=a170e2feed4ec30de9032811384d9fabd63d48250a7c9722b45dfe204cbb87f6"
+    );
+}
