@@ -94,7 +94,7 @@ fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
             topic = %settings.kafka.topic,
             "EMBEDDED KAFKA: no kafka.brokers is set, so an in-memory broker runs inside this \
              process for trying the bridge out. It keeps nothing: every event is gone when the \
-             bridge stops. Any Kafka client can read the topic at the bootstrap address above. \
+             bridge stops. Any Kafka client can read the topic at the bootstrap address in this line. \
              Set kafka.brokers (TAMIO_BRIDGE__KAFKA__BROKERS) for real use."
         );
         _embedded = Some(cluster);

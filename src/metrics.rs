@@ -2,8 +2,8 @@
 //! count. Label values come from small fixed sets, never from request data.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::ingest::envelope::TICKET_EVENT_PREFIX;
@@ -84,6 +84,12 @@ pub struct Metrics {
     pub sender_delay: Histogram,
     pub in_flight: IntGauge,
     pub kafka_up: IntGauge,
+    pub producer_queue_messages: IntGauge,
+    pub producer_queue_bytes: IntGauge,
+    pub broker_rtt: GaugeVec,
+    pub broker_up: IntGaugeVec,
+    pub broker_request_errors: IntCounterVec,
+    pub broker_retries: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -163,6 +169,48 @@ impl Metrics {
             "1 while a broker answers the producer and the topic exists; the same truth as /readyz.",
         )
         .unwrap();
+        let producer_queue_messages = IntGauge::new(
+            "tamio_bridge_kafka_producer_queue_messages",
+            "Records waiting in the producer for Kafka's acknowledgement (librdkafka msg_cnt).",
+        )
+        .unwrap();
+        let producer_queue_bytes = IntGauge::new(
+            "tamio_bridge_kafka_producer_queue_bytes",
+            "Bytes of the records waiting in the producer (librdkafka msg_size).",
+        )
+        .unwrap();
+        let broker_rtt = GaugeVec::new(
+            Opts::new(
+                "tamio_bridge_kafka_broker_rtt_seconds",
+                "Average request round-trip time to each broker over the last statistics window.",
+            ),
+            &["broker"],
+        )
+        .unwrap();
+        let broker_up = IntGaugeVec::new(
+            Opts::new(
+                "tamio_bridge_kafka_broker_up",
+                "1 while the producer's connection to the broker is up.",
+            ),
+            &["broker"],
+        )
+        .unwrap();
+        let broker_request_errors = IntCounterVec::new(
+            Opts::new(
+                "tamio_bridge_kafka_broker_request_errors_total",
+                "Requests to each broker that failed: send and receive errors and timeouts.",
+            ),
+            &["broker"],
+        )
+        .unwrap();
+        let broker_retries = IntCounterVec::new(
+            Opts::new(
+                "tamio_bridge_kafka_broker_retries_total",
+                "Requests the producer sent again to each broker.",
+            ),
+            &["broker"],
+        )
+        .unwrap();
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "tamio_bridge_build_info",
@@ -202,6 +250,12 @@ impl Metrics {
             Box::new(in_flight.clone()),
             Box::new(kafka_up.clone()),
             Box::new(build_info),
+            Box::new(producer_queue_messages.clone()),
+            Box::new(producer_queue_bytes.clone()),
+            Box::new(broker_rtt.clone()),
+            Box::new(broker_up.clone()),
+            Box::new(broker_request_errors.clone()),
+            Box::new(broker_retries.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -223,6 +277,12 @@ impl Metrics {
             sender_delay,
             in_flight,
             kafka_up,
+            producer_queue_messages,
+            producer_queue_bytes,
+            broker_rtt,
+            broker_up,
+            broker_request_errors,
+            broker_retries,
         }
     }
 

@@ -10,10 +10,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::statistics::Statistics;
 use rdkafka::util::Timeout;
 
 use crate::config::Kafka;
@@ -123,6 +125,9 @@ pub fn producer_config(kafka: &Kafka, brokers: &str) -> ClientConfig {
         .set("message.timeout.ms", kafka.delivery_timeout_ms.to_string())
         .set("linger.ms", "5")
         .set("allow.auto.create.topics", "false")
+        .set("statistics.interval.ms", "5000")
+        // Reconnect promptly after a broker returns, so readiness recovers within seconds.
+        .set("reconnect.backoff.max.ms", "1000")
         .set("client.id", "tamio-kafka-bridge");
     for (k, v) in &kafka.librdkafka {
         cfg.set(k, v);
@@ -130,15 +135,63 @@ pub fn producer_config(kafka: &Kafka, brokers: &str) -> ClientConfig {
     cfg
 }
 
+/// The producer's context: turns librdkafka's statistics into metrics. librdkafka's own log
+/// lines reach `tracing` through rdkafka's `tracing` feature.
+pub struct StatsContext {
+    metrics: Arc<Metrics>,
+    /// Last cumulative (errors, retries) seen per broker, to count the increase.
+    last: std::sync::Mutex<std::collections::HashMap<String, (u64, u64)>>,
+}
+
+impl ClientContext for StatsContext {
+    fn stats(&self, stats: Statistics) {
+        let m = &self.metrics;
+        m.producer_queue_messages.set(stats.msg_cnt as i64);
+        m.producer_queue_bytes.set(stats.msg_size as i64);
+        let mut last = self.last.lock().expect("stats lock");
+        for broker in stats.brokers.values() {
+            // Bootstrap entries (nodeid -1) stand for the configured addresses, not brokers.
+            if broker.nodeid < 0 {
+                continue;
+            }
+            let label = [broker.nodename.as_str()];
+            m.broker_up
+                .with_label_values(&label)
+                .set(i64::from(broker.state == "UP"));
+            if let Some(rtt) = &broker.rtt {
+                m.broker_rtt
+                    .with_label_values(&label)
+                    .set(rtt.avg as f64 / 1_000_000.0);
+            }
+            let errors = broker.txerrs + broker.rxerrs + broker.req_timeouts;
+            let retries = broker.txretries;
+            let (prev_errors, prev_retries) = last
+                .insert(broker.nodename.clone(), (errors, retries))
+                .unwrap_or((0, 0));
+            m.broker_request_errors
+                .with_label_values(&label)
+                .inc_by(errors.saturating_sub(prev_errors));
+            m.broker_retries
+                .with_label_values(&label)
+                .inc_by(retries.saturating_sub(prev_retries));
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Publisher {
-    producer: FutureProducer,
+    producer: FutureProducer<StatsContext>,
     metrics: Arc<Metrics>,
 }
 
 impl Publisher {
     pub fn new(kafka: &Kafka, metrics: Arc<Metrics>) -> Result<Publisher, KafkaError> {
-        let producer: FutureProducer = producer_config(kafka, &kafka.brokers).create()?;
+        let context = StatsContext {
+            metrics: metrics.clone(),
+            last: Default::default(),
+        };
+        let producer: FutureProducer<StatsContext> =
+            producer_config(kafka, &kafka.brokers).create_with_context(context)?;
         Ok(Publisher { producer, metrics })
     }
 

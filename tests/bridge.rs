@@ -394,6 +394,29 @@ async fn every_rejection_has_its_status_and_writes_nothing() {
     assert_eq!(reason("malformed"), 1.0);
     assert_eq!(reason("stale"), 2.0);
     assert_eq!(reason("mismatch"), 2.0);
+    // Histograms count every answer under its outcome.
+    let observed = |outcome: &str| {
+        sample(
+            &metrics,
+            &format!("tamio_bridge_request_duration_seconds_count{{outcome=\"{outcome}\"}}"),
+        )
+    };
+    assert_eq!(observed("unauthorized"), 6.0);
+    assert_eq!(observed("invalid"), 4.0);
+    assert_eq!(observed("accepted"), 1.0);
+    assert_eq!(
+        sample(
+            &metrics,
+            "tamio_bridge_kafka_delivery_duration_seconds_count"
+        ),
+        1.0
+    );
+    // Sender delay is observed for every delivery whose signature held: 4 invalid + 1 accepted.
+    assert_eq!(
+        sample(&metrics, "tamio_bridge_sender_delay_seconds_count"),
+        5.0
+    );
+    assert_eq!(sample(&metrics, "tamio_bridge_in_flight_requests"), 0.0);
     bridge.stop().await;
 }
 

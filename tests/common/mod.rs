@@ -64,8 +64,12 @@ pub fn unique_topic(prefix: &str) -> String {
 
 /// Creates `topic` on the test broker (it does not create topics on its own).
 pub async fn create_topic(topic: &str, partitions: i32) {
+    create_topic_on(&brokers(), topic, partitions).await
+}
+
+pub async fn create_topic_on(bootstrap: &str, topic: &str, partitions: i32) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", bootstrap)
         .create()
         .expect("admin client");
     let results = admin
@@ -182,11 +186,16 @@ impl Bridge {
         get(self.admin, "/metrics").await.text()
     }
 
-    /// Stops the bridge as SIGTERM would and waits for run() to return.
-    pub async fn stop(mut self) {
+    /// Starts the shutdown as SIGTERM would, without waiting for it.
+    pub fn begin_stop(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+    }
+
+    /// Stops the bridge as SIGTERM would and waits for run() to return.
+    pub async fn stop(mut self) {
+        self.begin_stop();
         if let Some(task) = self.task.take() {
             tokio::time::timeout(Duration::from_secs(30), task)
                 .await
@@ -256,6 +265,25 @@ pub async fn get(addr: SocketAddr, path: &str) -> Reply {
     request("GET", &format!("http://{addr}{path}"), &[], Vec::new())
         .await
         .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+}
+
+/// Polls /readyz until it answers `status`; returns how long that took, or panics after
+/// `within`.
+pub async fn wait_for_readyz(admin: SocketAddr, status: StatusCode, within: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        let reply = get(admin, "/readyz").await;
+        if reply.status == status {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < within,
+            "/readyz still {} after {within:?}: {}",
+            reply.status,
+            reply.text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// The value of one sample in a Prometheus text exposition, e.g.
@@ -382,4 +410,124 @@ pub fn ticket_event(event_id: &str, ticket: &str, seq: usize) -> String {
         "data": {"ticket": {"id": ticket, "seq": seq, "is_open": true}}
     })
     .to_string()
+}
+
+/// A tansu broker of a test's own, which the test may freeze, kill and start again. Its
+/// storage is an SQLite file, so topics and records survive a restart.
+pub struct OwnBroker {
+    pub port: u16,
+    child: Option<std::process::Child>,
+    dir: tempfile::TempDir,
+}
+
+impl OwnBroker {
+    pub fn bin() -> String {
+        std::env::var("TANSU_BIN").unwrap_or_else(|_| {
+            panic!("TANSU_BIN is not set: run the tests with `.ci/test`, which installs tansu")
+        })
+    }
+
+    pub async fn start() -> OwnBroker {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut broker = OwnBroker {
+            port,
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        broker.launch().await;
+        broker
+    }
+
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    async fn launch(&mut self) {
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        // tansu resolves the SQLite path against its working directory.
+        let storage = "sqlite://tansu.db";
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("tansu.log"))
+            .unwrap();
+        let child = std::process::Command::new(Self::bin())
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", storage])
+            .current_dir(self.dir.path())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("tansu starts");
+        self.child = Some(child);
+        let started = Instant::now();
+        while tokio::net::TcpStream::connect(self.address())
+            .await
+            .is_err()
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "tansu did not listen"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn signal(&self, name: &str) {
+        let pid = self.child.as_ref().expect("running").id();
+        let ok = std::process::Command::new("kill")
+            .args([&format!("-{name}"), &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{name} {pid}");
+    }
+
+    /// SIGSTOP: the broker keeps its connections open but answers nothing.
+    pub fn freeze(&self) {
+        self.signal("STOP");
+    }
+
+    pub fn thaw(&self) {
+        self.signal("CONT");
+    }
+
+    /// SIGKILL, and waits for the process to be gone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the broker again on the same port with the same storage.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.launch().await;
+    }
+
+    pub async fn create_topic(&self, topic: &str, partitions: i32) {
+        create_topic_on(&self.address(), topic, partitions).await
+    }
+}
+
+impl Drop for OwnBroker {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_ref() {
+            let _ = std::process::Command::new("kill")
+                .args(["-CONT", &child.id().to_string()])
+                .status();
+        }
+        self.kill();
+    }
 }

@@ -1,0 +1,127 @@
+//! Faults injected on cue with librdkafka's mock cluster (the real-broker suite covers the
+//! rest): produce errors, retriable and not, and a broker going down and coming back.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use http::StatusCode;
+use rdkafka::mocking::MockCluster;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use tamio_kafka_bridge::config::Settings;
+
+fn mock_settings(
+    cluster: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>,
+    topic: &str,
+) -> Settings {
+    let mut s = settings(
+        topic,
+        &[
+            ("TAMIO_BRIDGE__SERVER__REQUEST_TIMEOUT_MS", "4000"),
+            ("TAMIO_BRIDGE__KAFKA__DELIVERY_TIMEOUT_MS", "3000"),
+        ],
+    );
+    s.kafka.brokers = cluster.bootstrap_servers();
+    s
+}
+
+fn failures(metrics: &str, reason: &str) -> f64 {
+    sample(
+        metrics,
+        &format!("tamio_bridge_kafka_delivery_failures_total{{reason=\"{reason}\"}}"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produce_errors_are_retried_or_reported_under_their_reason() {
+    let cluster = MockCluster::new(1).unwrap();
+    let topic = "tamio.tickets.faults";
+    cluster.create_topic(topic, 3, 1).unwrap();
+    let bridge = Bridge::start_ready(mock_settings(&cluster, topic)).await;
+
+    // Retriable errors: librdkafka retries within the deadline and the event is delivered.
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
+        ],
+    );
+    let reply = bridge.send(&ticket_event("whev_retried", "t-1", 0)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let metrics = bridge.metrics().await;
+    assert_eq!(
+        tamio_kafka_bridge::publish::FAILURE_REASONS
+            .iter()
+            .map(|r| failures(&metrics, r))
+            .sum::<f64>(),
+        0.0
+    );
+
+    // A permanent error: the sender is told to retry later, and the reason is counted.
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
+    );
+    let reply = bridge.send(&ticket_event("whev_too_large", "t-2", 0)).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        reply.text()
+    );
+    assert!(reply.headers.contains_key("retry-after"));
+    let metrics = bridge.metrics().await;
+    assert_eq!(failures(&metrics, "message_too_large"), 1.0, "{metrics}");
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"tamio_bridge_requests_total{outcome="unavailable"}"#
+        ),
+        1.0
+    );
+
+    // The same event sent again goes through: nothing stuck behind the failure.
+    let reply = bridge.send(&ticket_event("whev_too_large", "t-2", 0)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    bridge.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_down_is_a_timeout_then_recovery() {
+    let cluster = MockCluster::new(1).unwrap();
+    let topic = "tamio.tickets.down";
+    cluster.create_topic(topic, 1, 1).unwrap();
+    let bridge = Bridge::start_ready(mock_settings(&cluster, topic)).await;
+    assert_eq!(
+        bridge
+            .send(&ticket_event("whev_before", "t-1", 0))
+            .await
+            .status,
+        StatusCode::OK
+    );
+
+    cluster.broker_down(1).unwrap();
+    let reply = bridge.send(&ticket_event("whev_during", "t-1", 1)).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        reply.text()
+    );
+    assert_eq!(failures(&bridge.metrics().await, "timeout"), 1.0);
+    wait_for_readyz(
+        bridge.admin,
+        StatusCode::SERVICE_UNAVAILABLE,
+        Duration::from_secs(10),
+    )
+    .await;
+
+    cluster.broker_up(1).unwrap();
+    wait_for_readyz(bridge.admin, StatusCode::OK, Duration::from_secs(10)).await;
+    let reply = bridge.send(&ticket_event("whev_during", "t-1", 1)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    bridge.stop().await;
+}
