@@ -28,6 +28,8 @@ pub struct Settings {
     pub kafka: Kafka,
     /// Signature verification.
     pub signature: Signature,
+    /// Duplicate suppression by event id.
+    pub dedup: Dedup,
     /// Logging.
     pub log: Log,
 }
@@ -75,9 +77,24 @@ pub struct Kafka {
     pub readiness_timeout_ms: u64,
     /// Deadline of the final flush on shutdown.
     pub flush_timeout_ms: u64,
+    /// librdkafka's `queue.buffering.max.messages`.
+    pub queue_max_messages: u32,
+    /// librdkafka's `queue.buffering.max.kbytes`.
+    pub queue_max_kbytes: u32,
+    /// Topic for signed deliveries with an invalid envelope; empty is off.
+    pub dead_letter_topic: String,
     /// Options passed through to librdkafka.
     #[serde(default)]
     pub librdkafka: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Dedup {
+    /// How long an acknowledged event id is remembered; 0 is off.
+    pub window_secs: u64,
+    /// Most event ids remembered at once.
+    pub max_entries: usize,
 }
 
 #[derive(Clone, Deserialize)]
@@ -169,6 +186,16 @@ pub enum SettingsError {
     Invalid { key: &'static str, reason: String },
 }
 
+const TOPIC_RULE: &str = "a Kafka topic name has 1 to 249 of the characters a-z A-Z 0-9 . _ -";
+
+fn valid_topic(topic: &str) -> bool {
+    !topic.is_empty()
+        && topic.len() <= 249
+        && topic
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
 fn invalid(key: &'static str, reason: impl Into<String>) -> SettingsError {
     SettingsError::Invalid {
         key,
@@ -237,19 +264,25 @@ impl Settings {
             return Err(invalid("admin.listen", "must differ from server.listen"));
         }
         let k = &self.kafka;
-        if k.topic.trim().is_empty() {
-            return Err(invalid("kafka.topic", "must not be empty"));
+        if !valid_topic(&k.topic) {
+            return Err(invalid("kafka.topic", TOPIC_RULE));
         }
-        if k.topic.len() > 249
-            || !k
-                .topic
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-        {
-            return Err(invalid(
-                "kafka.topic",
-                "a Kafka topic name has at most 249 of the characters a-z A-Z 0-9 . _ -",
-            ));
+        if !k.dead_letter_topic.is_empty() {
+            if !valid_topic(&k.dead_letter_topic) {
+                return Err(invalid("kafka.dead_letter_topic", TOPIC_RULE));
+            }
+            if k.dead_letter_topic == k.topic {
+                return Err(invalid(
+                    "kafka.dead_letter_topic",
+                    "must differ from kafka.topic",
+                ));
+            }
+        }
+        if k.queue_max_messages == 0 {
+            return Err(invalid("kafka.queue_max_messages", "must be above 0"));
+        }
+        if k.queue_max_kbytes == 0 {
+            return Err(invalid("kafka.queue_max_kbytes", "must be above 0"));
         }
         if k.delivery_timeout_ms == 0 {
             return Err(invalid("kafka.delivery_timeout_ms", "must be above 0"));
@@ -313,6 +346,11 @@ impl Settings {
             return Err(invalid("log.level", "must not be empty"));
         }
         Ok(())
+    }
+
+    /// The dead-letter topic, when one is configured.
+    pub fn dead_letter_topic(&self) -> Option<&str> {
+        Some(self.kafka.dead_letter_topic.as_str()).filter(|t| !t.is_empty())
     }
 
     /// True when no broker is configured and the embedded one is to be started.

@@ -58,10 +58,13 @@ pub async fn run(
     );
     let readiness = Arc::new(Readiness::new(metrics.clone()));
 
+    let topics: Vec<String> = std::iter::once(settings.kafka.topic.clone())
+        .chain(settings.dead_letter_topic().map(str::to_owned))
+        .collect();
     let probe = tokio::spawn(probe_kafka(
         publisher.clone(),
         readiness.clone(),
-        settings.kafka.topic.clone(),
+        topics,
         Duration::from_millis(settings.kafka.readiness_interval_ms),
         Duration::from_millis(settings.kafka.readiness_timeout_ms),
     ));
@@ -142,18 +145,18 @@ pub async fn run(
 async fn probe_kafka(
     publisher: Publisher,
     readiness: Arc<Readiness>,
-    topic: String,
+    topics: Vec<String>,
     interval: Duration,
     timeout: Duration,
 ) {
     loop {
-        let state = publisher.probe(&topic, timeout).await;
+        let state = publisher.probe(&topics, timeout).await;
         let ok = state.is_ok();
         let reason = state.as_ref().err().cloned();
         if readiness.set_kafka(state) {
             match reason {
-                None => tracing::info!(%topic, "Kafka is reachable: ready"),
-                Some(reason) => tracing::warn!(%topic, %reason, "Kafka is unreachable: not ready"),
+                None => tracing::info!(?topics, "Kafka is reachable: ready"),
+                Some(reason) => tracing::warn!(?topics, %reason, "Kafka is unreachable: not ready"),
             }
         }
         // Probe quickly while not ready, so recovery shows promptly.

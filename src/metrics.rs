@@ -2,7 +2,7 @@
 //! count. Label values come from small fixed sets, never from request data.
 
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -84,6 +84,8 @@ pub struct Metrics {
     pub sender_delay: Histogram,
     pub in_flight: IntGauge,
     pub kafka_up: IntGauge,
+    pub dead_letters: IntCounter,
+    pub dedup_entries: IntGauge,
     pub producer_queue_messages: IntGauge,
     pub producer_queue_bytes: IntGauge,
     pub broker_rtt: GaugeVec,
@@ -169,6 +171,16 @@ impl Metrics {
             "1 while a broker answers the producer and the topic exists; the same truth as /readyz.",
         )
         .unwrap();
+        let dead_letters = IntCounter::new(
+            "tamio_bridge_dead_letters_total",
+            "Signed deliveries with an invalid envelope written to the dead-letter topic.",
+        )
+        .unwrap();
+        let dedup_entries = IntGauge::new(
+            "tamio_bridge_dedup_entries",
+            "Acknowledged event ids remembered for duplicate suppression.",
+        )
+        .unwrap();
         let producer_queue_messages = IntGauge::new(
             "tamio_bridge_kafka_producer_queue_messages",
             "Records waiting in the producer for Kafka's acknowledgement (librdkafka msg_cnt).",
@@ -250,6 +262,8 @@ impl Metrics {
             Box::new(in_flight.clone()),
             Box::new(kafka_up.clone()),
             Box::new(build_info),
+            Box::new(dead_letters.clone()),
+            Box::new(dedup_entries.clone()),
             Box::new(producer_queue_messages.clone()),
             Box::new(producer_queue_bytes.clone()),
             Box::new(broker_rtt.clone()),
@@ -277,6 +291,8 @@ impl Metrics {
             sender_delay,
             in_flight,
             kafka_up,
+            dead_letters,
+            dedup_entries,
             producer_queue_messages,
             producer_queue_bytes,
             broker_rtt,

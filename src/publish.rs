@@ -7,8 +7,9 @@
 //! where a ticket lives.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
@@ -28,6 +29,8 @@ pub enum PublishError {
     Timeout(Duration),
     #[error("the producer queue is full; Kafka is not keeping up")]
     QueueFull,
+    #[error("Kafka is unreachable: {0}")]
+    Unreachable(String),
     #[error("Kafka refused the event ({reason}): {detail}")]
     Kafka {
         reason: &'static str,
@@ -41,6 +44,7 @@ impl PublishError {
         match self {
             PublishError::Timeout(_) => "timeout",
             PublishError::QueueFull => "queue_full",
+            PublishError::Unreachable(_) => "broker_unavailable",
             PublishError::Kafka { reason, .. } => reason,
         }
     }
@@ -108,11 +112,45 @@ pub struct Record<'a> {
     pub received_at: SystemTime,
 }
 
+/// A signed delivery whose envelope was refused, kept for inspection.
+pub struct DeadLetter<'a> {
+    pub topic: &'a str,
+    pub value: &'a [u8],
+    pub error_kind: &'a str,
+    pub error: &'a str,
+    pub signature: Option<&'a [u8]>,
+    pub received_at: SystemTime,
+}
+
 /// Where Kafka wrote a record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Delivered {
     pub partition: i32,
     pub offset: i64,
+}
+
+fn header<'a>(key: &'a str, value: &'a [u8]) -> Header<'a, &'a [u8]> {
+    Header {
+        key,
+        value: Some(value),
+    }
+}
+
+fn with_signature(headers: OwnedHeaders, signature: Option<&[u8]>) -> OwnedHeaders {
+    match signature {
+        Some(signature) => headers.insert(header("signature", signature)),
+        None => headers,
+    }
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+fn unix_millis(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
 }
 
 /// The producer options the bridge sets, before `kafka.librdkafka` (which wins).
@@ -123,6 +161,14 @@ pub fn producer_config(kafka: &Kafka, brokers: &str) -> ClientConfig {
         .set("acks", "all")
         .set("partitioner", "murmur2_random")
         .set("message.timeout.ms", kafka.delivery_timeout_ms.to_string())
+        .set(
+            "queue.buffering.max.messages",
+            kafka.queue_max_messages.to_string(),
+        )
+        .set(
+            "queue.buffering.max.kbytes",
+            kafka.queue_max_kbytes.to_string(),
+        )
         .set("linger.ms", "5")
         .set("allow.auto.create.topics", "false")
         .set("statistics.interval.ms", "5000")
@@ -182,6 +228,9 @@ impl ClientContext for StatsContext {
 pub struct Publisher {
     producer: FutureProducer<StatsContext>,
     metrics: Arc<Metrics>,
+    /// False while the readiness probe finds no broker answering: records are then refused
+    /// at once instead of waiting out the delivery timeout.
+    reachable: Arc<AtomicBool>,
 }
 
 impl Publisher {
@@ -192,7 +241,11 @@ impl Publisher {
         };
         let producer: FutureProducer<StatsContext> =
             producer_config(kafka, &kafka.brokers).create_with_context(context)?;
-        Ok(Publisher { producer, metrics })
+        Ok(Publisher {
+            producer,
+            metrics,
+            reachable: Arc::new(AtomicBool::new(true)),
+        })
     }
 
     /// Hands the record to librdkafka and waits, until `deadline` at the latest, for Kafka to
@@ -202,51 +255,75 @@ impl Publisher {
         record: Record<'_>,
         deadline: tokio::time::Instant,
     ) -> Result<Delivered, PublishError> {
-        let received_at = humantime::format_rfc3339_millis(record.received_at).to_string();
-        let mut headers = OwnedHeaders::new_with_capacity(6)
-            .insert(Header {
-                key: "event_id",
-                value: Some(record.event_id),
-            })
-            .insert(Header {
-                key: "event_type",
-                value: Some(record.event_type),
-            })
-            .insert(Header {
-                key: "endpoint_id",
-                value: Some(record.endpoint_id),
-            })
-            .insert(Header {
-                key: "api_version",
-                value: Some("2"),
-            })
-            .insert(Header {
-                key: "received_at",
-                value: Some(received_at.as_str()),
-            });
-        if let Some(signature) = record.signature {
-            headers = headers.insert(Header {
-                key: "signature",
-                value: Some(signature),
-            });
-        }
-        let timestamp_ms = record
-            .received_at
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or_default();
+        let received_at = rfc3339(record.received_at);
+        let headers = OwnedHeaders::new_with_capacity(6)
+            .insert(header("event_id", record.event_id.as_bytes()))
+            .insert(header("event_type", record.event_type.as_bytes()))
+            .insert(header("endpoint_id", record.endpoint_id.as_bytes()))
+            .insert(header("api_version", b"2"))
+            .insert(header("received_at", received_at.as_bytes()));
+        let headers = with_signature(headers, record.signature);
         let future_record = FutureRecord::to(record.topic)
             .key(record.key)
             .payload(record.value)
             .headers(headers)
-            .timestamp(timestamp_ms);
+            .timestamp(unix_millis(record.received_at));
+        let result = self.deliver(future_record, deadline).await;
+        match &result {
+            Ok(_) => self.metrics.delivered(record.event_type),
+            Err(e) => self.count_failure(e),
+        }
+        result
+    }
 
-        let started = Instant::now();
-        let result = match self.producer.send_result(future_record) {
+    /// Writes a refused delivery's raw body to the dead-letter topic, with the error in the
+    /// `error` and `error_kind` headers, and waits for Kafka's acknowledgement.
+    pub async fn dead_letter(
+        &self,
+        letter: DeadLetter<'_>,
+        deadline: tokio::time::Instant,
+    ) -> Result<Delivered, PublishError> {
+        let received_at = rfc3339(letter.received_at);
+        let headers = OwnedHeaders::new_with_capacity(4)
+            .insert(header("error_kind", letter.error_kind.as_bytes()))
+            .insert(header("error", letter.error.as_bytes()))
+            .insert(header("received_at", received_at.as_bytes()));
+        let headers = with_signature(headers, letter.signature);
+        let future_record: FutureRecord<'_, str, [u8]> = FutureRecord::to(letter.topic)
+            .payload(letter.value)
+            .headers(headers)
+            .timestamp(unix_millis(letter.received_at));
+        let result = self.deliver(future_record, deadline).await;
+        match &result {
+            Ok(_) => self.metrics.dead_letters.inc(),
+            Err(e) => self.count_failure(e),
+        }
+        result
+    }
+
+    fn count_failure(&self, err: &PublishError) {
+        self.metrics
+            .kafka_delivery_failures
+            .with_label_values(&[err.reason()])
+            .inc();
+    }
+
+    async fn deliver(
+        &self,
+        record: FutureRecord<'_, str, [u8]>,
+        deadline: tokio::time::Instant,
+    ) -> Result<Delivered, PublishError> {
+        if !self.reachable.load(Ordering::Relaxed) {
+            return Err(PublishError::Unreachable(
+                "no broker answered the last readiness probe".into(),
+            ));
+        }
+        let started = tokio::time::Instant::now();
+        let result = match self.producer.send_result(record) {
             Err((err, _)) => Err(PublishError::from_kafka(&err)),
             Ok(delivery) => match tokio::time::timeout_at(deadline, delivery).await {
                 Err(_) => Err(PublishError::Timeout(
-                    deadline.saturating_duration_since(tokio::time::Instant::from_std(started)),
+                    deadline.saturating_duration_since(started),
                 )),
                 Ok(Err(_canceled)) => Err(PublishError::Kafka {
                     reason: "other",
@@ -262,45 +339,58 @@ impl Publisher {
         self.metrics
             .kafka_delivery_duration
             .observe(started.elapsed().as_secs_f64());
-        match &result {
-            Ok(_) => self.metrics.delivered(record.event_type),
-            Err(e) => self
-                .metrics
-                .kafka_delivery_failures
-                .with_label_values(&[e.reason()])
-                .inc(),
-        }
         result
     }
 
-    /// Asks a broker for the topic's metadata: `Ok` when a broker answered within `timeout`
-    /// and the topic exists with partitions, else a sentence saying what is wrong.
-    pub async fn probe(&self, topic: &str, timeout: Duration) -> Result<(), String> {
+    /// Probes every topic the bridge writes to (see [`probe_topic`]), and refuses records at
+    /// once while no broker answers.
+    pub async fn probe(&self, topics: &[String], timeout: Duration) -> Result<(), String> {
         let producer = self.producer.clone();
-        let topic = topic.to_owned();
-        tokio::task::spawn_blocking(move || {
-            let md = producer
-                .client()
-                .fetch_metadata(Some(&topic), Timeout::After(timeout))
-                .map_err(|e| format!("no broker answered a metadata request: {e}"))?;
-            let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
-                return Err(format!("topic `{topic}` is missing from the metadata"));
-            };
-            if let Some(err) = t.error() {
-                return Err(format!(
-                    "topic `{topic}` is not available: {}",
-                    RDKafkaErrorCode::from(err)
-                ));
-            }
-            if t.partitions().is_empty() {
-                return Err(format!("topic `{topic}` has no partitions"));
-            }
-            Ok(())
+        let topics = topics.to_vec();
+        let result = tokio::task::spawn_blocking(move || {
+            topics
+                .iter()
+                .try_for_each(|topic| probe_topic(&producer, topic, timeout))
         })
         .await
-        .unwrap_or_else(|e| Err(format!("readiness probe failed: {e}")))
+        .unwrap_or_else(|e| Err(format!("readiness probe failed: {e}")));
+        // Only "no broker answers" refuses records at once; a missing topic is left to
+        // librdkafka to report per record.
+        let unreachable = matches!(&result, Err(reason) if reason.starts_with(NO_BROKER));
+        self.reachable.store(!unreachable, Ordering::Relaxed);
+        result
     }
+}
 
+const NO_BROKER: &str = "no broker answered";
+
+/// Asks a broker for `topic`'s metadata: `Ok` when one answered within `timeout` and the
+/// topic exists with partitions, else a sentence saying what is wrong.
+fn probe_topic(
+    producer: &FutureProducer<StatsContext>,
+    topic: &str,
+    timeout: Duration,
+) -> Result<(), String> {
+    let md = producer
+        .client()
+        .fetch_metadata(Some(topic), Timeout::After(timeout))
+        .map_err(|e| format!("{NO_BROKER} a metadata request: {e}"))?;
+    let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
+        return Err(format!("topic `{topic}` is missing from the metadata"));
+    };
+    if let Some(err) = t.error() {
+        return Err(format!(
+            "topic `{topic}` is not available: {}",
+            RDKafkaErrorCode::from(err)
+        ));
+    }
+    if t.partitions().is_empty() {
+        return Err(format!("topic `{topic}` has no partitions"));
+    }
+    Ok(())
+}
+
+impl Publisher {
     /// Waits up to `timeout` for every queued record to be acknowledged; returns how many
     /// were still outstanding when it gave up.
     pub async fn flush(&self, timeout: Duration) -> i32 {

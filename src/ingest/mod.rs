@@ -2,12 +2,13 @@
 //! within its bound, verify the signature, validate the envelope, route it, publish it and
 //! wait for Kafka's acknowledgement, then answer.
 
+pub mod dedup;
 pub mod envelope;
 pub mod route;
 pub mod verify;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::header::{ALLOW, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
@@ -20,8 +21,10 @@ use tracing::{field, Instrument};
 use crate::config::Settings;
 use crate::error::IngestError;
 use crate::metrics::{Metrics, Outcome};
-use crate::publish::{Publisher, Record};
+use crate::publish::{DeadLetter, PublishError, Publisher, Record};
+use dedup::{Claim, Dedup, Original};
 use envelope::Envelope;
+use verify::VerifiedBody;
 use verify::Verifier;
 
 /// What the sender is told about an accepted event.
@@ -39,8 +42,10 @@ pub struct Ingest {
     path: String,
     max_body_bytes: usize,
     request_timeout: Duration,
-    topic: String,
+    topic: Arc<str>,
+    dead_letter_topic: Option<String>,
     verifier: Verifier,
+    dedup: Dedup,
     publisher: Publisher,
     metrics: Arc<Metrics>,
     in_flight: Arc<Semaphore>,
@@ -53,8 +58,13 @@ impl Ingest {
             path: settings.server.path.clone(),
             max_body_bytes: settings.server.max_body_bytes,
             request_timeout: settings.request_timeout(),
-            topic: settings.kafka.topic.clone(),
+            topic: Arc::from(settings.kafka.topic.as_str()),
+            dead_letter_topic: settings.dead_letter_topic().map(str::to_owned),
             verifier: Verifier::new(&settings.signature),
+            dedup: Dedup::new(
+                Duration::from_secs(settings.dedup.window_secs),
+                settings.dedup.max_entries,
+            ),
             publisher,
             metrics,
             in_flight: Arc::new(Semaphore::new(settings.server.max_in_flight)),
@@ -81,9 +91,15 @@ impl Ingest {
                     tracing::debug!(
                         partition = accepted.partition,
                         offset = accepted.offset,
+                        duplicate = accepted.duplicate,
                         "accepted"
                     );
-                    (Outcome::Accepted, json(StatusCode::OK, &accepted))
+                    let outcome = if accepted.duplicate {
+                        Outcome::Duplicate
+                    } else {
+                        Outcome::Accepted
+                    };
+                    (outcome, json(StatusCode::OK, &accepted))
                 }
                 Err(err) => {
                     let status = err.status();
@@ -142,10 +158,9 @@ impl Ingest {
             Ok(Ok(collected)) => collected.to_bytes(),
         };
 
-        let now = unix_secs(received_at);
         let verified = self
             .verifier
-            .verify(&parts.headers, bytes, now)
+            .verify(&parts.headers, bytes, received_at)
             .inspect_err(|e| {
                 self.metrics
                     .signature_failures
@@ -154,14 +169,49 @@ impl Ingest {
             })?;
         self.metrics
             .sender_delay
-            .observe(now.saturating_sub(verified.timestamp()).max(0) as f64);
+            .observe(verified.sender_delay_secs() as f64);
 
-        let envelope = Envelope::parse(&verified)?;
+        let envelope = match Envelope::parse(&verified) {
+            Ok(envelope) => envelope,
+            Err(e) => {
+                return Err(self
+                    .refuse_signed(e.into(), &verified, &parts.headers, deadline)
+                    .await)
+            }
+        };
         let span = tracing::Span::current();
         span.record("event_id", envelope.event_id.as_ref());
         span.record("event_type", envelope.event_type.as_ref());
 
-        let destination = route::route(&envelope, &self.topic)?;
+        let destination = match route::route(&envelope, &self.topic) {
+            Ok(destination) => destination,
+            Err(e) => {
+                return Err(self
+                    .refuse_signed(e.into(), &verified, &parts.headers, deadline)
+                    .await)
+            }
+        };
+
+        // A delivery of an event already acknowledged writes nothing; one of an event being
+        // published right now waits for that outcome.
+        let claim = if self.dedup.enabled() {
+            match tokio::time::timeout_at(deadline, self.dedup.claim(&envelope.event_id)).await {
+                Err(_) => return Err(PublishError::Timeout(self.request_timeout).into()),
+                Ok(Claim::Duplicate(original)) => {
+                    return Ok(Accepted {
+                        event_id: envelope.event_id.to_string(),
+                        topic: original.topic.to_string(),
+                        partition: original.delivered.partition,
+                        offset: original.delivered.offset,
+                        duplicate: true,
+                    })
+                }
+                Ok(Claim::First(guard)) => Some(guard),
+            }
+        } else {
+            None
+        };
+
         let delivered = self
             .publisher
             .publish(
@@ -172,15 +222,19 @@ impl Ingest {
                     event_id: &envelope.event_id,
                     event_type: &envelope.event_type,
                     endpoint_id: &envelope.endpoint_id,
-                    signature: parts
-                        .headers
-                        .get(self.verifier.header())
-                        .map(HeaderValue::as_bytes),
-                    received_at,
+                    signature: self.signature_of(&parts.headers),
+                    received_at: verified.received_at(),
                 },
                 deadline,
             )
             .await?;
+        if let Some(guard) = claim {
+            guard.acknowledged(Original {
+                topic: self.topic.clone(),
+                delivered,
+            });
+            self.metrics.dedup_entries.set(self.dedup.len() as i64);
+        }
 
         Ok(Accepted {
             event_id: envelope.event_id.to_string(),
@@ -189,6 +243,43 @@ impl Ingest {
             offset: delivered.offset,
             duplicate: false,
         })
+    }
+
+    fn signature_of<'h>(&self, headers: &'h HeaderMap) -> Option<&'h [u8]> {
+        headers
+            .get(self.verifier.header())
+            .map(HeaderValue::as_bytes)
+    }
+
+    /// A genuine sender's delivery that cannot be published: with a dead-letter topic, its
+    /// raw body goes there before the sender hears `err`. If that write fails, the sender is
+    /// told to retry (503) rather than lose the body.
+    async fn refuse_signed(
+        &self,
+        err: IngestError,
+        verified: &VerifiedBody,
+        headers: &HeaderMap,
+        deadline: tokio::time::Instant,
+    ) -> IngestError {
+        let Some(topic) = &self.dead_letter_topic else {
+            return err;
+        };
+        let message = err.to_string();
+        let letter = DeadLetter {
+            topic,
+            value: verified.bytes(),
+            error_kind: err.kind(),
+            error: &message,
+            signature: self.signature_of(headers),
+            received_at: verified.received_at(),
+        };
+        match self.publisher.dead_letter(letter, deadline).await {
+            Ok(_) => err,
+            Err(publish) => {
+                tracing::warn!(refused = %message, "the dead-letter write failed");
+                IngestError::Publish(publish)
+            }
+        }
     }
 }
 
@@ -237,12 +328,6 @@ fn check_headers(headers: &HeaderMap, max_body_bytes: usize) -> Result<(), Inges
         }
     }
     Ok(())
-}
-
-fn unix_secs(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or_default()
 }
 
 fn json<T: serde::Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {

@@ -9,6 +9,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
@@ -55,6 +56,7 @@ impl VerifyError {
 pub struct VerifiedBody {
     bytes: Bytes,
     timestamp: i64,
+    received_at: SystemTime,
 }
 
 impl VerifiedBody {
@@ -65,6 +67,18 @@ impl VerifiedBody {
     /// Unix seconds the sender signed the delivery at.
     pub fn timestamp(&self) -> i64 {
         self.timestamp
+    }
+
+    /// When the bridge received the delivery.
+    pub fn received_at(&self) -> SystemTime {
+        self.received_at
+    }
+
+    /// How late the sender delivered: receipt minus the signature's timestamp, at least 0.
+    pub fn sender_delay_secs(&self) -> i64 {
+        unix_secs(self.received_at)
+            .saturating_sub(self.timestamp)
+            .max(0)
     }
 }
 
@@ -175,13 +189,14 @@ impl Verifier {
         &self.header
     }
 
-    /// Verifies `body` against the signature header in `headers`, `now` being unix seconds.
+    /// Verifies `body` against the signature header in `headers`, received at `received_at`.
     pub fn verify(
         &self,
         headers: &HeaderMap,
         body: Bytes,
-        now: i64,
+        received_at: SystemTime,
     ) -> Result<VerifiedBody, VerifyError> {
+        let now = unix_secs(received_at);
         let malformed = |reason| VerifyError::Malformed {
             header: self.header_label.clone(),
             reason,
@@ -229,6 +244,7 @@ impl Verifier {
             Ok(VerifiedBody {
                 bytes: body,
                 timestamp: parsed.timestamp,
+                received_at,
             })
         } else if tried == 0 {
             Err(VerifyError::UnknownEndpoint)
@@ -236,6 +252,12 @@ impl Verifier {
             Err(VerifyError::Mismatch)
         }
     }
+}
+
+fn unix_secs(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default()
 }
 
 /// Reads only `endpoint_id` from an unverified body, to choose the endpoint's secrets. Any
@@ -279,6 +301,10 @@ mod tests {
         })
     }
 
+    fn at(unix: i64) -> SystemTime {
+        UNIX_EPOCH + std::time::Duration::from_secs(unix as u64)
+    }
+
     fn headers(value: &str) -> HeaderMap {
         let mut h = HeaderMap::new();
         h.insert("tamio-signature", value.parse().unwrap());
@@ -286,7 +312,7 @@ mod tests {
     }
 
     fn check(v: &Verifier, value: &str, body: &[u8]) -> Result<i64, VerifyError> {
-        v.verify(&headers(value), Bytes::copy_from_slice(body), NOW)
+        v.verify(&headers(value), Bytes::copy_from_slice(body), at(NOW))
             .map(|b| b.timestamp())
     }
 
@@ -356,7 +382,7 @@ mod tests {
     fn missing_and_malformed_headers() {
         let v = verifier(&["s"], &[]);
         let err = v
-            .verify(&HeaderMap::new(), Bytes::from_static(BODY), NOW)
+            .verify(&HeaderMap::new(), Bytes::from_static(BODY), at(NOW))
             .err();
         assert_eq!(err.map(|e| e.reason()), Some("missing"));
         for bad in [
