@@ -28,11 +28,11 @@ impl Readiness {
         }
     }
 
-    /// Records the latest probe; returns true when this changes the state.
+    /// Records the latest probe; returns true when this changes the state or its reason.
     pub fn set_kafka(&self, state: Result<(), String>) -> bool {
         self.metrics.kafka_up.set(i64::from(state.is_ok()));
         let mut current = self.kafka.lock().expect("readiness lock");
-        let changed = current.is_ok() != state.is_ok();
+        let changed = *current != state;
         *current = state;
         changed
     }

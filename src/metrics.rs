@@ -85,6 +85,7 @@ pub struct Metrics {
     pub in_flight: IntGauge,
     pub kafka_up: IntGauge,
     pub dead_letters: IntCounter,
+    pub producer_restarts: IntCounter,
     pub dedup_entries: IntGauge,
     pub producer_queue_messages: IntGauge,
     pub producer_queue_bytes: IntGauge,
@@ -176,6 +177,11 @@ impl Metrics {
             "Signed deliveries with an invalid envelope written to the dead-letter topic.",
         )
         .unwrap();
+        let producer_restarts = IntCounter::new(
+            "tamio_bridge_kafka_producer_restarts_total",
+            "Times the producer was replaced after librdkafka declared it dead (a fatal error).",
+        )
+        .unwrap();
         let dedup_entries = IntGauge::new(
             "tamio_bridge_dedup_entries",
             "Acknowledged event ids remembered for duplicate suppression.",
@@ -263,6 +269,7 @@ impl Metrics {
             Box::new(kafka_up.clone()),
             Box::new(build_info),
             Box::new(dead_letters.clone()),
+            Box::new(producer_restarts.clone()),
             Box::new(dedup_entries.clone()),
             Box::new(producer_queue_messages.clone()),
             Box::new(producer_queue_bytes.clone()),
@@ -292,6 +299,7 @@ impl Metrics {
             in_flight,
             kafka_up,
             dead_letters,
+            producer_restarts,
             dedup_entries,
             producer_queue_messages,
             producer_queue_bytes,

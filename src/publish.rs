@@ -181,15 +181,26 @@ pub fn producer_config(kafka: &Kafka, brokers: &str) -> ClientConfig {
     cfg
 }
 
-/// The producer's context: turns librdkafka's statistics into metrics. librdkafka's own log
-/// lines reach `tracing` through rdkafka's `tracing` feature.
+/// The producer's context: turns librdkafka's statistics into metrics and notices fatal
+/// errors. librdkafka's own log lines reach `tracing` through rdkafka's `tracing` feature.
 pub struct StatsContext {
     metrics: Arc<Metrics>,
     /// Last cumulative (errors, retries) seen per broker, to count the increase.
     last: std::sync::Mutex<std::collections::HashMap<String, (u64, u64)>>,
+    /// Set when librdkafka reports a fatal error: this producer can deliver nothing more.
+    fatal: Arc<AtomicBool>,
 }
 
 impl ClientContext for StatsContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) {
+            tracing::error!(%reason, "the Kafka producer hit a fatal error; it will be replaced");
+            self.fatal.store(true, Ordering::SeqCst);
+        } else {
+            tracing::warn!(%error, %reason, "Kafka client error");
+        }
+    }
+
     fn stats(&self, stats: Statistics) {
         let m = &self.metrics;
         m.producer_queue_messages.set(stats.msg_cnt as i64);
@@ -224,9 +235,21 @@ impl ClientContext for StatsContext {
     }
 }
 
+type BridgeProducer = FutureProducer<StatsContext>;
+
+/// The current producer and its fatal-error flag.
+#[derive(Clone)]
+struct Current {
+    producer: BridgeProducer,
+    fatal: Arc<AtomicBool>,
+}
+
 #[derive(Clone)]
 pub struct Publisher {
-    producer: FutureProducer<StatsContext>,
+    /// Replaced as a whole when librdkafka declares the producer dead (a fatal error, e.g. a
+    /// fenced idempotent producer): records then go to a fresh producer with a new id.
+    current: Arc<std::sync::RwLock<Current>>,
+    config: ClientConfig,
     metrics: Arc<Metrics>,
     /// False while the readiness probe finds no broker answering: records are then refused
     /// at once instead of waiting out the delivery timeout.
@@ -235,14 +258,11 @@ pub struct Publisher {
 
 impl Publisher {
     pub fn new(kafka: &Kafka, metrics: Arc<Metrics>) -> Result<Publisher, KafkaError> {
-        let context = StatsContext {
-            metrics: metrics.clone(),
-            last: Default::default(),
-        };
-        let producer: FutureProducer<StatsContext> =
-            producer_config(kafka, &kafka.brokers).create_with_context(context)?;
+        let config = producer_config(kafka, &kafka.brokers);
+        let current = Self::create(&config, &metrics)?;
         Ok(Publisher {
-            producer,
+            current: Arc::new(std::sync::RwLock::new(current)),
+            config,
             metrics,
             reachable: Arc::new(AtomicBool::new(true)),
         })
@@ -301,6 +321,44 @@ impl Publisher {
         result
     }
 
+    fn create(config: &ClientConfig, metrics: &Arc<Metrics>) -> Result<Current, KafkaError> {
+        let fatal = Arc::new(AtomicBool::new(false));
+        let context = StatsContext {
+            metrics: metrics.clone(),
+            last: Default::default(),
+            fatal: fatal.clone(),
+        };
+        Ok(Current {
+            producer: config.create_with_context(context)?,
+            fatal,
+        })
+    }
+
+    /// The producer to use now; replaces it first if it has died.
+    fn producer(&self) -> BridgeProducer {
+        self.current().producer
+    }
+
+    fn current(&self) -> Current {
+        let current = self.current.read().expect("producer lock").clone();
+        if !current.fatal.load(Ordering::SeqCst) {
+            return current;
+        }
+        let mut slot = self.current.write().expect("producer lock");
+        // Another caller may have replaced it meanwhile.
+        if Arc::ptr_eq(&slot.fatal, &current.fatal) {
+            match Self::create(&self.config, &self.metrics) {
+                Ok(fresh) => {
+                    *slot = fresh;
+                    self.metrics.producer_restarts.inc();
+                    tracing::warn!("replaced the Kafka producer after its fatal error");
+                }
+                Err(err) => tracing::error!(%err, "cannot create a new Kafka producer"),
+            }
+        }
+        slot.clone()
+    }
+
     fn count_failure(&self, err: &PublishError) {
         self.metrics
             .kafka_delivery_failures
@@ -319,7 +377,8 @@ impl Publisher {
             ));
         }
         let started = tokio::time::Instant::now();
-        let result = match self.producer.send_result(record) {
+        let current = self.current();
+        let result = match current.producer.send_result(record) {
             Err((err, _)) => Err(PublishError::from_kafka(&err)),
             Ok(delivery) => match tokio::time::timeout_at(deadline, delivery).await {
                 Err(_) => Err(PublishError::Timeout(
@@ -329,7 +388,13 @@ impl Publisher {
                     reason: "other",
                     detail: "the producer was shut down before the delivery report".into(),
                 }),
-                Ok(Ok(Err((err, _)))) => Err(PublishError::from_kafka(&err)),
+                Ok(Ok(Err((err, _)))) => {
+                    if kills_the_producer(&err) {
+                        tracing::error!(%err, "the Kafka producer was fenced; it will be replaced");
+                        current.fatal.store(true, Ordering::SeqCst);
+                    }
+                    Err(PublishError::from_kafka(&err))
+                }
                 Ok(Ok(Ok(d))) => Ok(Delivered {
                     partition: d.partition,
                     offset: d.offset,
@@ -345,7 +410,7 @@ impl Publisher {
     /// Probes every topic the bridge writes to (see [`probe_topic`]), and refuses records at
     /// once while no broker answers.
     pub async fn probe(&self, topics: &[String], timeout: Duration) -> Result<(), String> {
-        let producer = self.producer.clone();
+        let producer = self.producer();
         let topics = topics.to_vec();
         let result = tokio::task::spawn_blocking(move || {
             topics
@@ -364,13 +429,25 @@ impl Publisher {
 
 const NO_BROKER: &str = "no broker answered";
 
+/// Errors after which an idempotent producer can deliver nothing more: its producer id or
+/// epoch is no longer accepted, so only a new producer (a new id) gets records through.
+fn kills_the_producer(err: &KafkaError) -> bool {
+    matches!(
+        err.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::Fatal
+                | RDKafkaErrorCode::ProducerFenced
+                | RDKafkaErrorCode::InvalidProducerEpoch
+                | RDKafkaErrorCode::InvalidProducerIdMapping
+                | RDKafkaErrorCode::UnknownProducerId
+                | RDKafkaErrorCode::OutOfOrderSequenceNumber
+        )
+    )
+}
+
 /// Asks a broker for `topic`'s metadata: `Ok` when one answered within `timeout` and the
 /// topic exists with partitions, else a sentence saying what is wrong.
-fn probe_topic(
-    producer: &FutureProducer<StatsContext>,
-    topic: &str,
-    timeout: Duration,
-) -> Result<(), String> {
+fn probe_topic(producer: &BridgeProducer, topic: &str, timeout: Duration) -> Result<(), String> {
     let md = producer
         .client()
         .fetch_metadata(Some(topic), Timeout::After(timeout))
@@ -394,7 +471,7 @@ impl Publisher {
     /// Waits up to `timeout` for every queued record to be acknowledged; returns how many
     /// were still outstanding when it gave up.
     pub async fn flush(&self, timeout: Duration) -> i32 {
-        let producer = self.producer.clone();
+        let producer = self.producer();
         tokio::task::spawn_blocking(move || {
             let _ = producer.flush(Timeout::After(timeout));
             producer.in_flight_count()
@@ -405,7 +482,7 @@ impl Publisher {
 
     /// Records handed to librdkafka and not yet reported.
     pub fn in_flight(&self) -> i32 {
-        self.producer.in_flight_count()
+        self.producer().in_flight_count()
     }
 
     /// Options the producer was built with, for the start-up log (rdkafka masks the values

@@ -130,3 +130,51 @@ async fn a_broker_down_is_a_timeout_then_recovery() {
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     bridge.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_producer_is_replaced_and_delivery_resumes() {
+    let cluster = MockCluster::new(1).unwrap();
+    let topic = "tamio.tickets.fenced";
+    cluster.create_topic(topic, 1, 1).unwrap();
+    let bridge = Bridge::start_ready(mock_settings(&cluster, topic)).await;
+    assert_eq!(
+        bridge.send(&ticket_event("whev_a", "t-1", 0)).await.status,
+        StatusCode::OK
+    );
+
+    // The broker no longer accepts this producer's id: nothing it sends can succeed.
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_PRODUCER_FENCED],
+    );
+    let reply = bridge.send(&ticket_event("whev_b", "t-1", 1)).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        reply.text()
+    );
+
+    // The sender's retry goes out through a fresh producer.
+    let reply = bridge.send(&ticket_event("whev_b", "t-1", 1)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let metrics = bridge.metrics().await;
+    assert_eq!(
+        sample(&metrics, "tamio_bridge_kafka_producer_restarts_total"),
+        1.0
+    );
+    let records = read_topic_from(
+        &cluster.bootstrap_servers(),
+        topic,
+        2,
+        Duration::from_millis(500),
+        Duration::from_secs(20),
+    )
+    .await;
+    let ids: Vec<&str> = records
+        .iter()
+        .map(|r| r.headers["event_id"].as_str())
+        .collect();
+    assert_eq!(ids, ["whev_a", "whev_b"]);
+    bridge.stop().await;
+}

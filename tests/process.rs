@@ -369,3 +369,56 @@ fn sign_prints_the_header_an_independent_hmac_agrees_with() {
         "t=1671472527,s=a170e2feed4ec30de9032811384d9fabd63d48250a7c9722b45dfe204cbb87f6"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridge_killed_mid_load_and_started_again_loses_nothing_acknowledged() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let topic = unique_topic("loss-sigkill");
+    create_topic(&topic, 3).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let brokers = brokers();
+    let env = [
+        ("TAMIO_BRIDGE__KAFKA__BROKERS", brokers.as_str()),
+        ("TAMIO_BRIDGE__KAFKA__TOPIC", topic.as_str()),
+        ("TAMIO_BRIDGE__SIGNATURE__SECRETS", SECRET),
+        ("TAMIO_BRIDGE__SERVER__LISTEN", listen.as_str()),
+    ];
+    let mut bridge = Process::spawn(&env);
+    bridge.wait_ready().await;
+
+    let acked = Arc::new(AtomicUsize::new(0));
+    let load = Load {
+        url: format!("http://{listen}/webhooks/tamio"),
+        tickets: 64,
+        per_ticket: 40,
+        max_attempts: 400,
+        retry_pause: Duration::from_millis(100),
+    };
+    let run = tokio::spawn({
+        let acked = acked.clone();
+        async move { load.run(acked).await }
+    });
+    while acked.load(Ordering::SeqCst) < 500 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    bridge.signal("KILL");
+    bridge.wait(Duration::from_secs(10));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let restarted = Process::spawn(&env);
+    let report = run.await.unwrap();
+    assert!(
+        report.answers.get("error").copied().unwrap_or(0) > 0,
+        "the senders never noticed the bridge die: {:?}",
+        report.answers
+    );
+    assert_eq!(report.abandoned, 0);
+    check_losses(&brokers, &topic, &report)
+        .await
+        .assert_nothing_lost(&report);
+    drop(restarted);
+}

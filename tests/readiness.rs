@@ -43,7 +43,8 @@ async fn readiness_follows_the_broker_through_freeze_kill_and_return() {
     }
     assert!(metrics.contains(&broker_series), "{metrics}");
     assert!(metrics.contains("tamio_bridge_kafka_broker_rtt_seconds{broker="));
-    assert!(metrics.contains("tamio_bridge_kafka_producer_queue_messages 0"));
+    // At most the one record sent so far can have been queued when the statistics were taken.
+    assert!(sample(&metrics, "tamio_bridge_kafka_producer_queue_messages") <= 1.0);
     assert_eq!(sample(&metrics, "tamio_bridge_kafka_up"), 1.0);
 
     broker.freeze();

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -113,8 +114,19 @@ pub struct Bridge {
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
+/// Logs of in-process bridges, shown with `--nocapture` when RUST_LOG is set.
+fn init_test_logging() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 impl Bridge {
     pub async fn start(settings: Settings) -> Bridge {
+        init_test_logging();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -418,6 +430,7 @@ pub struct OwnBroker {
     pub port: u16,
     child: Option<std::process::Child>,
     dir: tempfile::TempDir,
+    durable: bool,
 }
 
 impl OwnBroker {
@@ -427,7 +440,17 @@ impl OwnBroker {
         })
     }
 
+    /// A broker that keeps its data across restarts (SQLite storage).
     pub async fn start() -> OwnBroker {
+        Self::start_with(true).await
+    }
+
+    /// A broker with in-memory storage (faster; loses everything on restart).
+    pub async fn start_in_memory() -> OwnBroker {
+        Self::start_with(false).await
+    }
+
+    async fn start_with(durable: bool) -> OwnBroker {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -437,6 +460,7 @@ impl OwnBroker {
             port,
             child: None,
             dir: tempfile::tempdir().unwrap(),
+            durable,
         };
         broker.launch().await;
         broker
@@ -449,7 +473,11 @@ impl OwnBroker {
     async fn launch(&mut self) {
         let url = format!("tcp://127.0.0.1:{}", self.port);
         // tansu resolves the SQLite path against its working directory.
-        let storage = "sqlite://tansu.db";
+        let storage = if self.durable {
+            "sqlite://tansu.db"
+        } else {
+            "memory://tansu/"
+        };
         let log = std::fs::File::options()
             .create(true)
             .append(true)
@@ -523,11 +551,213 @@ impl OwnBroker {
 
 impl Drop for OwnBroker {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log =
+                std::fs::read_to_string(self.dir.path().join("tansu.log")).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            let first_errors: Vec<&str> = lines
+                .iter()
+                .filter(|l| l.contains("ERROR") || l.contains("panicked"))
+                .take(10)
+                .copied()
+                .collect();
+            let tail = &lines[lines.len().saturating_sub(10)..];
+            eprintln!(
+                "--- tansu log: first errors\n{}\n--- tansu log: last lines\n{}",
+                first_errors.join("\n"),
+                tail.join("\n")
+            );
+        }
         if let Some(child) = self.child.as_ref() {
             let _ = std::process::Command::new("kill")
                 .args(["-CONT", &child.id().to_string()])
                 .status();
         }
         self.kill();
+    }
+}
+
+/// The loss checker's load: `tickets` senders run at once; each sends its `per_ticket` events
+/// one after another, retrying an event (same `event_id`) after any answer but 200 or a
+/// connection error, as the real sender does.
+pub struct Load {
+    pub url: String,
+    pub tickets: usize,
+    pub per_ticket: usize,
+    /// Tries per event before its sender gives up.
+    pub max_attempts: usize,
+    pub retry_pause: Duration,
+}
+
+/// What the senders saw.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    /// Event ids answered 200, with their ticket and position.
+    pub acked: Vec<(String, String, usize)>,
+    /// Answers by status ("error" for no answer).
+    pub answers: BTreeMap<String, usize>,
+    /// Events never acknowledged (their sender gave up).
+    pub abandoned: usize,
+}
+
+pub fn event_id(ticket: usize, seq: usize) -> String {
+    format!("whev_t{ticket}_s{seq}")
+}
+
+impl Load {
+    /// Runs the load; `acked` counts acknowledgements as they come, for injecting a fault
+    /// mid-run.
+    pub async fn run(&self, acked: Arc<std::sync::atomic::AtomicUsize>) -> LoadReport {
+        let report = Arc::new(std::sync::Mutex::new(LoadReport::default()));
+        let mut senders = Vec::new();
+        for ticket in 0..self.tickets {
+            let url = self.url.clone();
+            let report = report.clone();
+            let acked = acked.clone();
+            let (per_ticket, max_attempts, pause) =
+                (self.per_ticket, self.max_attempts, self.retry_pause);
+            senders.push(tokio::spawn(async move {
+                let ticket_id = format!("ticket-{ticket:04}");
+                for seq in 0..per_ticket {
+                    let id = event_id(ticket, seq);
+                    let body = ticket_event(&id, &ticket_id, seq);
+                    let mut delivered = false;
+                    for _ in 0..max_attempts {
+                        let sig = verify::header_value(SECRET.as_bytes(), now(), body.as_bytes());
+                        let answer = request(
+                            "POST",
+                            &url,
+                            &[
+                                ("content-type", "application/json"),
+                                ("tamio-signature", &sig),
+                            ],
+                            body.clone().into_bytes(),
+                        )
+                        .await;
+                        let key = match &answer {
+                            Ok(r) => r.status.as_u16().to_string(),
+                            Err(_) => "error".to_owned(),
+                        };
+                        *report.lock().unwrap().answers.entry(key).or_default() += 1;
+                        match answer {
+                            Ok(r) if r.status == StatusCode::OK => {
+                                report.lock().unwrap().acked.push((
+                                    id.clone(),
+                                    ticket_id.clone(),
+                                    seq,
+                                ));
+                                acked.fetch_add(1, Ordering::SeqCst);
+                                delivered = true;
+                                break;
+                            }
+                            Ok(r) if r.status.is_client_error() => {
+                                panic!("{id}: refused with {}: {}", r.status, r.text())
+                            }
+                            _ => tokio::time::sleep(pause).await,
+                        }
+                    }
+                    if !delivered {
+                        report.lock().unwrap().abandoned += per_ticket - seq;
+                        return;
+                    }
+                }
+            }));
+        }
+        for s in senders {
+            s.await.expect("sender task");
+        }
+        Arc::try_unwrap(report).unwrap().into_inner().unwrap()
+    }
+}
+
+/// What the loss checker found in the topic.
+#[derive(Debug)]
+pub struct LossFindings {
+    pub acked: usize,
+    pub records: usize,
+    pub missing: Vec<String>,
+    pub duplicates: usize,
+    pub order_violations: Vec<String>,
+}
+
+/// Reads the whole topic and compares it with what was acknowledged: every acknowledged id
+/// must be there; duplicates are counted (delivery is at least once); each ticket's events,
+/// sent one after another, must first appear in the order they were sent, in one partition.
+pub async fn check_losses(bootstrap: &str, topic: &str, report: &LoadReport) -> LossFindings {
+    let records = read_topic_from(
+        bootstrap,
+        topic,
+        report.acked.len(),
+        Duration::from_secs(2),
+        Duration::from_secs(90),
+    )
+    .await;
+    let mut seen: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for r in &records {
+        *seen.entry(r.headers["event_id"].as_str()).or_default() += 1;
+    }
+    let missing: Vec<String> = report
+        .acked
+        .iter()
+        .filter(|(id, _, _)| !seen.contains_key(id.as_str()))
+        .map(|(id, _, _)| id.clone())
+        .collect();
+    let duplicates = seen.values().map(|n| n - 1).sum();
+
+    let mut by_ticket: BTreeMap<String, Vec<&Record>> = BTreeMap::new();
+    for r in &records {
+        by_ticket.entry(r.key.clone().unwrap()).or_default().push(r);
+    }
+    let mut order_violations = Vec::new();
+    for (ticket, mut recs) in by_ticket {
+        if recs.iter().any(|r| r.partition != recs[0].partition) {
+            order_violations.push(format!("{ticket}: spread over partitions"));
+            continue;
+        }
+        recs.sort_by_key(|r| r.offset);
+        let mut next = 0u64;
+        for r in recs {
+            let seq = r.json()["data"]["ticket"]["seq"].as_u64().unwrap();
+            if seq == next {
+                next += 1;
+            } else if seq > next {
+                order_violations.push(format!("{ticket}: seq {seq} before seq {next}"));
+                break;
+            }
+            // seq < next: a duplicate of an earlier event, allowed.
+        }
+    }
+    LossFindings {
+        acked: report.acked.len(),
+        records: records.len(),
+        missing,
+        duplicates,
+        order_violations,
+    }
+}
+
+impl LossFindings {
+    /// Prints the findings and fails on a loss or an order violation.
+    pub fn assert_nothing_lost(&self, report: &LoadReport) {
+        println!(
+            "loss checker: {} acknowledged, {} records, {} missing, {} duplicates, {} order violations; answers {:?}; {} abandoned",
+            self.acked,
+            self.records,
+            self.missing.len(),
+            self.duplicates,
+            self.order_violations.len(),
+            report.answers,
+            report.abandoned,
+        );
+        assert!(
+            self.missing.is_empty(),
+            "acknowledged but not in Kafka: {:?}",
+            self.missing
+        );
+        assert!(
+            self.order_violations.is_empty(),
+            "per-ticket order broken: {:?}",
+            self.order_violations
+        );
     }
 }
