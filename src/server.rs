@@ -35,6 +35,26 @@ pub enum Drain {
     TimedOut,
 }
 
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Waits, up to `timeout`, until the first bytes tell HTTP/1 from HTTP/2 (what hyper-util
+/// reads before hyper's own timeouts apply). False when they do not arrive in time.
+async fn protocol_known(stream: &tokio::net::TcpStream, timeout: Duration) -> bool {
+    let wait = async {
+        let mut buf = [0u8; 24];
+        loop {
+            match stream.peek(&mut buf).await {
+                // Closed by the peer: let hyper see the end.
+                Ok(0) => return,
+                Ok(n) if n >= H2_PREFACE.len() || buf[..n] != H2_PREFACE[..n] => return,
+                Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                Err(_) => return,
+            }
+        }
+    };
+    tokio::time::timeout(timeout, wait).await.is_ok()
+}
+
 /// Serves `handler` on `listener` until `shutdown` completes, then stops accepting and waits
 /// up to `limits.drain_timeout` for open connections to finish their requests.
 pub async fn serve<H, Fut>(
@@ -83,12 +103,20 @@ where
             let response = handler(req);
             async move { Ok::<_, Infallible>(response.await) }
         });
-        let connection = graceful.watch(
-            builder
-                .serve_connection(TokioIo::new(stream), service)
-                .into_owned(),
-        );
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
+            // hyper's header timeout starts once the protocol is known; a client that sends
+            // nothing, or stalls inside the HTTP/2 preface, is bounded here.
+            if !protocol_known(&stream, limits.header_read_timeout).await {
+                drop(permit);
+                return;
+            }
+            let connection = watcher.watch(
+                builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .into_owned(),
+            );
             if let Err(err) = connection.await {
                 tracing::debug!(error = %err, "connection ended with an error");
             }
