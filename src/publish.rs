@@ -112,6 +112,24 @@ pub struct Record<'a> {
     pub received_at: SystemTime,
 }
 
+impl<'a> Record<'a> {
+    /// The librdkafka record: key, value, headers and timestamp. `received_at` is the
+    /// RFC 3339 form of `self.received_at`, made by the caller so that it outlives the record.
+    pub fn to_kafka(&self, received_at: &'a str) -> FutureRecord<'a, str, [u8]> {
+        let headers = OwnedHeaders::new_with_capacity(6)
+            .insert(header("event_id", self.event_id.as_bytes()))
+            .insert(header("event_type", self.event_type.as_bytes()))
+            .insert(header("endpoint_id", self.endpoint_id.as_bytes()))
+            .insert(header("api_version", b"2"))
+            .insert(header("received_at", received_at.as_bytes()));
+        FutureRecord::to(self.topic)
+            .key(self.key)
+            .payload(self.value)
+            .headers(with_signature(headers, self.signature))
+            .timestamp(unix_millis(self.received_at))
+    }
+}
+
 /// A signed delivery whose envelope was refused, kept for inspection.
 pub struct DeadLetter<'a> {
     pub topic: &'a str,
@@ -143,7 +161,8 @@ fn with_signature(headers: OwnedHeaders, signature: Option<&[u8]>) -> OwnedHeade
     }
 }
 
-fn rfc3339(t: SystemTime) -> String {
+/// RFC 3339 UTC with milliseconds, as in the `received_at` header.
+pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
@@ -276,18 +295,7 @@ impl Publisher {
         deadline: tokio::time::Instant,
     ) -> Result<Delivered, PublishError> {
         let received_at = rfc3339(record.received_at);
-        let headers = OwnedHeaders::new_with_capacity(6)
-            .insert(header("event_id", record.event_id.as_bytes()))
-            .insert(header("event_type", record.event_type.as_bytes()))
-            .insert(header("endpoint_id", record.endpoint_id.as_bytes()))
-            .insert(header("api_version", b"2"))
-            .insert(header("received_at", received_at.as_bytes()));
-        let headers = with_signature(headers, record.signature);
-        let future_record = FutureRecord::to(record.topic)
-            .key(record.key)
-            .payload(record.value)
-            .headers(headers)
-            .timestamp(unix_millis(record.received_at));
+        let future_record = record.to_kafka(&received_at);
         let result = self.deliver(future_record, deadline).await;
         match &result {
             Ok(_) => self.metrics.delivered(record.event_type),

@@ -105,7 +105,10 @@ impl<'a> Envelope<'a> {
         Self::parse_bytes(body.bytes())
     }
 
-    pub(crate) fn parse_bytes(bytes: &'a [u8]) -> Result<Envelope<'a>, EnvelopeError> {
+    /// Parses raw bytes without a verified signature: for tests and benchmarks only; the
+    /// request path goes through [`Envelope::parse`].
+    #[doc(hidden)]
+    pub fn parse_bytes(bytes: &'a [u8]) -> Result<Envelope<'a>, EnvelopeError> {
         let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
         if first != Some(&b'{') {
             return Err(EnvelopeError::Json(
