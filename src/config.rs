@@ -30,6 +30,8 @@ pub struct Settings {
     pub signature: Signature,
     /// Duplicate suppression by event id.
     pub dedup: Dedup,
+    /// Event type -> topic and key, matched in order.
+    pub routes: Vec<RouteSetting>,
     /// Logging.
     pub log: Log,
 }
@@ -83,9 +85,26 @@ pub struct Kafka {
     pub queue_max_kbytes: u32,
     /// Topic for signed deliveries with an invalid envelope; empty is off.
     pub dead_letter_topic: String,
+    /// Add the CloudEvents Kafka binding headers to records.
+    pub cloudevents: bool,
     /// Options passed through to librdkafka.
     #[serde(default)]
     pub librdkafka: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSetting {
+    /// Event-type pattern; `*` matches any run of characters.
+    pub event_type: String,
+    /// Topic; `kafka.topic` when absent.
+    #[serde(default)]
+    pub topic: Option<String>,
+    /// JSON pointer to the record key within the envelope.
+    pub key: String,
+    /// Refuse events without that key (400) instead of publishing them without a key.
+    #[serde(default)]
+    pub key_required: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -186,9 +205,9 @@ pub enum SettingsError {
     Invalid { key: &'static str, reason: String },
 }
 
-const TOPIC_RULE: &str = "a Kafka topic name has 1 to 249 of the characters a-z A-Z 0-9 . _ -";
+pub const TOPIC_RULE: &str = "a Kafka topic name has 1 to 249 of the characters a-z A-Z 0-9 . _ -";
 
-fn valid_topic(topic: &str) -> bool {
+pub fn valid_topic(topic: &str) -> bool {
     !topic.is_empty()
         && topic.len() <= 249
         && topic
@@ -311,6 +330,38 @@ impl Settings {
                         "`{key}` is set by the bridge itself (use kafka.brokers, and the \
                          producer is always idempotent with acks=all)"
                     ),
+                ));
+            }
+        }
+        if self.routes.is_empty() {
+            return Err(invalid("routes", "at least one route is needed"));
+        }
+        let mut built: Vec<crate::ingest::route::Route> = Vec::new();
+        for (i, setting) in self.routes.iter().enumerate() {
+            let name = format!("routes[{i}] (event_type `{}`)", setting.event_type);
+            let route = crate::ingest::route::Route::from_setting(setting, &k.topic)
+                .map_err(|reason| invalid("routes", format!("{name}: {reason}")))?;
+            if let Some((j, _)) = built
+                .iter()
+                .enumerate()
+                .find(|(_, e)| e.pattern.covers(&route.pattern))
+            {
+                return Err(invalid(
+                    "routes",
+                    format!(
+                        "{name} can never match: routes[{j}] (event_type `{}`) comes first and \
+                         matches everything it would",
+                        self.routes[j].event_type
+                    ),
+                ));
+            }
+            built.push(route);
+        }
+        if let Some(dlt) = self.dead_letter_topic() {
+            if built.iter().any(|r| &*r.topic == dlt) {
+                return Err(invalid(
+                    "kafka.dead_letter_topic",
+                    "must differ from every route's topic",
                 ));
             }
         }
@@ -479,6 +530,79 @@ secrets = ["Endpoint-Secret"]
                 "{key}={value}: `{msg}` should name `{named}`"
             );
         }
+    }
+
+    fn load_file(text: &str) -> Result<Settings, SettingsError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bridge.toml");
+        std::fs::write(&path, text).unwrap();
+        Settings::load_from(Some(&path), env(&[]))
+    }
+
+    #[test]
+    fn routes_from_a_file_replace_the_default_ones() {
+        let s = load_file(
+            r#"
+[[routes]]
+event_type = "whitelabel_ticket_*"
+key = "/data/ticket/id"
+key_required = true
+
+[[routes]]
+event_type = "*"
+topic = "tamio.events"
+key = "/event_id"
+"#,
+        )
+        .unwrap();
+        assert_eq!(s.routes.len(), 2);
+        assert_eq!(s.routes[1].topic.as_deref(), Some("tamio.events"));
+        assert!(!s.routes[1].key_required);
+        let defaults = Settings::load_from(None, env(&[])).unwrap();
+        assert_eq!(defaults.routes.len(), 1);
+        assert_eq!(defaults.routes[0].key, "/data/ticket/id");
+    }
+
+    #[test]
+    fn routes_that_cannot_work_are_refused_by_name() {
+        let cases = [
+            (
+                "event_type = \"a_*\"\nkey = \"data/id\"",
+                "must start with `/`",
+            ),
+            ("event_type = \"a_*\"\nkey = \"/x\"\ntopic = \"\"", "topic"),
+            ("event_type = \"\"\nkey = \"/x\"", "must not be empty"),
+            ("event_type = \"a b\"\nkey = \"/x\"", "may hold only"),
+        ];
+        for (route, says) in cases {
+            let err = load_file(&format!("[[routes]]\n{route}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("routes[0]") && err.contains(says),
+                "{route}: {err}"
+            );
+        }
+        let err = load_file(
+            "[[routes]]\nevent_type = \"*\"\nkey = \"/event_id\"\n\
+             [[routes]]\nevent_type = \"whitelabel_ticket_*\"\nkey = \"/data/ticket/id\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("routes[1]") && err.contains("can never match"),
+            "{err}"
+        );
+        let err = load_file(
+            "[[routes]]\nevent_type = \"ticket_*\"\nkey = \"/event_id\"\n\
+             [[routes]]\nevent_type = \"ticket_created\"\nkey = \"/event_id\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("routes[1]") && err.contains("routes[0]"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -58,7 +58,9 @@ pub async fn run(
     );
     let readiness = Arc::new(Readiness::new(metrics.clone()));
 
-    let topics: Vec<String> = std::iter::once(settings.kafka.topic.clone())
+    let topics: Vec<String> = crate::ingest::route::Routes::new(&settings)
+        .topics()
+        .into_iter()
         .chain(settings.dead_letter_topic().map(str::to_owned))
         .collect();
     let probe = tokio::spawn(probe_kafka(

@@ -36,6 +36,21 @@ enum Command {
         /// The body file; standard input when absent.
         file: Option<PathBuf>,
     },
+    /// Signs a JSON file and POSTs it to a bridge: a smoke test of a deployment. Prints the
+    /// answer; exits 0 on a 2xx answer, 1 otherwise.
+    Send {
+        /// The bridge's ingress, e.g. http://127.0.0.1:8080/webhooks/tamio (plain HTTP).
+        #[arg(long)]
+        url: String,
+        /// The signing secret.
+        #[arg(long, env = "TAMIO_SIGN_SECRET", hide_env_values = true)]
+        secret: String,
+        /// Name of the signature header.
+        #[arg(long, default_value = "Tamio-Signature")]
+        header: String,
+        /// The body file; standard input when absent.
+        file: Option<PathBuf>,
+    },
     /// Loads and checks the settings, prints them (secrets redacted) and exits.
     CheckConfig,
 }
@@ -51,20 +66,29 @@ fn main() -> anyhow::Result<()> {
             timestamp,
             file,
         }) => {
-            let body = match file {
-                Some(path) => {
-                    std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?
-                }
-                None => {
-                    let mut buf = Vec::new();
-                    std::io::stdin().read_to_end(&mut buf)?;
-                    buf
-                }
-            };
+            let body = read_body(file)?;
             println!(
                 "{}",
                 verify::header_value(secret.as_bytes(), timestamp.unwrap_or_else(now), &body)
             );
+            Ok(())
+        }
+        Some(Command::Send {
+            url,
+            secret,
+            header,
+            file,
+        }) => {
+            let body = read_body(file)?;
+            let signature = verify::header_value(secret.as_bytes(), now(), &body);
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let (status, answer) = runtime.block_on(send(&url, &header, &signature, body))?;
+            println!("{status}\n{answer}");
+            if !status.is_success() {
+                std::process::exit(1);
+            }
             Ok(())
         }
         Some(Command::CheckConfig) => {
@@ -74,6 +98,52 @@ fn main() -> anyhow::Result<()> {
         }
         None => serve(cli.config),
     }
+}
+
+fn read_body(file: Option<PathBuf>) -> anyhow::Result<Vec<u8>> {
+    Ok(match file {
+        Some(path) => {
+            std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?
+        }
+        None => {
+            let mut buf = Vec::new();
+            std::io::stdin().read_to_end(&mut buf)?;
+            buf
+        }
+    })
+}
+
+/// POSTs `body` with its signature over plain HTTP/1.1; returns the status and the body.
+async fn send(
+    url: &str,
+    header: &str,
+    signature: &str,
+    body: Vec<u8>,
+) -> anyhow::Result<(http::StatusCode, String)> {
+    use http_body_util::BodyExt;
+    let uri: http::Uri = url
+        .parse()
+        .with_context(|| format!("`{url}` is not a URL"))?;
+    if uri.scheme_str() != Some("http") {
+        bail!("`{url}`: only http:// URLs are supported");
+    }
+    let host = uri.host().context("the URL has no host")?;
+    let port = uri.port_u16().unwrap_or(80);
+    let stream = tokio::net::TcpStream::connect((host, port))
+        .await
+        .with_context(|| format!("connecting to {host}:{port}"))?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let request = http::Request::post(uri.path_and_query().map_or("/", |p| p.as_str()))
+        .header(http::header::HOST, format!("{host}:{port}"))
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .header(header, signature)
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))?;
+    let response = sender.send_request(request).await?;
+    let status = response.status();
+    let answer = response.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&answer).into_owned()))
 }
 
 fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {

@@ -103,30 +103,82 @@ pub const FAILURE_REASONS: &[&str] = &[
 /// One record to publish. The value is the request body byte for byte.
 pub struct Record<'a> {
     pub topic: &'a str,
-    pub key: &'a str,
+    /// None: the route's key is optional and absent; the record goes without a key.
+    pub key: Option<&'a str>,
     pub value: &'a [u8],
     pub event_id: &'a str,
     pub event_type: &'a str,
     pub endpoint_id: &'a str,
+    pub ticket_id: Option<&'a str>,
     pub signature: Option<&'a [u8]>,
+    /// Unix seconds of the signature's timestamp: when the sender sent the event.
+    pub signed_at: i64,
     pub received_at: SystemTime,
+    /// Add the CloudEvents Kafka binding headers.
+    pub cloudevents: bool,
 }
 
+/// Header values a record needs that are made, not borrowed; they must outlive the record.
+pub struct RecordTexts {
+    received_at: String,
+    ce_time: String,
+    ce_source: String,
+}
+
+/// CloudEvents `specversion` the headers follow.
+pub const CLOUDEVENTS_SPEC_VERSION: &str = "1.0";
+
 impl<'a> Record<'a> {
-    /// The librdkafka record: key, value, headers and timestamp. `received_at` is the
-    /// RFC 3339 form of `self.received_at`, made by the caller so that it outlives the record.
-    pub fn to_kafka(&self, received_at: &'a str) -> FutureRecord<'a, str, [u8]> {
-        let headers = OwnedHeaders::new_with_capacity(6)
+    pub fn texts(&self) -> RecordTexts {
+        let signed_at = SystemTime::UNIX_EPOCH
+            + Duration::from_secs(u64::try_from(self.signed_at).unwrap_or_default());
+        RecordTexts {
+            received_at: rfc3339(self.received_at),
+            ce_time: if self.cloudevents {
+                rfc3339_secs(signed_at)
+            } else {
+                String::new()
+            },
+            ce_source: if self.cloudevents {
+                format!("/tamio/endpoints/{}", self.endpoint_id)
+            } else {
+                String::new()
+            },
+        }
+    }
+
+    /// The librdkafka record: key, value, headers and timestamp.
+    pub fn to_kafka(&self, texts: &'a RecordTexts) -> FutureRecord<'a, str, [u8]> {
+        let mut headers = OwnedHeaders::new_with_capacity(14)
             .insert(header("event_id", self.event_id.as_bytes()))
             .insert(header("event_type", self.event_type.as_bytes()))
             .insert(header("endpoint_id", self.endpoint_id.as_bytes()))
             .insert(header("api_version", b"2"))
-            .insert(header("received_at", received_at.as_bytes()));
-        FutureRecord::to(self.topic)
-            .key(self.key)
+            .insert(header("received_at", texts.received_at.as_bytes()));
+        if self.cloudevents {
+            // The CloudEvents Kafka protocol binding, binary content mode.
+            headers = headers
+                .insert(header(
+                    "ce_specversion",
+                    CLOUDEVENTS_SPEC_VERSION.as_bytes(),
+                ))
+                .insert(header("ce_id", self.event_id.as_bytes()))
+                .insert(header("ce_source", texts.ce_source.as_bytes()))
+                .insert(header("ce_type", self.event_type.as_bytes()))
+                .insert(header("ce_time", texts.ce_time.as_bytes()))
+                .insert(header("content-type", b"application/json"));
+            if let Some(ticket) = self.ticket_id {
+                headers = headers.insert(header("ce_subject", ticket.as_bytes()));
+            }
+        }
+        let record = FutureRecord::to(self.topic)
             .payload(self.value)
             .headers(with_signature(headers, self.signature))
-            .timestamp(unix_millis(self.received_at))
+            .timestamp(unix_millis(self.received_at));
+        match self.key {
+            Some(key) => record.key(key),
+            None => record,
+        }
     }
 }
 
@@ -164,6 +216,10 @@ fn with_signature(headers: OwnedHeaders, signature: Option<&[u8]>) -> OwnedHeade
 /// RFC 3339 UTC with milliseconds, as in the `received_at` header.
 pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
+}
+
+fn rfc3339_secs(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
 }
 
 fn unix_millis(t: SystemTime) -> i64 {
@@ -294,8 +350,8 @@ impl Publisher {
         record: Record<'_>,
         deadline: tokio::time::Instant,
     ) -> Result<Delivered, PublishError> {
-        let received_at = rfc3339(record.received_at);
-        let future_record = record.to_kafka(&received_at);
+        let texts = record.texts();
+        let future_record = record.to_kafka(&texts);
         let result = self.deliver(future_record, deadline).await;
         match &result {
             Ok(_) => self.metrics.delivered(record.event_type),

@@ -33,7 +33,7 @@ fn field_err(field: &'static str, reason: &'static str) -> EnvelopeError {
 }
 
 /// A valid envelope, borrowing from the body.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Envelope<'a> {
     pub event_id: Cow<'a, str>,
     pub event_type: Cow<'a, str>,
@@ -41,6 +41,8 @@ pub struct Envelope<'a> {
     pub api_version: u64,
     /// `data.ticket.id` where the event carries a ticket.
     pub ticket_id: Option<Cow<'a, str>>,
+    /// The `data` object as it is in the body.
+    pub data: &'a RawValue,
 }
 
 #[derive(Deserialize)]
@@ -165,6 +167,7 @@ impl<'a> Envelope<'a> {
             endpoint_id,
             api_version: API_VERSION,
             ticket_id,
+            data,
         })
     }
 }

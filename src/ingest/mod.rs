@@ -42,7 +42,8 @@ pub struct Ingest {
     path: String,
     max_body_bytes: usize,
     request_timeout: Duration,
-    topic: Arc<str>,
+    routes: route::Routes,
+    cloudevents: bool,
     dead_letter_topic: Option<String>,
     verifier: Verifier,
     dedup: Dedup,
@@ -58,7 +59,8 @@ impl Ingest {
             path: settings.server.path.clone(),
             max_body_bytes: settings.server.max_body_bytes,
             request_timeout: settings.request_timeout(),
-            topic: Arc::from(settings.kafka.topic.as_str()),
+            routes: route::Routes::new(settings),
+            cloudevents: settings.kafka.cloudevents,
             dead_letter_topic: settings.dead_letter_topic().map(str::to_owned),
             verifier: Verifier::new(&settings.signature),
             dedup: Dedup::new(
@@ -183,7 +185,7 @@ impl Ingest {
         span.record("event_id", envelope.event_id.as_ref());
         span.record("event_type", envelope.event_type.as_ref());
 
-        let destination = match route::route(&envelope, &self.topic) {
+        let destination = match self.routes.route(&envelope, verified.bytes()) {
             Ok(destination) => destination,
             Err(e) => {
                 return Err(self
@@ -217,20 +219,23 @@ impl Ingest {
             .publish(
                 Record {
                     topic: destination.topic,
-                    key: &destination.key,
+                    key: destination.key.as_deref(),
                     value: verified.bytes(),
                     event_id: &envelope.event_id,
                     event_type: &envelope.event_type,
                     endpoint_id: &envelope.endpoint_id,
+                    ticket_id: envelope.ticket_id.as_deref(),
                     signature: self.signature_of(&parts.headers),
+                    signed_at: verified.timestamp(),
                     received_at: verified.received_at(),
+                    cloudevents: self.cloudevents,
                 },
                 deadline,
             )
             .await?;
         if let Some(guard) = claim {
             guard.acknowledged(Original {
-                topic: self.topic.clone(),
+                topic: destination.topic.clone(),
                 delivered,
             });
             self.metrics.dedup_entries.set(self.dedup.len() as i64);
@@ -238,7 +243,7 @@ impl Ingest {
 
         Ok(Accepted {
             event_id: envelope.event_id.to_string(),
-            topic: destination.topic.to_owned(),
+            topic: destination.topic.to_string(),
             partition: delivered.partition,
             offset: delivered.offset,
             duplicate: false,

@@ -1,40 +1,345 @@
-//! Where a valid event goes: its topic and its record key.
+//! Where a valid event goes: the first route whose event-type pattern matches picks the topic
+//! and the record key (a JSON pointer into the envelope).
 //!
-//! Ticket events (`whitelabel_ticket_*`) go to `kafka.topic`, keyed by `data.ticket.id`, so
-//! that every event of one ticket lands in one partition, in order. Other event types are
-//! refused with 400: this bridge publishes the ticket family only, and a record without a
-//! ticket key would break the topic's per-ticket ordering contract.
+//! The defaults route `whitelabel_ticket_*` to `kafka.topic` keyed by `/data/ticket/id`, so
+//! that every event of one ticket lands in one partition, in order. An event type no route
+//! matches is refused with 400, unless a catch-all route (`*`) is configured.
 
 use std::borrow::Cow;
+use std::fmt;
+use std::sync::Arc;
 
-use super::envelope::{Envelope, TICKET_EVENT_PREFIX};
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
+
+use super::envelope::Envelope;
+use crate::config::{RouteSetting, Settings};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RouteError {
-    #[error("event_type `{0}` is not routed: this bridge publishes `{TICKET_EVENT_PREFIX}*` events only")]
+    #[error("event_type `{0}` matches no route; the bridge is not configured to publish it")]
     Unroutable(String),
+    #[error("`{pointer}` is {problem}; the route for `{event_type}` needs it as the record key")]
+    MissingKey {
+        pointer: String,
+        event_type: String,
+        problem: &'static str,
+    },
+}
+
+/// An event-type pattern: `*` matches any run of characters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pattern(String);
+
+impl Pattern {
+    pub fn new(pattern: &str) -> Pattern {
+        Pattern(pattern.to_owned())
+    }
+
+    pub fn matches(&self, text: &str) -> bool {
+        glob(self.0.as_bytes(), text.as_bytes())
+    }
+
+    /// True when every event type `other` matches is matched by `self` too (decided for the
+    /// patterns routes use: exact names, `prefix*`, and `*`).
+    pub fn covers(&self, other: &Pattern) -> bool {
+        if self.0 == "*" || self.0 == other.0 {
+            return true;
+        }
+        match self.0.strip_suffix('*') {
+            // `prefix*` covers every pattern whose literal start begins with `prefix`.
+            Some(prefix) if !prefix.contains('*') => other
+                .0
+                .split('*')
+                .next()
+                .is_some_and(|literal| literal.starts_with(prefix)),
+            _ => false,
+        }
+    }
+}
+
+fn glob(pattern: &[u8], text: &[u8]) -> bool {
+    match pattern.split_first() {
+        None => text.is_empty(),
+        Some((b'*', rest)) => (0..=text.len()).any(|i| glob(rest, &text[i..])),
+        Some((c, rest)) => text.first() == Some(c) && glob(rest, &text[1..]),
+    }
+}
+
+/// A parsed JSON pointer (RFC 6901).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pointer {
+    text: String,
+    segments: Vec<String>,
+}
+
+impl Pointer {
+    pub fn parse(text: &str) -> Result<Pointer, String> {
+        if text.is_empty() {
+            return Err("the key pointer must not be empty (the whole envelope is no key)".into());
+        }
+        let Some(rest) = text.strip_prefix('/') else {
+            return Err(format!(
+                "`{text}` is not a JSON pointer: it must start with `/`"
+            ));
+        };
+        let mut segments = Vec::new();
+        for raw in rest.split('/') {
+            let mut segment = String::with_capacity(raw.len());
+            let mut chars = raw.chars();
+            while let Some(c) = chars.next() {
+                if c == '~' {
+                    match chars.next() {
+                        Some('0') => segment.push('~'),
+                        Some('1') => segment.push('/'),
+                        _ => return Err(format!("`{text}`: `~` must be followed by 0 or 1")),
+                    }
+                } else {
+                    segment.push(c);
+                }
+            }
+            segments.push(segment);
+        }
+        Ok(Pointer {
+            text: text.to_owned(),
+            segments,
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// The value at this pointer, as a key: a string, or a number's text. `Err` says what is
+    /// wrong when there is none.
+    fn resolve<'a>(
+        &self,
+        envelope: &Envelope<'a>,
+        body: &'a [u8],
+    ) -> Result<Cow<'a, str>, &'static str> {
+        let (first, rest) = self
+            .segments
+            .split_first()
+            .expect("parse keeps one segment");
+        let value = match (first.as_str(), rest.is_empty()) {
+            ("event_id", true) => return Ok(envelope.event_id.clone()),
+            ("event_type", true) => return Ok(envelope.event_type.clone()),
+            ("endpoint_id", true) => return Ok(envelope.endpoint_id.clone()),
+            ("data", _) => walk(envelope.data, rest),
+            _ => serde_json::from_slice::<&RawValue>(body)
+                .ok()
+                .and_then(|root| walk(root, &self.segments)),
+        };
+        let value = value.ok_or("missing or null")?;
+        let text = value.get();
+        if text.starts_with('"') {
+            let s = match serde_json::from_str::<&str>(text) {
+                Ok(s) => Cow::Borrowed(s),
+                Err(_) => {
+                    Cow::Owned(serde_json::from_str::<String>(text).map_err(|_| "not a string")?)
+                }
+            };
+            if s.is_empty() {
+                return Err("an empty string");
+            }
+            Ok(s)
+        } else if text.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
+            Ok(Cow::Borrowed(text))
+        } else {
+            Err("not a string or a number")
+        }
+    }
+}
+
+/// Follows `segments` from `value`, reading only what it needs; `None` where a step is
+/// missing or null.
+fn walk<'a>(mut value: &'a RawValue, segments: &[String]) -> Option<&'a RawValue> {
+    for segment in segments {
+        let mut de = serde_json::Deserializer::from_str(value.get());
+        value = match value.get().as_bytes().first() {
+            Some(b'{') => de.deserialize_map(Child(segment)).ok()??,
+            Some(b'[') => {
+                let index: usize = segment.parse().ok()?;
+                de.deserialize_seq(Element(index)).ok()??
+            }
+            _ => return None,
+        };
+    }
+    (value.get() != "null").then_some(value)
+}
+
+/// Finds one key of an object without building the object.
+struct Child<'s>(&'s str);
+
+impl<'de> Visitor<'de> for Child<'_> {
+    type Value = Option<&'de RawValue>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut found = None;
+        while let Some(key) = map.next_key::<Key<'de>>()? {
+            if found.is_none() && key.0 == self.0 {
+                found = Some(map.next_value::<&'de RawValue>()?);
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// Finds one element of an array.
+struct Element(usize);
+
+impl<'de> Visitor<'de> for Element {
+    type Value = Option<&'de RawValue>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an array")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut found = None;
+        let mut i = 0;
+        loop {
+            if i == self.0 {
+                match seq.next_element::<&'de RawValue>()? {
+                    Some(v) => found = Some(v),
+                    None => break,
+                }
+            } else if seq.next_element::<IgnoredAny>()?.is_none() {
+                break;
+            }
+            i += 1;
+        }
+        Ok(found)
+    }
+}
+
+/// An object key, borrowed unless it has escapes.
+struct Key<'de>(Cow<'de, str>);
+
+impl<'de> de::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v.to_owned())))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// One configured route.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub pattern: Pattern,
+    pub topic: Arc<str>,
+    pub key: Pointer,
+    pub key_required: bool,
 }
 
 /// The topic and key of one record.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Destination<'a> {
-    pub topic: &'a str,
-    pub key: Cow<'a, str>,
+    pub topic: &'a Arc<str>,
+    pub key: Option<Cow<'a, str>>,
 }
 
-/// Picks the destination of `envelope` given the configured ticket topic.
-pub fn route<'a>(
-    envelope: &'a Envelope<'_>,
-    topic: &'a str,
-) -> Result<Destination<'a>, RouteError> {
-    match &envelope.ticket_id {
-        Some(id) if envelope.event_type.starts_with(TICKET_EVENT_PREFIX) => Ok(Destination {
-            topic,
-            key: Cow::Borrowed(id.as_ref()),
-        }),
-        _ => Err(RouteError::Unroutable(
-            envelope.event_type.chars().take(100).collect(),
-        )),
+/// The configured routes, in order.
+#[derive(Debug, Clone)]
+pub struct Routes(Vec<Route>);
+
+impl Routes {
+    /// Builds the routes; `Settings::validate` has checked them.
+    pub fn new(settings: &Settings) -> Routes {
+        Routes(
+            settings
+                .routes
+                .iter()
+                .map(|r| Route::from_setting(r, &settings.kafka.topic).expect("validated"))
+                .collect(),
+        )
+    }
+
+    /// Every topic a route writes to, once each.
+    pub fn topics(&self) -> Vec<String> {
+        let mut topics: Vec<String> = Vec::new();
+        for r in &self.0 {
+            if !topics.iter().any(|t| **t == *r.topic) {
+                topics.push(r.topic.to_string());
+            }
+        }
+        topics
+    }
+
+    /// Picks the destination of a valid envelope whose body is `body`.
+    pub fn route<'a>(
+        &'a self,
+        envelope: &Envelope<'a>,
+        body: &'a [u8],
+    ) -> Result<Destination<'a>, RouteError> {
+        let route = self
+            .0
+            .iter()
+            .find(|r| r.pattern.matches(&envelope.event_type))
+            .ok_or_else(|| {
+                RouteError::Unroutable(envelope.event_type.chars().take(100).collect())
+            })?;
+        let key = match route.key.resolve(envelope, body) {
+            Ok(key) => Some(key),
+            Err(problem) if route.key_required => {
+                return Err(RouteError::MissingKey {
+                    pointer: route.key.as_str().to_owned(),
+                    event_type: envelope.event_type.chars().take(100).collect(),
+                    problem,
+                })
+            }
+            Err(_) => None,
+        };
+        Ok(Destination {
+            topic: &route.topic,
+            key,
+        })
+    }
+}
+
+impl Route {
+    /// Builds and checks one route; `default_topic` applies when it names none.
+    pub fn from_setting(setting: &RouteSetting, default_topic: &str) -> Result<Route, String> {
+        let pattern = setting.event_type.trim();
+        if pattern.is_empty() {
+            return Err("`event_type` must not be empty (use `*` for every type)".into());
+        }
+        if !pattern
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | '*'))
+        {
+            return Err(format!(
+                "`event_type` `{pattern}` may hold only letters, digits, `_ . -` and `*`"
+            ));
+        }
+        let topic = setting.topic.as_deref().unwrap_or(default_topic);
+        if !crate::config::valid_topic(topic) {
+            return Err(format!("`topic` `{topic}`: {}", crate::config::TOPIC_RULE));
+        }
+        Ok(Route {
+            pattern: Pattern::new(pattern),
+            topic: Arc::from(topic),
+            key: Pointer::parse(&setting.key)?,
+            key_required: setting.key_required,
+        })
     }
 }
 
@@ -42,33 +347,143 @@ pub fn route<'a>(
 mod tests {
     use super::*;
 
-    fn envelope<'a>(event_type: &'a str, ticket: Option<&'a str>) -> Envelope<'a> {
-        Envelope {
-            event_id: "e".into(),
-            event_type: event_type.into(),
-            endpoint_id: "ep".into(),
-            api_version: 2,
-            ticket_id: ticket.map(Cow::Borrowed),
-        }
+    const CREATED: &str = include_str!("../../tests/fixtures/whitelabel_ticket_created.json");
+
+    fn routes(list: &[(&str, Option<&str>, &str, bool)]) -> Routes {
+        Routes(
+            list.iter()
+                .map(|(p, t, k, req)| {
+                    Route::from_setting(
+                        &RouteSetting {
+                            event_type: p.to_string(),
+                            topic: t.map(str::to_owned),
+                            key: k.to_string(),
+                            key_required: *req,
+                        },
+                        "tamio.tickets",
+                    )
+                    .unwrap()
+                })
+                .collect(),
+        )
     }
 
     #[test]
-    fn ticket_events_are_keyed_by_ticket_id() {
-        let env = envelope("whitelabel_ticket_updated", Some("t-1"));
-        let d = route(&env, "tamio.tickets").unwrap();
+    fn globs() {
+        let p = Pattern::new("whitelabel_ticket_*");
+        assert!(p.matches("whitelabel_ticket_created"));
+        assert!(!p.matches("whitelabel_order_created"));
+        assert!(Pattern::new("*").matches("anything"));
+        assert!(Pattern::new("a*c").matches("abbbc"));
+        assert!(!Pattern::new("a*c").matches("abbbd"));
+        assert!(Pattern::new("exact").matches("exact"));
+        assert!(!Pattern::new("exact").matches("exactly"));
+    }
+
+    #[test]
+    fn covering_patterns_make_later_routes_unreachable() {
+        let p = |s| Pattern::new(s);
+        assert!(p("*").covers(&p("x")));
+        assert!(p("ticket_*").covers(&p("ticket_created")));
+        assert!(p("ticket_*").covers(&p("ticket_c*")));
+        assert!(p("a").covers(&p("a")));
+        assert!(!p("ticket_*").covers(&p("order_*")));
+        assert!(!p("ticket_created").covers(&p("ticket_*")));
+        assert!(!p("a").covers(&p("b")));
+    }
+
+    #[test]
+    fn default_route_keys_ticket_events_by_ticket_id() {
+        let r = routes(&[("whitelabel_ticket_*", None, "/data/ticket/id", true)]);
+        let env = Envelope::parse_bytes(CREATED.as_bytes()).unwrap();
+        let d = r.route(&env, CREATED.as_bytes()).unwrap();
+        assert_eq!(&**d.topic, "tamio.tickets");
         assert_eq!(
-            d,
-            Destination {
-                topic: "tamio.tickets",
-                key: "t-1".into()
-            }
+            d.key.as_deref(),
+            Some("fbaddbf8-e290-4fa4-a3ed-fbb4837dabe1")
+        );
+        assert!(
+            matches!(d.key, Some(Cow::Borrowed(_))),
+            "no copy of the key"
         );
     }
 
     #[test]
-    fn other_event_types_are_refused_by_name() {
-        let env = envelope("order_paid", None);
-        let err = route(&env, "tamio.tickets").unwrap_err();
-        assert!(err.to_string().contains("`order_paid`"), "{err}");
+    fn pointers_reach_any_field_and_missing_keys_are_named() {
+        let r = routes(&[
+            (
+                "whitelabel_ticket_created",
+                Some("by-client"),
+                "/data/ticket/client/email",
+                true,
+            ),
+            (
+                "whitelabel_ticket_resolved",
+                Some("by-reply"),
+                "/data/ticket/replies/1/id",
+                true,
+            ),
+            (
+                "whitelabel_ticket_assigned",
+                Some("by-missing"),
+                "/data/ticket/nope",
+                false,
+            ),
+            ("whitelabel_ticket_*", None, "/data/ticket/nope", true),
+            ("*", Some("tamio.events"), "/event_id", true),
+        ]);
+        let body = CREATED.as_bytes();
+        let env = Envelope::parse_bytes(body).unwrap();
+        let d = r.route(&env, body).unwrap();
+        assert_eq!(
+            (&**d.topic, d.key.as_deref()),
+            ("by-client", Some("client.doe@plugnpaid.com"))
+        );
+
+        let resolved = CREATED.replace("whitelabel_ticket_created", "whitelabel_ticket_resolved");
+        let env = Envelope::parse_bytes(resolved.as_bytes()).unwrap();
+        let d = r.route(&env, resolved.as_bytes()).unwrap();
+        assert_eq!(
+            d.key.as_deref(),
+            Some("39634217-9aa9-4a3c-8354-ef4bc2b9b08f")
+        );
+
+        let assigned = CREATED.replace("whitelabel_ticket_created", "whitelabel_ticket_assigned");
+        let env = Envelope::parse_bytes(assigned.as_bytes()).unwrap();
+        assert_eq!(r.route(&env, assigned.as_bytes()).unwrap().key, None);
+
+        let updated = CREATED.replace("whitelabel_ticket_created", "whitelabel_ticket_updated");
+        let env = Envelope::parse_bytes(updated.as_bytes()).unwrap();
+        let err = r.route(&env, updated.as_bytes()).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("`/data/ticket/nope` is missing or null"),
+            "{err}"
+        );
+
+        let other = CREATED.replace("whitelabel_ticket_created", "invoice_paid");
+        let env = Envelope::parse_bytes(other.as_bytes()).unwrap();
+        let d = r.route(&env, other.as_bytes()).unwrap();
+        assert_eq!(
+            (&**d.topic, d.key.as_deref()),
+            ("tamio.events", Some("whev_o48n74r1vsv642vex"))
+        );
+    }
+
+    #[test]
+    fn unmatched_event_types_are_refused_by_name() {
+        let r = routes(&[("whitelabel_ticket_*", None, "/data/ticket/id", true)]);
+        let other = CREATED.replace("whitelabel_ticket_created", "invoice_paid");
+        let env = Envelope::parse_bytes(other.as_bytes()).unwrap();
+        let err = r.route(&env, other.as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("`invoice_paid`"), "{err}");
+    }
+
+    #[test]
+    fn pointer_syntax() {
+        assert!(Pointer::parse("").is_err());
+        assert!(Pointer::parse("data/ticket").is_err());
+        assert!(Pointer::parse("/a~2b").is_err());
+        assert_eq!(Pointer::parse("/a~1b/~0c").unwrap().segments, ["a/b", "~c"]);
     }
 }

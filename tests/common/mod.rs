@@ -431,6 +431,7 @@ pub struct OwnBroker {
     child: Option<std::process::Child>,
     dir: tempfile::TempDir,
     durable: bool,
+    schema_registry: Option<std::path::PathBuf>,
 }
 
 impl OwnBroker {
@@ -450,7 +451,19 @@ impl OwnBroker {
         Self::start_with(false).await
     }
 
+    /// An in-memory broker that validates records against the `<topic>.json` schemas in `dir`.
+    pub async fn start_with_schema_registry(dir: &std::path::Path) -> OwnBroker {
+        Self::start_with_options(false, Some(dir.to_owned())).await
+    }
+
     async fn start_with(durable: bool) -> OwnBroker {
+        Self::start_with_options(durable, None).await
+    }
+
+    async fn start_with_options(
+        durable: bool,
+        schema_registry: Option<std::path::PathBuf>,
+    ) -> OwnBroker {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -461,6 +474,7 @@ impl OwnBroker {
             child: None,
             dir: tempfile::tempdir().unwrap(),
             durable,
+            schema_registry,
         };
         broker.launch().await;
         broker
@@ -483,16 +497,20 @@ impl OwnBroker {
             .append(true)
             .open(self.dir.path().join("tansu.log"))
             .unwrap();
-        let child = std::process::Command::new(Self::bin())
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
+        let mut command = std::process::Command::new(Self::bin());
+        command
+            .args(["broker", "--listener-url", &url])
+            .args(["--advertised-listener-url", &url])
             .args(["--storage-engine", storage])
-            .current_dir(self.dir.path())
+            .current_dir(self.dir.path());
+        if let Some(registry) = &self.schema_registry {
+            // tansu resolves a file:// path against its working directory.
+            command
+                .arg("--schema-registry")
+                .arg(format!("file://{}", registry.display()))
+                .current_dir("/");
+        }
+        let child = command
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()

@@ -1,0 +1,159 @@
+//! An example consumer of the bridge's topic: reads `tamio.tickets`, drops duplicates by the
+//! `event_id` header (delivery is at least once), keeps each ticket's latest state by
+//! `data.ticket.updated_at`, and prints one JSON line per state it keeps.
+//!
+//! ```sh
+//! cargo run --example consumer -- --brokers 127.0.0.1:9092 --topic tamio.tickets
+//! ```
+//! `--from-beginning` reads the topic from its start; `--exit-when-idle-ms N` stops after N ms
+//! without records and prints a summary (for scripts and tests).
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+struct Args {
+    brokers: String,
+    topic: String,
+    group: String,
+    from_beginning: bool,
+    exit_when_idle: Option<Duration>,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        brokers: "127.0.0.1:9092".into(),
+        topic: "tamio.tickets".into(),
+        group: "tamio-tickets-example".into(),
+        from_beginning: false,
+        exit_when_idle: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--brokers" => a.brokers = value(),
+            "--topic" => a.topic = value(),
+            "--group" => a.group = value(),
+            "--from-beginning" => a.from_beginning = true,
+            "--exit-when-idle-ms" => {
+                a.exit_when_idle = Some(Duration::from_millis(value().parse().expect("a number")))
+            }
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    a
+}
+
+/// What this consumer keeps of a ticket.
+struct TicketState {
+    updated_at: i64,
+    event_type: String,
+}
+
+fn main() {
+    let args = args();
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &args.brokers)
+        .set("group.id", &args.group)
+        .set("enable.auto.commit", "true")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("consumer");
+    if args.from_beginning {
+        let md = consumer
+            .fetch_metadata(Some(&args.topic), Duration::from_secs(10))
+            .expect("metadata");
+        let partitions = md.topics()[0].partitions().len() as i32;
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition_offset(&args.topic, p, Offset::Beginning)
+                .unwrap();
+        }
+        consumer.assign(&tpl).expect("assign");
+    } else {
+        consumer.subscribe(&[&args.topic]).expect("subscribe");
+    }
+
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut tickets: HashMap<String, TicketState> = HashMap::new();
+    let mut duplicates = 0;
+    let mut last = Instant::now();
+    loop {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                last = Instant::now();
+                let header = |name: &str| {
+                    m.headers().and_then(|h| {
+                        h.iter()
+                            .find(|h| h.key == name)
+                            .and_then(|h| h.value)
+                            .map(|v| String::from_utf8_lossy(v).into_owned())
+                    })
+                };
+                let Some(event_id) = header("event_id") else {
+                    continue;
+                };
+                if !seen.insert(event_id.clone()) {
+                    duplicates += 1;
+                    continue;
+                }
+                let Some(payload) = m.payload() else { continue };
+                let Ok(event) = serde_json::from_slice::<serde_json::Value>(payload) else {
+                    continue;
+                };
+                let ticket = &event["data"]["ticket"];
+                let (Some(id), Some(updated_at)) =
+                    (ticket["id"].as_str(), ticket["updated_at"].as_i64())
+                else {
+                    continue;
+                };
+                let newer = tickets.get(id).is_none_or(|t| updated_at >= t.updated_at);
+                if newer {
+                    let event_type = header("event_type").unwrap_or_default();
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "ticket": id,
+                            "updated_at": updated_at,
+                            "is_open": ticket["is_open"],
+                            "event_type": event_type,
+                            "event_id": event_id,
+                        })
+                    );
+                    tickets.insert(
+                        id.to_owned(),
+                        TicketState {
+                            updated_at,
+                            event_type,
+                        },
+                    );
+                }
+            }
+            Some(Err(e)) => eprintln!("consumer error: {e}"),
+            None => {
+                if args
+                    .exit_when_idle
+                    .is_some_and(|idle| last.elapsed() >= idle)
+                {
+                    break;
+                }
+            }
+        }
+    }
+    let mut latest: Vec<_> = tickets.iter().collect();
+    latest.sort_by(|a, b| a.0.cmp(b.0));
+    println!(
+        "{}",
+        serde_json::json!({
+            "summary": {
+                "tickets": latest.iter().map(|(id, t)| serde_json::json!({"ticket": id, "updated_at": t.updated_at, "event_type": t.event_type})).collect::<Vec<_>>(),
+                "events": seen.len(),
+                "duplicates_dropped": duplicates,
+            }
+        })
+    );
+}
