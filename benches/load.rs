@@ -152,6 +152,16 @@ fn peak_rss_mb(pid: u32) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// With `pace`, a sender starts one request per period (an open-loop rate) instead of the
+/// next one as soon as the last is answered.
+fn pacer(pace: Option<Duration>) -> Option<tokio::time::Interval> {
+    pace.map(|p| {
+        let mut t = tokio::time::interval(p);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
+    })
+}
+
 /// `concurrency` keep-alive HTTP/1.1 connections, each sending signed events one after
 /// another for `duration`.
 async fn drive_http(
@@ -159,6 +169,7 @@ async fn drive_http(
     path: &str,
     concurrency: usize,
     duration: Duration,
+    pace: Option<Duration>,
 ) -> RunResult {
     let counter = Arc::new(AtomicU64::new(
         SystemTime::now()
@@ -183,6 +194,7 @@ async fn drive_http(
             let mut latencies = Vec::new();
             let mut answers: BTreeMap<String, u64> = BTreeMap::new();
             let mut acked = 0;
+            let mut ticker = pacer(pace);
             'connection: while !stop.load(Ordering::Relaxed) {
                 let Ok(stream) = TcpStream::connect(addr).await else {
                     *answers.entry("connect".into()).or_default() += 1;
@@ -196,6 +208,9 @@ async fn drive_http(
                         .unwrap();
                 tokio::spawn(conn);
                 while !stop.load(Ordering::Relaxed) {
+                    if let Some(t) = ticker.as_mut() {
+                        t.tick().await;
+                    }
                     let n = counter.fetch_add(1, Ordering::Relaxed);
                     let body = body(n);
                     let sig = verify::header_value(SECRET.as_bytes(), now(), body.as_bytes());
@@ -250,12 +265,16 @@ async fn drive_kafka(
     topic: &str,
     concurrency: usize,
     duration: Duration,
+    pace: Option<Duration>,
 ) -> RunResult {
     let settings = Settings::load_from(None, Vec::new()).unwrap();
-    let producer: FutureProducer =
-        tamio_kafka_bridge::publish::producer_config(&settings.kafka, brokers)
-            .create()
-            .unwrap();
+    let producer: FutureProducer = tamio_kafka_bridge::publish::producer_config(
+        &settings.kafka,
+        brokers,
+        settings.server.max_body_bytes,
+    )
+    .create()
+    .unwrap();
     let counter = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let result = Arc::new(Mutex::new(RunResult::default()));
@@ -274,7 +293,11 @@ async fn drive_kafka(
             let mut latencies = Vec::new();
             let mut acked = 0;
             let mut failed = 0;
+            let mut ticker = pacer(pace);
             while !stop.load(Ordering::Relaxed) {
+                if let Some(t) = ticker.as_mut() {
+                    t.tick().await;
+                }
                 let n = counter.fetch_add(1, Ordering::Relaxed);
                 let body = body(n);
                 let key = format!("ticket-{:05}", n as usize % TICKETS);
@@ -530,12 +553,12 @@ async fn bench(duration: Duration, levels: Vec<usize>) {
     );
     let mut summary = Vec::new();
     for &c in &levels {
-        let http = drive_http(http_addr, "/webhooks/tamio", c, duration).await;
+        let http = drive_http(http_addr, "/webhooks/tamio", c, duration, None).await;
         row("http-ceiling", c, &http, None, None, None);
 
         let topic = format!("bench-kafka-{c}-{}", now());
         create_topic(&brokers, &topic).await;
-        let kafka = drive_kafka(&brokers, &topic, c, duration).await;
+        let kafka = drive_kafka(&brokers, &topic, c, duration, None).await;
         row("kafka-ceiling", c, &kafka, None, None, None);
 
         let topic = format!("bench-bridge-{c}-{}", now());
@@ -543,7 +566,7 @@ async fn bench(duration: Duration, levels: Vec<usize>) {
         let bridge = start_bridge(&brokers, &topic).await;
         let pid = bridge.child.0.id();
         let cpu0 = process_cpu_seconds(pid);
-        let run = drive_http(bridge.addr, "/webhooks/tamio", c, duration).await;
+        let run = drive_http(bridge.addr, "/webhooks/tamio", c, duration, None).await;
         let cpu = process_cpu_seconds(pid) - cpu0;
         let rss = peak_rss_mb(pid);
         let found = count_records(&brokers, &topic, run.acked).await;
@@ -580,7 +603,7 @@ async fn bench(duration: Duration, levels: Vec<usize>) {
         let admin_port = free_port_of_admin(&bridge);
         let stop = Arc::new(AtomicBool::new(false));
         let scraper = tokio::spawn(scrape_every_second(admin_port, stop.clone()));
-        let run = drive_http(bridge.addr, "/webhooks/tamio", 64, duration).await;
+        let run = drive_http(bridge.addr, "/webhooks/tamio", 64, duration, None).await;
         stop.store(true, Ordering::Relaxed);
         let _ = scraper.await;
         row(
@@ -593,6 +616,35 @@ async fn bench(duration: Duration, levels: Vec<usize>) {
         );
         println!();
     }
+
+    // Latency at half the highest throughput the bridge reached, paced (open loop) over 64
+    // connections, against the Kafka ceiling paced the same way.
+    let max = summary.iter().map(|s| s.3).fold(0.0, f64::max);
+    let half = max / 2.0;
+    let pace = Duration::from_secs_f64(64.0 / half);
+    let topic = format!("bench-half-kafka-{}", now());
+    create_topic(&brokers, &topic).await;
+    let kafka = drive_kafka(&brokers, &topic, 64, duration, Some(pace)).await;
+    row("kafka@half", 64, &kafka, None, None, None);
+    let topic = format!("bench-half-bridge-{}", now());
+    create_topic(&brokers, &topic).await;
+    let bridge = start_bridge(&brokers, &topic).await;
+    let run = drive_http(bridge.addr, "/webhooks/tamio", 64, duration, Some(pace)).await;
+    row(
+        "bridge@half",
+        64,
+        &run,
+        Some(peak_rss_mb(bridge.child.0.id())),
+        None,
+        None,
+    );
+    drop(bridge);
+    println!(
+        "\nat half the bridge's peak ({half:.0} events/s offered): p99 bridge {:.1} ms, Kafka ceiling {:.1} ms, ratio {:.2}\n",
+        run.pct(0.99),
+        kafka.pct(0.99),
+        run.pct(0.99) / kafka.pct(0.99)
+    );
 
     println!(
         "{:<6} {:>12} {:>12} {:>10} {:>15} {:>14} {:>13} {:>10}",

@@ -30,7 +30,10 @@ impl Readiness {
 
     /// Records the latest probe; returns true when this changes the state or its reason.
     pub fn set_kafka(&self, state: Result<(), String>) -> bool {
-        self.metrics.kafka_up.set(i64::from(state.is_ok()));
+        let shutting_down = self.shutting_down.load(Ordering::SeqCst);
+        self.metrics
+            .kafka_up
+            .set(i64::from(state.is_ok() && !shutting_down));
         let mut current = self.kafka.lock().expect("readiness lock");
         let changed = *current != state;
         *current = state;
@@ -39,6 +42,7 @@ impl Readiness {
 
     pub fn set_shutting_down(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
+        self.metrics.kafka_up.set(0);
     }
 
     /// `Ok` when ready, else the reason.

@@ -16,6 +16,9 @@ pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 /// Prefix of the environment variables that override settings.
 pub const ENV_PREFIX: &str = "TAMIO_BRIDGE";
 
+/// The variable holding `signature.secrets`, comma-separated.
+const SECRETS_ENV: &str = "TAMIO_BRIDGE__SIGNATURE__SECRETS";
+
 /// Every setting of the bridge.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -64,7 +67,7 @@ pub struct Admin {
     pub listen: SocketAddr,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Kafka {
     /// Bootstrap servers, comma-separated; empty starts the embedded broker.
@@ -176,6 +179,49 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// Parts of librdkafka option names whose values are credentials.
+const SECRET_OPTION_PARTS: &[&str] = &[
+    "password",
+    "secret",
+    "pem",
+    "key",
+    "oauthbearer",
+    "jaas",
+    "token",
+];
+
+/// `value`, or `[redacted]` when `key` names a credential.
+pub fn shown_value<'a>(key: &str, value: &'a str) -> &'a str {
+    if SECRET_OPTION_PARTS.iter().any(|part| key.contains(part)) {
+        "[redacted]"
+    } else {
+        value
+    }
+}
+
+impl fmt::Debug for Kafka {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let librdkafka: BTreeMap<&str, &str> = self
+            .librdkafka
+            .iter()
+            .map(|(k, v)| (k.as_str(), shown_value(k, v)))
+            .collect();
+        f.debug_struct("Kafka")
+            .field("brokers", &self.brokers)
+            .field("topic", &self.topic)
+            .field("delivery_timeout_ms", &self.delivery_timeout_ms)
+            .field("readiness_interval_ms", &self.readiness_interval_ms)
+            .field("readiness_timeout_ms", &self.readiness_timeout_ms)
+            .field("flush_timeout_ms", &self.flush_timeout_ms)
+            .field("queue_max_messages", &self.queue_max_messages)
+            .field("queue_max_kbytes", &self.queue_max_kbytes)
+            .field("dead_letter_topic", &self.dead_letter_topic)
+            .field("cloudevents", &self.cloudevents)
+            .field("librdkafka", &librdkafka)
+            .finish()
+    }
+}
+
 impl fmt::Debug for Signature {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut endpoints: Vec<(&String, usize)> = self
@@ -233,10 +279,13 @@ impl Settings {
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Settings, SettingsError> {
-        let env: HashMap<String, String> = env
+        let mut env: HashMap<String, String> = env
             .into_iter()
             .filter(|(k, _)| k.starts_with(ENV_PREFIX))
             .collect();
+        // Split here rather than by config-rs, whose list parsing would first turn a secret
+        // such as `12345678` or `true` into a number or a boolean.
+        let env_secrets = env.remove(SECRETS_ENV);
         let mut builder = config::Config::builder().add_source(config::File::from_str(
             DEFAULT_TOML,
             config::FileFormat::Toml,
@@ -248,12 +297,17 @@ impl Settings {
             config::Environment::with_prefix(ENV_PREFIX)
                 .prefix_separator("__")
                 .separator("__")
-                .list_separator(",")
-                .with_list_parse_key("signature.secrets")
-                .try_parsing(true)
                 .source(Some(env)),
         );
-        let settings: Settings = builder.build()?.try_deserialize()?;
+        let mut settings: Settings = builder.build()?.try_deserialize()?;
+        if let Some(list) = env_secrets {
+            settings.signature.secrets = list
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(Secret::new)
+                .collect();
+        }
         settings.validate()?;
         Ok(settings)
     }
@@ -322,14 +376,27 @@ impl Settings {
         if k.readiness_timeout_ms == 0 {
             return Err(invalid("kafka.readiness_timeout_ms", "must be above 0"));
         }
-        for key in ["bootstrap.servers", "enable.idempotence", "acks"] {
+        for (key, instead) in [
+            ("bootstrap.servers", "kafka.brokers"),
+            ("metadata.broker.list", "kafka.brokers"),
+            (
+                "enable.idempotence",
+                "nothing: the producer is always idempotent",
+            ),
+            ("acks", "nothing: the producer always uses acks=all"),
+            (
+                "request.required.acks",
+                "nothing: the producer always uses acks=all",
+            ),
+            ("message.timeout.ms", "kafka.delivery_timeout_ms"),
+            ("delivery.timeout.ms", "kafka.delivery_timeout_ms"),
+            ("queue.buffering.max.messages", "kafka.queue_max_messages"),
+            ("queue.buffering.max.kbytes", "kafka.queue_max_kbytes"),
+        ] {
             if k.librdkafka.contains_key(key) {
                 return Err(invalid(
                     "kafka.librdkafka",
-                    format!(
-                        "`{key}` is set by the bridge itself (use kafka.brokers, and the \
-                         producer is always idempotent with acks=all)"
-                    ),
+                    format!("`{key}` is the bridge's own; set {instead}"),
                 ));
             }
         }
@@ -471,6 +538,21 @@ mod tests {
     }
 
     #[test]
+    fn a_single_secret_that_looks_like_a_number_stays_a_secret() {
+        for value in ["12345678", "true", "1e9", "nan"] {
+            let s = Settings::load_from(None, env(&[("TAMIO_BRIDGE__SIGNATURE__SECRETS", value)]))
+                .unwrap();
+            assert_eq!(s.signature.secrets, vec![Secret::new(value)]);
+        }
+        let s = Settings::load_from(None, env(&[("TAMIO_BRIDGE__KAFKA__CLOUDEVENTS", "false")]))
+            .unwrap();
+        assert!(
+            !s.kafka.cloudevents,
+            "booleans still come from the environment"
+        );
+    }
+
+    #[test]
     fn file_layers_over_defaults_with_endpoint_secrets() {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         writeln!(
@@ -607,13 +689,21 @@ key = "/event_id"
 
     #[test]
     fn debug_output_never_shows_secrets() {
-        let s = Settings::load_from(
+        let mut s = Settings::load_from(
             None,
             env(&[("TAMIO_BRIDGE__SIGNATURE__SECRETS", "hunter2-very-secret")]),
         )
         .unwrap();
+        s.kafka
+            .librdkafka
+            .insert("sasl.password".into(), "hunter2-kafka".into());
+        s.kafka
+            .librdkafka
+            .insert("ssl.key.pem".into(), "hunter2-pem".into());
+        s.kafka.librdkafka.insert("linger.ms".into(), "7".into());
         let shown = format!("{s:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(shown.contains("1 redacted"), "{shown}");
+        assert!(shown.contains("\"linger.ms\": \"7\""), "{shown}");
     }
 }

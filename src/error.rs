@@ -55,6 +55,8 @@ impl IngestError {
             IngestError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             IngestError::Verify(_) => StatusCode::UNAUTHORIZED,
             IngestError::Envelope(_) | IngestError::Route(_) => StatusCode::BAD_REQUEST,
+            // Kafka will never take it: retrying would not help.
+            IngestError::Publish(PublishError::TooLarge(_)) => StatusCode::PAYLOAD_TOO_LARGE,
             IngestError::Publish(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -73,6 +75,7 @@ impl IngestError {
             IngestError::Envelope(EnvelopeError::Json(_)) => "invalid_json",
             IngestError::Envelope(_) => "invalid_envelope",
             IngestError::Route(_) => "unroutable_event",
+            IngestError::Publish(PublishError::TooLarge(_)) => "payload_too_large",
             IngestError::Publish(_) => "kafka_unavailable",
         }
     }
@@ -89,6 +92,7 @@ impl IngestError {
             IngestError::Overloaded(_) => Outcome::Unavailable,
             IngestError::Verify(_) => Outcome::Unauthorized,
             IngestError::Envelope(_) | IngestError::Route(_) => Outcome::Invalid,
+            IngestError::Publish(PublishError::TooLarge(_)) => Outcome::TooLarge,
             IngestError::Publish(_) => Outcome::Unavailable,
         }
     }

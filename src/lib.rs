@@ -49,11 +49,15 @@ pub async fn run(
         return Err(RunError::NoBrokers);
     }
     let metrics = Arc::new(Metrics::new());
-    let publisher = Publisher::new(&settings.kafka, metrics.clone())?;
+    let publisher = Publisher::new(
+        &settings.kafka,
+        settings.server.max_body_bytes,
+        metrics.clone(),
+    )?;
     tracing::info!(
         brokers = %settings.kafka.brokers,
         topic = %settings.kafka.topic,
-        producer = ?Publisher::describe(&settings.kafka),
+        producer = ?publisher.describe(),
         "producer created"
     );
     let readiness = Arc::new(Readiness::new(metrics.clone()));

@@ -31,6 +31,8 @@ pub enum PublishError {
     QueueFull,
     #[error("Kafka is unreachable: {0}")]
     Unreachable(String),
+    #[error("the record is larger than Kafka accepts ({0})")]
+    TooLarge(String),
     #[error("Kafka refused the event ({reason}): {detail}")]
     Kafka {
         reason: &'static str,
@@ -45,6 +47,7 @@ impl PublishError {
             PublishError::Timeout(_) => "timeout",
             PublishError::QueueFull => "queue_full",
             PublishError::Unreachable(_) => "broker_unavailable",
+            PublishError::TooLarge(_) => "message_too_large",
             PublishError::Kafka { reason, .. } => reason,
         }
     }
@@ -59,7 +62,7 @@ impl PublishError {
                 | RDKafkaErrorCode::OperationTimedOut,
             ) => "timeout",
             Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize) => {
-                "message_too_large"
+                return PublishError::TooLarge(err.to_string());
             }
             Some(
                 RDKafkaErrorCode::UnknownTopicOrPartition
@@ -116,6 +119,40 @@ pub struct Record<'a> {
     pub received_at: SystemTime,
     /// Add the CloudEvents Kafka binding headers.
     pub cloudevents: bool,
+}
+
+/// A record that owns its parts, for publishing from a task of its own (the delivery report
+/// may come after the request that produced it was answered).
+pub struct OwnedRecord {
+    pub topic: Arc<str>,
+    pub key: Option<String>,
+    pub value: bytes::Bytes,
+    pub event_id: String,
+    pub event_type: String,
+    pub endpoint_id: String,
+    pub ticket_id: Option<String>,
+    pub signature: Option<bytes::Bytes>,
+    pub signed_at: i64,
+    pub received_at: SystemTime,
+    pub cloudevents: bool,
+}
+
+impl OwnedRecord {
+    pub fn as_record(&self) -> Record<'_> {
+        Record {
+            topic: &self.topic,
+            key: self.key.as_deref(),
+            value: &self.value,
+            event_id: &self.event_id,
+            event_type: &self.event_type,
+            endpoint_id: &self.endpoint_id,
+            ticket_id: self.ticket_id.as_deref(),
+            signature: self.signature.as_deref(),
+            signed_at: self.signed_at,
+            received_at: self.received_at,
+            cloudevents: self.cloudevents,
+        }
+    }
 }
 
 /// Header values a record needs that are made, not borrowed; they must outlive the record.
@@ -229,7 +266,7 @@ fn unix_millis(t: SystemTime) -> i64 {
 }
 
 /// The producer options the bridge sets, before `kafka.librdkafka` (which wins).
-pub fn producer_config(kafka: &Kafka, brokers: &str) -> ClientConfig {
+pub fn producer_config(kafka: &Kafka, brokers: &str, max_body_bytes: usize) -> ClientConfig {
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
@@ -244,6 +281,8 @@ pub fn producer_config(kafka: &Kafka, brokers: &str) -> ClientConfig {
             "queue.buffering.max.kbytes",
             kafka.queue_max_kbytes.to_string(),
         )
+        // Room for the largest accepted body plus its key and headers.
+        .set("message.max.bytes", (max_body_bytes + 65_536).to_string())
         .set("linger.ms", "5")
         .set("allow.auto.create.topics", "false")
         .set("statistics.interval.ms", "5000")
@@ -332,8 +371,12 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    pub fn new(kafka: &Kafka, metrics: Arc<Metrics>) -> Result<Publisher, KafkaError> {
-        let config = producer_config(kafka, &kafka.brokers);
+    pub fn new(
+        kafka: &Kafka,
+        max_body_bytes: usize,
+        metrics: Arc<Metrics>,
+    ) -> Result<Publisher, KafkaError> {
+        let config = producer_config(kafka, &kafka.brokers, max_body_bytes);
         let current = Self::create(&config, &metrics)?;
         Ok(Publisher {
             current: Arc::new(std::sync::RwLock::new(current)),
@@ -343,12 +386,13 @@ impl Publisher {
         })
     }
 
-    /// Hands the record to librdkafka and waits, until `deadline` at the latest, for Kafka to
-    /// acknowledge it with `acks=all`.
+    /// Hands the record to librdkafka and waits for Kafka to acknowledge it with `acks=all`:
+    /// until `deadline`, or with none until the delivery report (librdkafka reports within
+    /// `kafka.delivery_timeout_ms`).
     pub async fn publish(
         &self,
         record: Record<'_>,
-        deadline: tokio::time::Instant,
+        deadline: Option<tokio::time::Instant>,
     ) -> Result<Delivered, PublishError> {
         let texts = record.texts();
         let future_record = record.to_kafka(&texts);
@@ -377,7 +421,7 @@ impl Publisher {
             .payload(letter.value)
             .headers(headers)
             .timestamp(unix_millis(letter.received_at));
-        let result = self.deliver(future_record, deadline).await;
+        let result = self.deliver(future_record, Some(deadline)).await;
         match &result {
             Ok(_) => self.metrics.dead_letters.inc(),
             Err(e) => self.count_failure(e),
@@ -433,7 +477,7 @@ impl Publisher {
     async fn deliver(
         &self,
         record: FutureRecord<'_, str, [u8]>,
-        deadline: tokio::time::Instant,
+        deadline: Option<tokio::time::Instant>,
     ) -> Result<Delivered, PublishError> {
         if !self.reachable.load(Ordering::Relaxed) {
             return Err(PublishError::Unreachable(
@@ -444,9 +488,9 @@ impl Publisher {
         let current = self.current();
         let result = match current.producer.send_result(record) {
             Err((err, _)) => Err(PublishError::from_kafka(&err)),
-            Ok(delivery) => match tokio::time::timeout_at(deadline, delivery).await {
+            Ok(delivery) => match with_deadline(deadline, delivery).await {
                 Err(_) => Err(PublishError::Timeout(
-                    deadline.saturating_duration_since(started),
+                    deadline.map_or(Duration::ZERO, |d| d.saturating_duration_since(started)),
                 )),
                 Ok(Err(_canceled)) => Err(PublishError::Kafka {
                     reason: "other",
@@ -492,6 +536,17 @@ impl Publisher {
 }
 
 const NO_BROKER: &str = "no broker answered";
+
+/// Awaits `future` until `deadline`, or without limit when there is none.
+async fn with_deadline<F: std::future::Future>(
+    deadline: Option<tokio::time::Instant>,
+    future: F,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    match deadline {
+        Some(deadline) => tokio::time::timeout_at(deadline, future).await,
+        None => Ok(future.await),
+    }
+}
 
 /// Errors after which an idempotent producer can deliver nothing more: its producer id or
 /// epoch is no longer accepted, so only a new producer (a new id) gets records through.
@@ -549,13 +604,12 @@ impl Publisher {
         self.producer().in_flight_count()
     }
 
-    /// Options the producer was built with, for the start-up log (rdkafka masks the values
-    /// of passwords and keys).
-    pub fn describe(kafka: &Kafka) -> BTreeMap<String, String> {
-        producer_config(kafka, &kafka.brokers)
+    /// Options the producer was built with, for the start-up log, secrets redacted.
+    pub fn describe(&self) -> BTreeMap<String, String> {
+        self.config
             .config_map()
             .into_iter()
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .map(|(k, v)| (k.to_owned(), crate::config::shown_value(k, v).to_owned()))
             .collect()
     }
 }

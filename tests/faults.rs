@@ -60,7 +60,7 @@ async fn produce_errors_are_retried_or_reported_under_their_reason() {
         0.0
     );
 
-    // A permanent error: the sender is told to retry later, and the reason is counted.
+    // A record Kafka calls too large will never be taken: 413, not "retry later".
     cluster.request_errors(
         RDKafkaApiKey::Produce,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
@@ -68,17 +68,17 @@ async fn produce_errors_are_retried_or_reported_under_their_reason() {
     let reply = bridge.send(&ticket_event("whev_too_large", "t-2", 0)).await;
     assert_eq!(
         reply.status,
-        StatusCode::SERVICE_UNAVAILABLE,
+        StatusCode::PAYLOAD_TOO_LARGE,
         "{}",
         reply.text()
     );
-    assert!(reply.headers.contains_key("retry-after"));
+    assert_eq!(reply.json()["error"], "payload_too_large");
     let metrics = bridge.metrics().await;
     assert_eq!(failures(&metrics, "message_too_large"), 1.0, "{metrics}");
     assert_eq!(
         sample(
             &metrics,
-            r#"tamio_bridge_requests_total{outcome="unavailable"}"#
+            r#"tamio_bridge_requests_total{outcome="too_large"}"#
         ),
         1.0
     );

@@ -42,17 +42,18 @@ pub struct Dedup {
 }
 
 /// The outcome of [`Dedup::claim`].
-pub enum Claim<'a> {
+pub enum Claim {
     /// This delivery publishes; report the outcome through the guard.
-    First(ClaimGuard<'a>),
+    First(ClaimGuard),
     /// Already acknowledged: answer with the original's place.
     Duplicate(Original),
 }
 
-/// Held while an event is being published. Dropping it without [`ClaimGuard::acknowledged`]
-/// releases the id, so a retry may publish it.
-pub struct ClaimGuard<'a> {
-    dedup: &'a Dedup,
+/// Held while an event is being published, until Kafka's delivery report, even when the
+/// request that started it has already been answered. Dropping it without
+/// [`ClaimGuard::acknowledged`] releases the id, so a retry may publish it.
+pub struct ClaimGuard {
+    dedup: Arc<Dedup>,
     id: Arc<str>,
     tx: Option<watch::Sender<Option<Original>>>,
 }
@@ -85,7 +86,7 @@ impl Dedup {
 
     /// Claims `event_id` for publishing, or reports that it was already acknowledged. Waits
     /// while another delivery of the same id is being published.
-    pub async fn claim(&self, event_id: &str) -> Claim<'_> {
+    pub async fn claim(self: &Arc<Self>, event_id: &str) -> Claim {
         loop {
             let mut rx = {
                 let mut state = self.state.lock().expect("dedup lock");
@@ -98,7 +99,7 @@ impl Dedup {
                         let id: Arc<str> = Arc::from(event_id);
                         state.entries.insert(id.clone(), Entry::InFlight(rx));
                         return Claim::First(ClaimGuard {
-                            dedup: self,
+                            dedup: self.clone(),
                             id,
                             tx: Some(tx),
                         });
@@ -135,7 +136,7 @@ impl Dedup {
     }
 }
 
-impl ClaimGuard<'_> {
+impl ClaimGuard {
     /// Records that Kafka acknowledged the event, and tells any concurrent delivery.
     pub fn acknowledged(mut self, original: Original) {
         let now = Instant::now();
@@ -152,7 +153,7 @@ impl ClaimGuard<'_> {
     }
 }
 
-impl Drop for ClaimGuard<'_> {
+impl Drop for ClaimGuard {
     fn drop(&mut self) {
         if self.tx.is_some() {
             let mut state = self.dedup.state.lock().expect("dedup lock");
@@ -180,7 +181,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn acknowledged_ids_are_duplicates_until_the_window_passes() {
-        let dedup = Dedup::new(Duration::from_secs(60), 100);
+        let dedup = Arc::new(Dedup::new(Duration::from_secs(60), 100));
         let Claim::First(guard) = dedup.claim("e1").await else {
             panic!("first claim")
         };
@@ -195,7 +196,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_failed_publish_releases_the_id() {
-        let dedup = Dedup::new(Duration::from_secs(60), 100);
+        let dedup = Arc::new(Dedup::new(Duration::from_secs(60), 100));
         let Claim::First(guard) = dedup.claim("e1").await else {
             panic!()
         };
@@ -205,7 +206,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_oldest_ids_go_first_beyond_the_bound() {
-        let dedup = Dedup::new(Duration::from_secs(3600), 3);
+        let dedup = Arc::new(Dedup::new(Duration::from_secs(3600), 3));
         for (i, id) in ["a", "b", "c", "d"].iter().enumerate() {
             let Claim::First(g) = dedup.claim(id).await else {
                 panic!()

@@ -85,6 +85,13 @@ fn string<'a>(raw: &'a RawValue) -> Option<Cow<'a, str>> {
     }
 }
 
+/// Longest identifier accepted (`event_id`, `event_type`, `endpoint_id`, the ticket id):
+/// they become record headers and keys, and the duplicate filter keeps them.
+pub const MAX_ID_BYTES: usize = 256;
+
+/// Deepest nesting accepted anywhere in the body, as serde_json's own limit for parsing.
+pub const MAX_DEPTH: usize = 128;
+
 fn non_empty_string<'a>(
     raw: Option<&'a RawValue>,
     field: &'static str,
@@ -94,7 +101,40 @@ fn non_empty_string<'a>(
     if s.trim().is_empty() {
         return Err(field_err(field, "must not be empty"));
     }
+    if s.len() > MAX_ID_BYTES {
+        return Err(field_err(field, "must be at most 256 bytes"));
+    }
     Ok(s)
+}
+
+/// True when arrays and objects nest deeper than `limit` anywhere, strings aside. serde_json
+/// enforces its limit only on values it parses, not on the ones it skips.
+fn nested_deeper_than(bytes: &[u8], limit: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in bytes {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > limit {
+                    return true;
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
 }
 
 fn is_object(raw: &RawValue) -> bool {
@@ -116,6 +156,11 @@ impl<'a> Envelope<'a> {
             return Err(EnvelopeError::Json(
                 "the envelope must be a JSON object".to_owned(),
             ));
+        }
+        if nested_deeper_than(bytes, MAX_DEPTH) {
+            return Err(EnvelopeError::Json(format!(
+                "arrays and objects nest deeper than {MAX_DEPTH} levels"
+            )));
         }
         let wire: Wire<'a> =
             serde_json::from_slice(bytes).map_err(|e| EnvelopeError::Json(e.to_string()))?;
@@ -293,6 +338,27 @@ mod tests {
         let mut v: serde_json::Value = serde_json::from_str(body).unwrap();
         v["data"] = serde_json::json!({"order": {"id": "o-1"}});
         v.to_string()
+    }
+
+    #[test]
+    fn deep_nesting_anywhere_and_long_ids_are_refused() {
+        let nested = |levels: usize| {
+            let value = format!("{}{}", "[".repeat(levels), "]".repeat(levels));
+            CREATED.replacen('{', &format!("{{\"extra\":{value},"), 1)
+        };
+        // The envelope object is one level; 128 in all is accepted, 129 is not.
+        assert!(parse(&nested(127)).is_ok());
+        assert!(matches!(parse(&nested(128)), Err(EnvelopeError::Json(m)) if m.contains("128")));
+        let in_string = format!("\"{}\"", "[".repeat(500));
+        assert!(
+            parse(&with("extra", &in_string)).is_ok(),
+            "brackets in strings do not nest"
+        );
+        let long = format!("\"{}\"", "e".repeat(257));
+        assert_eq!(
+            refused(&with("event_id", &long)),
+            ("event_id".into(), "must be at most 256 bytes".into())
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod envelope;
 pub mod route;
 pub mod verify;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -21,7 +22,7 @@ use tracing::{field, Instrument};
 use crate::config::Settings;
 use crate::error::IngestError;
 use crate::metrics::{Metrics, Outcome};
-use crate::publish::{DeadLetter, PublishError, Publisher, Record};
+use crate::publish::{DeadLetter, OwnedRecord, PublishError, Publisher};
 use dedup::{Claim, Dedup, Original};
 use envelope::Envelope;
 use verify::VerifiedBody;
@@ -46,7 +47,7 @@ pub struct Ingest {
     cloudevents: bool,
     dead_letter_topic: Option<String>,
     verifier: Verifier,
-    dedup: Dedup,
+    dedup: Arc<Dedup>,
     publisher: Publisher,
     metrics: Arc<Metrics>,
     in_flight: Arc<Semaphore>,
@@ -63,10 +64,10 @@ impl Ingest {
             cloudevents: settings.kafka.cloudevents,
             dead_letter_topic: settings.dead_letter_topic().map(str::to_owned),
             verifier: Verifier::new(&settings.signature),
-            dedup: Dedup::new(
+            dedup: Arc::new(Dedup::new(
                 Duration::from_secs(settings.dedup.window_secs),
                 settings.dedup.max_entries,
-            ),
+            )),
             publisher,
             metrics,
             in_flight: Arc::new(Semaphore::new(settings.server.max_in_flight)),
@@ -195,9 +196,13 @@ impl Ingest {
         };
 
         // A delivery of an event already acknowledged writes nothing; one of an event being
-        // published right now waits for that outcome.
+        // published right now waits for that outcome. Ids are scoped by endpoint, so one
+        // endpoint's ids cannot shadow another's.
         let claim = if self.dedup.enabled() {
-            match tokio::time::timeout_at(deadline, self.dedup.claim(&envelope.event_id)).await {
+            let id = format!("{}\u{1f}{}", envelope.endpoint_id, envelope.event_id);
+            let claim = tokio::time::timeout_at(deadline, self.dedup.claim(&id)).await;
+            self.metrics.dedup_entries.set(self.dedup.len() as i64);
+            match claim {
                 Err(_) => return Err(PublishError::Timeout(self.request_timeout).into()),
                 Ok(Claim::Duplicate(original)) => {
                     return Ok(Accepted {
@@ -214,36 +219,52 @@ impl Ingest {
             None
         };
 
-        let delivered = self
-            .publisher
-            .publish(
-                Record {
-                    topic: destination.topic,
-                    key: destination.key.as_deref(),
-                    value: verified.bytes(),
-                    event_id: &envelope.event_id,
-                    event_type: &envelope.event_type,
-                    endpoint_id: &envelope.endpoint_id,
-                    ticket_id: envelope.ticket_id.as_deref(),
-                    signature: self.signature_of(&parts.headers),
-                    signed_at: verified.timestamp(),
-                    received_at: verified.received_at(),
-                    cloudevents: self.cloudevents,
-                },
-                deadline,
-            )
-            .await?;
-        if let Some(guard) = claim {
-            guard.acknowledged(Original {
-                topic: destination.topic.clone(),
-                delivered,
-            });
-            self.metrics.dedup_entries.set(self.dedup.len() as i64);
-        }
+        // The delivery report is awaited by a task of its own, which holds the duplicate
+        // claim until Kafka's verdict: if the request's deadline passes first (503) or the
+        // client goes away, a record that still lands is remembered, and the sender's retry
+        // is answered as a duplicate instead of writing it again.
+        let record = OwnedRecord {
+            topic: destination.topic.clone(),
+            key: destination.key.map(Cow::into_owned),
+            value: verified.bytes().clone(),
+            event_id: envelope.event_id.to_string(),
+            event_type: envelope.event_type.to_string(),
+            endpoint_id: envelope.endpoint_id.to_string(),
+            ticket_id: envelope.ticket_id.as_deref().map(str::to_owned),
+            signature: self
+                .signature_of(&parts.headers)
+                .map(bytes::Bytes::copy_from_slice),
+            signed_at: verified.timestamp(),
+            received_at: verified.received_at(),
+            cloudevents: self.cloudevents,
+        };
+        let publisher = self.publisher.clone();
+        let delivery = tokio::spawn(async move {
+            let result = publisher.publish(record.as_record(), None).await;
+            if let (Ok(delivered), Some(guard)) = (&result, claim) {
+                guard.acknowledged(Original {
+                    topic: record.topic.clone(),
+                    delivered: *delivered,
+                });
+            }
+            result.map(|delivered| (delivered, record.topic))
+        });
+        let (delivered, topic) = match tokio::time::timeout_at(deadline, delivery).await {
+            Err(_) => return Err(PublishError::Timeout(self.request_timeout).into()),
+            Ok(Err(join)) => {
+                return Err(PublishError::Kafka {
+                    reason: "other",
+                    detail: join.to_string(),
+                }
+                .into())
+            }
+            Ok(Ok(result)) => result?,
+        };
+        self.metrics.dedup_entries.set(self.dedup.len() as i64);
 
         Ok(Accepted {
             event_id: envelope.event_id.to_string(),
-            topic: destination.topic.to_string(),
+            topic: topic.to_string(),
             partition: delivered.partition,
             offset: delivered.offset,
             duplicate: false,

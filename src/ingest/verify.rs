@@ -35,7 +35,8 @@ pub enum VerifyError {
     Stale { skew_secs: i64, tolerance_secs: u64 },
     #[error("the signature does not match the body with any configured secret")]
     Mismatch,
-    #[error("no secret is configured for this endpoint_id")]
+    /// Worded as a mismatch: an unsigned caller must not learn which endpoint ids exist.
+    #[error("the signature does not match the body with any configured secret")]
     UnknownEndpoint,
 }
 
