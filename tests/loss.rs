@@ -27,14 +27,21 @@ fn fault_settings(topic: &str, brokers: String) -> Settings {
     s
 }
 
-fn load(url: String) -> Load {
-    Load {
+/// Starts the loss checker's load against `url`; the counter follows acknowledgements.
+fn start_load(url: String) -> (Arc<AtomicUsize>, tokio::task::JoinHandle<LoadReport>) {
+    let load = Load {
         url,
         tickets: TICKETS,
         per_ticket: PER_TICKET,
         max_attempts: 400,
         retry_pause: Duration::from_millis(100),
-    }
+    };
+    let acked = Arc::new(AtomicUsize::new(0));
+    let run = tokio::spawn({
+        let acked = acked.clone();
+        async move { load.run(acked).await }
+    });
+    (acked, run)
 }
 
 async fn when_acked(acked: &AtomicUsize, n: usize) {
@@ -69,12 +76,7 @@ async fn broker_frozen_longer_than_the_request_deadline() {
     broker.create_topic(&topic, 3).await;
     let bridge = Bridge::start_ready(fault_settings(&topic, broker.address())).await;
 
-    let acked = Arc::new(AtomicUsize::new(0));
-    let run = tokio::spawn({
-        let load = load(bridge.url());
-        let acked = acked.clone();
-        async move { load.run(acked).await }
-    });
+    let (acked, run) = start_load(bridge.url());
     when_acked(&acked, 300).await;
     broker.freeze();
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -97,12 +99,7 @@ async fn broker_killed_and_started_again_with_its_data() {
     s.kafka.brokers = broker.address();
     let bridge = Bridge::start_ready(s).await;
 
-    let acked = Arc::new(AtomicUsize::new(0));
-    let run = tokio::spawn({
-        let load = load(bridge.url());
-        let acked = acked.clone();
-        async move { load.run(acked).await }
-    });
+    let (acked, run) = start_load(bridge.url());
     when_acked(&acked, 300).await;
     broker.kill();
     // Down for less than the delivery timeout: librdkafka keeps the records and resends them
@@ -127,12 +124,7 @@ async fn leader_changes_and_a_broker_down_in_a_three_broker_cluster() {
     cluster.create_topic(topic, 3, 3).unwrap();
     let bridge = Bridge::start_ready(fault_settings(topic, cluster.bootstrap_servers())).await;
 
-    let acked = Arc::new(AtomicUsize::new(0));
-    let run = tokio::spawn({
-        let load = load(bridge.url());
-        let acked = acked.clone();
-        async move { load.run(acked).await }
-    });
+    let (acked, run) = start_load(bridge.url());
     when_acked(&acked, 200).await;
     // Leadership moves while records are in flight.
     for p in 0..3 {

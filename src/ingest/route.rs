@@ -117,6 +117,12 @@ impl Pointer {
         envelope: &Envelope<'a>,
         body: &'a [u8],
     ) -> Result<Cow<'a, str>, &'static str> {
+        if let Some(ticket_id) = &envelope.ticket_id {
+            if self.segments == ["data", "ticket", "id"] {
+                // Already read and checked by the envelope parser.
+                return Ok(ticket_id.clone());
+            }
+        }
         let (first, rest) = self
             .segments
             .split_first()
