@@ -41,6 +41,12 @@ fn main() {
     if std::env::var("TAMIO_BENCH_ROLE").as_deref() == Ok("http-ceiling") {
         return http_ceiling_server();
     }
+    // `cargo bench` passes --bench; `cargo test --all-targets` does not, and minutes of load
+    // are no test.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("load benchmark: run it with `cargo bench --bench load`");
+        return;
+    }
     let seconds: u64 = env_or("BENCH_SECONDS", 5);
     let levels: Vec<usize> = std::env::var("BENCH_LEVELS")
         .unwrap_or_else(|_| "1,16,64,256".into())
