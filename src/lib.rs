@@ -84,7 +84,10 @@ pub async fn run(
         readiness: readiness.clone(),
     });
     let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+    // HTTP/1 only: idle HTTP/2 connections could otherwise fill the admin listener's few
+    // slots and starve the probes.
     let admin_limits = Limits {
+        http2: false,
         header_read_timeout: Duration::from_millis(settings.server.header_read_timeout_ms),
         max_connections: 64,
         drain_timeout: Duration::from_secs(1),
@@ -110,6 +113,7 @@ pub async fn run(
         listener,
         move |req| ingest.clone().handle(req),
         Limits {
+            http2: true,
             header_read_timeout: Duration::from_millis(settings.server.header_read_timeout_ms),
             max_connections: settings.server.max_connections,
             drain_timeout: Duration::from_millis(settings.server.drain_timeout_ms),

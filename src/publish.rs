@@ -452,19 +452,29 @@ impl Publisher {
         if !current.fatal.load(Ordering::SeqCst) {
             return current;
         }
-        let mut slot = self.current.write().expect("producer lock");
-        // Another caller may have replaced it meanwhile.
-        if Arc::ptr_eq(&slot.fatal, &current.fatal) {
-            match Self::create(&self.config, &self.metrics) {
-                Ok(fresh) => {
-                    *slot = fresh;
-                    self.metrics.producer_restarts.inc();
-                    tracing::warn!("replaced the Kafka producer after its fatal error");
-                }
-                Err(err) => tracing::error!(%err, "cannot create a new Kafka producer"),
+        // Built outside the lock: creating a librdkafka client takes a while.
+        let fresh = match Self::create(&self.config, &self.metrics) {
+            Ok(fresh) => fresh,
+            Err(err) => {
+                tracing::error!(%err, "cannot create a new Kafka producer");
+                return current;
             }
-        }
-        slot.clone()
+        };
+        let mut slot = self.current.write().expect("producer lock");
+        // Another caller may have replaced it meanwhile; then `fresh` is not needed.
+        let retired = if Arc::ptr_eq(&slot.fatal, &current.fatal) {
+            self.metrics.producer_restarts.inc();
+            tracing::warn!("replaced the Kafka producer after its fatal error");
+            std::mem::replace(&mut *slot, fresh)
+        } else {
+            fresh
+        };
+        let now = slot.clone();
+        drop(slot);
+        // Dropping a producer purges, flushes and joins librdkafka's threads: not on the
+        // runtime's threads.
+        std::thread::spawn(move || drop(retired));
+        now
     }
 
     fn count_failure(&self, err: &PublishError) {

@@ -21,6 +21,9 @@ use tokio::sync::Semaphore;
 /// Bounds of one listener.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
+    /// Serve HTTP/2 (cleartext) besides HTTP/1.1. hyper's header timeout covers HTTP/1 only,
+    /// so an idle HTTP/2 connection holds its slot until the peer closes it.
+    pub http2: bool,
     pub header_read_timeout: Duration,
     pub max_connections: usize,
     pub drain_timeout: Duration,
@@ -68,6 +71,9 @@ where
     Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    if !limits.http2 {
+        builder = builder.http1_only();
+    }
     builder
         .http1()
         .timer(TokioTimer::new())

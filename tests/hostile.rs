@@ -88,6 +88,20 @@ async fn stalled_connections_are_closed_within_the_header_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_speaks_http1_only() {
+    let bridge = hostile_bridge(&unique_topic("admin-h1")).await;
+    // An HTTP/2 connection could idle there for ever; HTTP/1 connections are reaped.
+    let mut h2 = TcpStream::connect(bridge.admin).await.unwrap();
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    let (_, closed) = read_until_closed(&mut h2, Duration::from_secs(5)).await;
+    assert!(closed, "the admin listener kept an HTTP/2 connection open");
+    assert_eq!(get(bridge.admin, "/healthz").await.status, StatusCode::OK);
+    bridge.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_body_gets_408_within_the_request_deadline() {
     let bridge = hostile_bridge(&unique_topic("slowbody")).await;
     let mut s = TcpStream::connect(bridge.addr).await.unwrap();
