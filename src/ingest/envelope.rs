@@ -6,6 +6,7 @@
 
 use std::borrow::Cow;
 
+use serde::de;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -41,8 +42,6 @@ pub struct Envelope<'a> {
     pub api_version: u64,
     /// `data.ticket.id` where the event carries a ticket.
     pub ticket_id: Option<Cow<'a, str>>,
-    /// The `data` object as it is in the body.
-    pub data: &'a RawValue,
 }
 
 #[derive(Deserialize)]
@@ -58,19 +57,105 @@ struct Wire<'a> {
     #[serde(borrow, default)]
     endpoint_id: Option<&'a RawValue>,
     #[serde(borrow, default)]
-    data: Option<&'a RawValue>,
+    data: Option<Data<'a>>,
 }
 
-#[derive(Deserialize)]
-struct Data<'a> {
-    #[serde(borrow, default)]
-    ticket: Option<&'a RawValue>,
+/// `data`, read in the same pass as the envelope: whether it is an object, and its ticket.
+enum Data<'a> {
+    Object { ticket: Option<Ticket<'a>> },
+    NotObject,
 }
 
-#[derive(Deserialize)]
-struct Ticket<'a> {
-    #[serde(borrow, default)]
-    id: Option<&'a RawValue>,
+/// `data.ticket`: whether it is an object, and its raw `id`.
+enum Ticket<'a> {
+    Object { id: Option<&'a RawValue> },
+    NotObject,
+}
+
+/// Skips whatever value the visitor was given, reporting it as "not an object".
+macro_rules! not_an_object {
+    ($value:expr) => {
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            while seq.next_element::<de::IgnoredAny>()?.is_some() {}
+            Ok($value)
+        }
+    };
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Data<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> de::Visitor<'de> for V {
+            type Value = Data<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("`data`")
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Data<'de>, A::Error> {
+                let mut ticket = None;
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    if key == "ticket" {
+                        if ticket.is_some() {
+                            return Err(de::Error::custom("`data` has a repeated `ticket` key"));
+                        }
+                        ticket = Some(map.next_value::<Option<Ticket<'de>>>()?);
+                    } else {
+                        map.next_value::<de::IgnoredAny>()?;
+                    }
+                }
+                Ok(Data::Object {
+                    ticket: ticket.flatten(),
+                })
+            }
+            not_an_object!(Data::NotObject);
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Ticket<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> de::Visitor<'de> for V {
+            type Value = Ticket<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("`data.ticket`")
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Ticket<'de>, A::Error> {
+                let mut id = None;
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    if key == "id" {
+                        if id.is_some() {
+                            return Err(de::Error::custom("`data.ticket` has a repeated `id` key"));
+                        }
+                        id = Some(map.next_value::<Option<&'de RawValue>>()?);
+                    } else {
+                        map.next_value::<de::IgnoredAny>()?;
+                    }
+                }
+                Ok(Ticket::Object { id: id.flatten() })
+            }
+            not_an_object!(Ticket::NotObject);
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// A JSON string, borrowed when it has no escapes.
@@ -143,10 +228,6 @@ fn nested_deeper_than(bytes: &[u8], limit: usize) -> bool {
     false
 }
 
-fn is_object(raw: &RawValue) -> bool {
-    raw.get().starts_with('{')
-}
-
 impl<'a> Envelope<'a> {
     /// Parses and validates the verified body.
     pub fn parse(body: &'a VerifiedBody) -> Result<Envelope<'a>, EnvelopeError> {
@@ -168,8 +249,11 @@ impl<'a> Envelope<'a> {
                 "arrays and objects nest deeper than {MAX_DEPTH} levels"
             )));
         }
+        let text = std::str::from_utf8(bytes)
+            .map_err(|e| EnvelopeError::Json(format!("the body is not valid UTF-8: {e}")))?;
+        // One pass over the body: the envelope's fields, `data` and its ticket.
         let wire: Wire<'a> =
-            serde_json::from_slice(bytes).map_err(|e| EnvelopeError::Json(e.to_string()))?;
+            serde_json::from_str(text).map_err(|e| EnvelopeError::Json(e.to_string()))?;
 
         let event_id = non_empty_string(wire.event_id, "event_id")?;
         let event_type = non_empty_string(wire.event_type, "event_type")?;
@@ -189,25 +273,21 @@ impl<'a> Envelope<'a> {
         let data = wire
             .data
             .ok_or_else(|| field_err("data", "is missing or null"))?;
-        if !is_object(data) {
+        let Data::Object { ticket } = data else {
             return Err(field_err("data", "must be an object"));
-        }
+        };
 
         let ticket_id = if event_type.starts_with(TICKET_EVENT_PREFIX) {
-            let data: Data<'a> = serde_json::from_str(data.get())
-                .map_err(|_| field_err("data", "has a repeated or unreadable `ticket` key"))?;
-            let ticket = data.ticket.ok_or_else(|| {
+            let ticket = ticket.ok_or_else(|| {
                 field_err(
                     "data.ticket",
                     "is missing or null (required for ticket events)",
                 )
             })?;
-            if !is_object(ticket) {
+            let Ticket::Object { id } = ticket else {
                 return Err(field_err("data.ticket", "must be an object"));
-            }
-            let ticket: Ticket<'a> = serde_json::from_str(ticket.get())
-                .map_err(|_| field_err("data.ticket", "has a repeated or unreadable `id` key"))?;
-            Some(non_empty_string(ticket.id, "data.ticket.id")?)
+            };
+            Some(non_empty_string(id, "data.ticket.id")?)
         } else {
             None
         };
@@ -218,7 +298,6 @@ impl<'a> Envelope<'a> {
             endpoint_id,
             api_version: API_VERSION,
             ticket_id,
-            data,
         })
     }
 }

@@ -131,7 +131,6 @@ impl Pointer {
             ("event_id", true) => return Ok(envelope.event_id.clone()),
             ("event_type", true) => return Ok(envelope.event_type.clone()),
             ("endpoint_id", true) => return Ok(envelope.endpoint_id.clone()),
-            ("data", _) => walk(envelope.data, rest),
             _ => serde_json::from_slice::<&RawValue>(body)
                 .ok()
                 .and_then(|root| walk(root, &self.segments)),
