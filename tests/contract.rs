@@ -260,7 +260,7 @@ async fn the_example_consumer_keeps_each_tickets_latest_state_once() {
         .join("examples/consumer");
     assert!(
         example.exists(),
-        "{} is built by `cargo test --all-targets`",
+        "{} is missing: .ci/test builds it (`cargo build --examples`)",
         example.display()
     );
     let out = tokio::process::Command::new(&example)
