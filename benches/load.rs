@@ -158,6 +158,34 @@ fn peak_rss_mb(pid: u32) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// The workers of one run and what they share.
+struct Run {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+    result: Arc<Mutex<RunResult>>,
+    started: Instant,
+    cpu_before: f64,
+    duration: Duration,
+}
+
+/// Lets the workers run for the run's duration, stops them and gathers their results.
+async fn finish_run(run: Run) -> RunResult {
+    tokio::time::sleep(run.duration).await;
+    run.stop.store(true, Ordering::Relaxed);
+    for t in run.tasks {
+        let _ = t.await;
+    }
+    let mut r = Arc::try_unwrap(run.result)
+        .ok()
+        .unwrap()
+        .into_inner()
+        .unwrap();
+    r.elapsed = run.started.elapsed();
+    r.driver_cpu = process_cpu_seconds(std::process::id()) - run.cpu_before;
+    r.latencies_us.sort_unstable();
+    r
+}
+
 /// With `pace`, a sender starts one request per period (an open-loop rate) instead of the
 /// next one as soon as the last is answered.
 fn pacer(pace: Option<Duration>) -> Option<tokio::time::Interval> {
@@ -252,16 +280,15 @@ async fn drive_http(
             }
         }));
     }
-    tokio::time::sleep(duration).await;
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        let _ = t.await;
-    }
-    let mut r = Arc::try_unwrap(result).ok().unwrap().into_inner().unwrap();
-    r.elapsed = started.elapsed();
-    r.driver_cpu = process_cpu_seconds(std::process::id()) - cpu_before;
-    r.latencies_us.sort_unstable();
-    r
+    finish_run(Run {
+        tasks,
+        stop,
+        result,
+        started,
+        cpu_before,
+        duration,
+    })
+    .await
 }
 
 /// The Kafka ceiling: the bridge's producer settings, the same records, `concurrency`
@@ -351,16 +378,15 @@ async fn drive_kafka(
             }
         }));
     }
-    tokio::time::sleep(duration).await;
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        let _ = t.await;
-    }
-    let mut r = Arc::try_unwrap(result).ok().unwrap().into_inner().unwrap();
-    r.elapsed = started.elapsed();
-    r.driver_cpu = process_cpu_seconds(std::process::id()) - cpu_before;
-    r.latencies_us.sort_unstable();
-    r
+    finish_run(Run {
+        tasks,
+        stop,
+        result,
+        started,
+        cpu_before,
+        duration,
+    })
+    .await
 }
 
 async fn create_topic(brokers: &str, topic: &str) {
