@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -18,6 +18,9 @@ pub const ENV_PREFIX: &str = "TAMIO_BRIDGE";
 
 /// The variable holding `signature.secrets`, comma-separated.
 const SECRETS_ENV: &str = "TAMIO_BRIDGE__SIGNATURE__SECRETS";
+
+/// The variable holding `signature.secret_files`, comma-separated.
+const SECRET_FILES_ENV: &str = "TAMIO_BRIDGE__SIGNATURE__SECRET_FILES";
 
 /// Every setting of the bridge.
 #[derive(Debug, Clone, Deserialize)]
@@ -58,6 +61,17 @@ pub struct Server {
     pub max_connections: usize,
     /// Time allowed for requests in flight to finish on shutdown.
     pub drain_timeout_ms: u64,
+    /// PEM certificate chain for TLS on the ingress; empty serves plain HTTP.
+    pub tls_cert_file: PathBuf,
+    /// PEM private key of `tls_cert_file`.
+    pub tls_key_file: PathBuf,
+}
+
+impl Server {
+    /// True when the ingress serves TLS.
+    pub fn tls(&self) -> bool {
+        !self.tls_cert_file.as_os_str().is_empty()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -90,9 +104,75 @@ pub struct Kafka {
     pub dead_letter_topic: String,
     /// Add the CloudEvents Kafka binding headers to records.
     pub cloudevents: bool,
+    /// TLS to the brokers.
+    pub tls: KafkaTls,
+    /// SASL authentication to the brokers.
+    pub sasl: KafkaSasl,
     /// Options passed through to librdkafka.
     #[serde(default)]
     pub librdkafka: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaTls {
+    /// Connect to the brokers over TLS.
+    pub enabled: bool,
+    /// PEM CA certificates the brokers' certificates are checked against; empty: the
+    /// system's.
+    pub ca_file: PathBuf,
+    /// PEM client certificate, for brokers that require one.
+    pub cert_file: PathBuf,
+    /// PEM private key of `cert_file`.
+    pub key_file: PathBuf,
+    /// Password of `key_file`, when it is encrypted.
+    pub key_password: Secret,
+}
+
+/// SASL mechanisms the producer can use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum SaslMechanism {
+    #[serde(rename = "PLAIN")]
+    Plain,
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    #[serde(rename = "SCRAM-SHA-512")]
+    ScramSha512,
+}
+
+impl SaslMechanism {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SaslMechanism::Plain => "PLAIN",
+            SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
+            SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+        }
+    }
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSasl {
+    /// "PLAIN", "SCRAM-SHA-256" or "SCRAM-SHA-512"; absent: no SASL.
+    #[serde(default)]
+    pub mechanism: Option<SaslMechanism>,
+    pub username: String,
+    pub password: Secret,
+    /// A file holding the password (its surrounding whitespace is ignored), instead of
+    /// `password`.
+    pub password_file: PathBuf,
+}
+
+impl Kafka {
+    /// librdkafka's `security.protocol` for these settings.
+    pub fn security_protocol(&self) -> &'static str {
+        match (self.tls.enabled, self.sasl.mechanism.is_some()) {
+            (false, false) => "plaintext",
+            (true, false) => "ssl",
+            (false, true) => "sasl_plaintext",
+            (true, true) => "sasl_ssl",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -119,16 +199,56 @@ pub struct Dedup {
     pub max_entries: usize,
 }
 
+/// How a delivery is signed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scheme {
+    /// The sender's own: `t=<unix seconds>,s=<hex HMAC-SHA256 of "<t>.<body>">`.
+    Tamio,
+    /// Standard Webhooks: `webhook-id`, `webhook-timestamp`, `webhook-signature` headers,
+    /// `v1,<base64 HMAC-SHA256 of "<id>.<timestamp>.<body>">`, `whsec_` secrets.
+    StandardWebhooks,
+    /// A bare HMAC-SHA256 of the body in one header, hex or base64.
+    HmacSha256,
+}
+
+impl Scheme {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Tamio => "tamio",
+            Scheme::StandardWebhooks => "standard-webhooks",
+            Scheme::HmacSha256 => "hmac-sha256",
+        }
+    }
+}
+
+/// How the `hmac-sha256` scheme writes its MAC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MacEncoding {
+    Hex,
+    Base64,
+}
+
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Signature {
-    /// Header that carries the signature.
+    /// The scheme of `secrets`, and of endpoints that do not name their own.
+    pub scheme: Scheme,
+    /// Header that carries the signature (schemes `tamio` and `hmac-sha256`).
     pub header: String,
+    /// Encoding of the MAC (scheme `hmac-sha256`).
+    pub encoding: MacEncoding,
     /// Secrets accepted for every endpoint.
     #[serde(default)]
     pub secrets: Vec<Secret>,
+    /// Files holding secrets accepted for every endpoint, one per line; re-read on SIGHUP.
+    #[serde(default)]
+    pub secret_files: Vec<PathBuf>,
     /// Largest accepted distance between the signature's timestamp and now.
     pub tolerance_secs: u64,
+    /// With no secret configured, accept deliveries without checking any signature.
+    pub allow_unsigned: bool,
     /// Secrets for single endpoints, keyed by `endpoint_id`.
     #[serde(default)]
     pub endpoints: HashMap<String, Endpoint>,
@@ -137,8 +257,21 @@ pub struct Signature {
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Endpoint {
+    /// This endpoint's scheme; `signature.scheme` when absent.
+    #[serde(default)]
+    pub scheme: Option<Scheme>,
+    /// This endpoint's signature header; `signature.header` when absent.
+    #[serde(default)]
+    pub header: Option<String>,
+    /// This endpoint's MAC encoding; `signature.encoding` when absent.
+    #[serde(default)]
+    pub encoding: Option<MacEncoding>,
     /// Secrets accepted for this endpoint (besides `signature.secrets`).
+    #[serde(default)]
     pub secrets: Vec<Secret>,
+    /// Files holding this endpoint's secrets, one per line; re-read on SIGHUP.
+    #[serde(default)]
+    pub secret_files: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -206,8 +339,24 @@ impl fmt::Debug for Kafka {
             .iter()
             .map(|(k, v)| (k.as_str(), shown_value(k, v)))
             .collect();
+        let sasl = self.sasl.mechanism.map(|m| {
+            (
+                m.as_str(),
+                self.sasl.username.as_str(),
+                if self.sasl.password_file.as_os_str().is_empty() {
+                    "password [redacted]".to_owned()
+                } else {
+                    format!("password_file {}", self.sasl.password_file.display())
+                },
+            )
+        });
         f.debug_struct("Kafka")
             .field("brokers", &self.brokers)
+            .field("security_protocol", &self.security_protocol())
+            .field("tls_ca_file", &self.tls.ca_file)
+            .field("tls_cert_file", &self.tls.cert_file)
+            .field("tls_key_file", &self.tls.key_file)
+            .field("sasl", &sasl)
             .field("topic", &self.topic)
             .field("delivery_timeout_ms", &self.delivery_timeout_ms)
             .field("readiness_interval_ms", &self.readiness_interval_ms)
@@ -231,15 +380,63 @@ impl fmt::Debug for Signature {
             .collect();
         endpoints.sort();
         f.debug_struct("Signature")
+            .field("scheme", &self.scheme)
             .field("header", &self.header)
+            .field("encoding", &self.encoding)
             .field(
                 "secrets",
                 &format_args!("[{} redacted]", self.secrets.len()),
             )
+            .field("secret_files", &self.secret_files)
             .field("tolerance_secs", &self.tolerance_secs)
+            .field("allow_unsigned", &self.allow_unsigned)
             .field("endpoints", &endpoints)
             .finish()
     }
+}
+
+/// Reads a file of secrets: one per line, surrounding whitespace and blank lines ignored
+/// (Kubernetes mounts a Secret's key as such a file). The error never quotes the content.
+fn read_secrets(path: &Path) -> Result<Vec<Secret>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let secrets: Vec<Secret> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(Secret::new)
+        .collect();
+    if secrets.is_empty() {
+        return Err(format!("{} holds no secret", path.display()));
+    }
+    Ok(secrets)
+}
+
+/// Checks that `path` is a readable PEM file holding a `-----BEGIN ...{label}-----` block.
+fn check_pem_file(path: &Path, label: &str) -> Result<(), String> {
+    let text = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let text = String::from_utf8_lossy(&text);
+    let found = text.lines().any(|l| {
+        let l = l.trim();
+        l.starts_with("-----BEGIN ") && l.ends_with(&format!("{label}-----"))
+    });
+    if found {
+        Ok(())
+    } else {
+        Err(format!("{} holds no PEM `{label}` block", path.display()))
+    }
+}
+
+/// Why `secrets` cannot be used with `scheme`, if they cannot.
+fn secrets_unfit(scheme: Scheme, secrets: &[Secret]) -> Option<String> {
+    if scheme != Scheme::StandardWebhooks {
+        return None;
+    }
+    secrets.iter().enumerate().find_map(|(i, s)| {
+        crate::ingest::verify::standard_webhooks_key(s.expose())
+            .err()
+            .map(|reason| format!("secret #{} (of {}): {reason}", i + 1, secrets.len()))
+    })
 }
 
 /// Why the settings could not be used. The message names the setting.
@@ -286,6 +483,7 @@ impl Settings {
         // Split here rather than by config-rs, whose list parsing would first turn a secret
         // such as `12345678` or `true` into a number or a boolean.
         let env_secrets = env.remove(SECRETS_ENV);
+        let env_secret_files = env.remove(SECRET_FILES_ENV);
         let mut builder = config::Config::builder().add_source(config::File::from_str(
             DEFAULT_TOML,
             config::FileFormat::Toml,
@@ -308,8 +506,56 @@ impl Settings {
                 .map(Secret::new)
                 .collect();
         }
+        if let Some(list) = env_secret_files {
+            settings.signature.secret_files = list
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from)
+                .collect();
+        }
+        settings.read_secret_files()?;
         settings.validate()?;
         Ok(settings)
+    }
+
+    /// Adds the secrets of every `secret_files` entry to the matching `secrets` list, and
+    /// reads `kafka.sasl.password_file`. Errors name the setting and the file, never a
+    /// file's content.
+    fn read_secret_files(&mut self) -> Result<(), SettingsError> {
+        let sig = &mut self.signature;
+        for path in &sig.secret_files {
+            sig.secrets
+                .extend(read_secrets(path).map_err(|r| invalid("signature.secret_files", r))?);
+        }
+        for (id, endpoint) in &mut sig.endpoints {
+            for path in &endpoint.secret_files {
+                let read = read_secrets(path).map_err(|r| SettingsError::Invalid {
+                    key: "signature.endpoints",
+                    reason: format!("endpoint `{id}`: secret_files: {r}"),
+                })?;
+                endpoint.secrets.extend(read);
+            }
+        }
+        let sasl = &mut self.kafka.sasl;
+        if !sasl.password_file.as_os_str().is_empty() {
+            if !sasl.password.expose().is_empty() {
+                return Err(invalid(
+                    "kafka.sasl.password_file",
+                    "set either kafka.sasl.password or kafka.sasl.password_file, not both",
+                ));
+            }
+            let mut read = read_secrets(&sasl.password_file)
+                .map_err(|r| invalid("kafka.sasl.password_file", r))?;
+            if read.len() != 1 {
+                return Err(invalid(
+                    "kafka.sasl.password_file",
+                    format!("{} must hold one line", sasl.password_file.display()),
+                ));
+            }
+            sasl.password = read.remove(0);
+        }
+        Ok(())
     }
 
     /// Checks that cannot be expressed in the types.
@@ -400,6 +646,20 @@ impl Settings {
                 ));
             }
         }
+        self.validate_kafka_security()?;
+        let key_set = !self.server.tls_key_file.as_os_str().is_empty();
+        if self.server.tls() != key_set {
+            return Err(invalid(
+                "server.tls_key_file",
+                "server.tls_cert_file and server.tls_key_file are set together or not at all",
+            ));
+        }
+        if self.server.tls() {
+            check_pem_file(&self.server.tls_cert_file, "CERTIFICATE")
+                .map_err(|r| invalid("server.tls_cert_file", r))?;
+            check_pem_file(&self.server.tls_key_file, "PRIVATE KEY")
+                .map_err(|r| invalid("server.tls_key_file", r))?;
+        }
         if self.routes.is_empty() {
             return Err(invalid("routes", "at least one route is needed"));
         }
@@ -445,7 +705,14 @@ impl Settings {
         if sig.secrets.iter().any(|s| s.expose().is_empty()) {
             return Err(invalid("signature.secrets", "a secret must not be empty"));
         }
+        if let Some(reason) = secrets_unfit(sig.scheme, &sig.secrets) {
+            return Err(invalid("signature.secrets", reason));
+        }
         for (id, endpoint) in &sig.endpoints {
+            let bad = |reason: String| SettingsError::Invalid {
+                key: "signature.endpoints",
+                reason: format!("endpoint `{id}`: {reason}"),
+            };
             if id.is_empty() {
                 return Err(invalid(
                     "signature.endpoints",
@@ -454,10 +721,17 @@ impl Settings {
             }
             if endpoint.secrets.is_empty() || endpoint.secrets.iter().any(|s| s.expose().is_empty())
             {
-                return Err(SettingsError::Invalid {
-                    key: "signature.endpoints",
-                    reason: format!("endpoint `{id}` needs at least one non-empty secret"),
-                });
+                return Err(bad("needs at least one non-empty secret".into()));
+            }
+            if let Some(reason) =
+                secrets_unfit(endpoint.scheme.unwrap_or(sig.scheme), &endpoint.secrets)
+            {
+                return Err(bad(reason));
+            }
+            if let Some(header) = &endpoint.header {
+                if http::HeaderName::try_from(header).is_err() {
+                    return Err(bad("header must be a valid HTTP header name".into()));
+                }
             }
         }
         if self.log.level.trim().is_empty() {
@@ -474,6 +748,89 @@ impl Settings {
     /// True when no broker is configured and the embedded one is to be started.
     pub fn embedded_kafka(&self) -> bool {
         self.kafka.brokers.trim().is_empty()
+    }
+
+    /// Checks the `kafka.tls` and `kafka.sasl` settings and their files.
+    fn validate_kafka_security(&self) -> Result<(), SettingsError> {
+        let k = &self.kafka;
+        let tls = &k.tls;
+        let set = |p: &PathBuf| !p.as_os_str().is_empty();
+        if !tls.enabled && (set(&tls.ca_file) || set(&tls.cert_file) || set(&tls.key_file)) {
+            return Err(invalid(
+                "kafka.tls.enabled",
+                "kafka.tls files are set but TLS is off: set kafka.tls.enabled = true",
+            ));
+        }
+        if set(&tls.ca_file) {
+            check_pem_file(&tls.ca_file, "CERTIFICATE")
+                .map_err(|r| invalid("kafka.tls.ca_file", r))?;
+        }
+        if set(&tls.cert_file) != set(&tls.key_file) {
+            return Err(invalid(
+                "kafka.tls.key_file",
+                "kafka.tls.cert_file and kafka.tls.key_file are set together or not at all",
+            ));
+        }
+        if set(&tls.cert_file) {
+            check_pem_file(&tls.cert_file, "CERTIFICATE")
+                .map_err(|r| invalid("kafka.tls.cert_file", r))?;
+            check_pem_file(&tls.key_file, "PRIVATE KEY")
+                .map_err(|r| invalid("kafka.tls.key_file", r))?;
+        }
+        let sasl = &k.sasl;
+        match sasl.mechanism {
+            Some(_) => {
+                if sasl.username.is_empty() {
+                    return Err(invalid(
+                        "kafka.sasl.username",
+                        "must be set with kafka.sasl.mechanism",
+                    ));
+                }
+                if sasl.password.expose().is_empty() {
+                    return Err(invalid(
+                        "kafka.sasl.password",
+                        "must be set (or kafka.sasl.password_file) with kafka.sasl.mechanism",
+                    ));
+                }
+            }
+            None if !sasl.username.is_empty() || !sasl.password.expose().is_empty() => {
+                return Err(invalid(
+                    "kafka.sasl.mechanism",
+                    "a SASL username or password is set but no mechanism: set PLAIN, \
+                     SCRAM-SHA-256 or SCRAM-SHA-512",
+                ));
+            }
+            None => {}
+        }
+        if tls.enabled || sasl.mechanism.is_some() {
+            for key in k.librdkafka.keys() {
+                if key == "security.protocol" || key.starts_with("ssl.") || key.starts_with("sasl.")
+                {
+                    return Err(invalid(
+                        "kafka.librdkafka",
+                        format!(
+                            "`{key}` conflicts with kafka.tls / kafka.sasl: use one or the other"
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses settings that would accept unsigned deliveries without saying so: no secret
+    /// at all, and `signature.allow_unsigned` not set.
+    pub fn check_signing(&self) -> Result<(), SettingsError> {
+        if !self.has_secrets() && !self.signature.allow_unsigned {
+            return Err(invalid(
+                "signature.secrets",
+                "no signing secret is configured, and the bridge refuses unsigned deliveries. \
+                 Set TAMIO_BRIDGE__SIGNATURE__SECRETS, or signature.secrets, \
+                 signature.secret_files or signature.endpoints in the --config file (or, to \
+                 accept deliveries without any signature, signature.allow_unsigned = true)",
+            ));
+        }
+        Ok(())
     }
 
     /// True when at least one secret is configured.

@@ -12,19 +12,26 @@ pub mod ingest;
 pub mod metrics;
 pub mod publish;
 pub mod server;
+pub mod tls;
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 
 use crate::admin::{Admin, Readiness};
-use crate::config::Settings;
+use crate::config::{Settings, SettingsError};
+use crate::ingest::verify::Verifier;
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
 use crate::publish::Publisher;
 use crate::server::{Drain, Limits};
+use crate::tls::{Tls, TlsError};
+
+/// A reload: the settings loaded again from their sources, or why they could not be.
+pub type Reload = Result<Settings, String>;
 
 /// Why the bridge could not run.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +42,10 @@ pub enum RunError {
     NoBrokers,
     #[error("cannot create the Kafka producer: {0}")]
     Producer(#[from] rdkafka::error::KafkaError),
+    #[error(transparent)]
+    Settings(#[from] SettingsError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// Runs the bridge on the given listeners until `shutdown` completes, then shuts down in
@@ -45,9 +56,31 @@ pub async fn run(
     admin_listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
+    let (_no_reloads, reloads) = mpsc::channel(1);
+    run_with_reloads(settings, listener, admin_listener, shutdown, reloads).await
+}
+
+/// Like [`run`], and puts in force the signature settings and TLS certificate of each
+/// [`Reload`] received (main sends one on SIGHUP). Other settings apply at the next start.
+pub async fn run_with_reloads(
+    settings: Settings,
+    listener: TcpListener,
+    admin_listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    mut reloads: mpsc::Receiver<Reload>,
+) -> Result<(), RunError> {
     if settings.embedded_kafka() {
         return Err(RunError::NoBrokers);
     }
+    settings.check_signing()?;
+    let tls = if settings.server.tls() {
+        Some(Arc::new(Tls::load(
+            &settings.server.tls_cert_file,
+            &settings.server.tls_key_file,
+        )?))
+    } else {
+        None
+    };
     let metrics = Arc::new(Metrics::new());
     let publisher = Publisher::new(
         &settings.kafka,
@@ -94,6 +127,7 @@ pub async fn run(
     };
     let admin_task = tokio::spawn(server::serve(
         admin_listener,
+        None,
         move |req| admin.clone().handle(req),
         admin_limits,
         async move {
@@ -102,15 +136,40 @@ pub async fn run(
     ));
 
     let ingest = Arc::new(Ingest::new(&settings, publisher.clone(), metrics.clone()));
+    announce_signing(&settings, &ingest.verifier(), &metrics);
+    let reload_task = {
+        let (ingest, tls, metrics) = (ingest.clone(), tls.clone(), metrics.clone());
+        tokio::spawn(async move {
+            while let Some(reload) = reloads.recv().await {
+                let result = reload.and_then(|next| {
+                    apply_reload(&next, &ingest, tls.as_deref())?;
+                    announce_signing(&next, &ingest.verifier(), &metrics);
+                    Ok(())
+                });
+                match result {
+                    Ok(()) => {
+                        metrics.reloads.with_label_values(&["applied"]).inc();
+                        tracing::info!("reloaded: signature settings and TLS certificate in force");
+                    }
+                    Err(reason) => {
+                        metrics.reloads.with_label_values(&["failed"]).inc();
+                        tracing::error!(%reason, "reload refused: the settings in force stay");
+                    }
+                }
+            }
+        })
+    };
     tracing::info!(
         listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         path = %settings.server.path,
         admin = %admin_addr,
+        tls = tls.is_some(),
         "accepting webhook deliveries"
     );
     let readiness_on_stop = readiness.clone();
     let drain = server::serve(
         listener,
+        tls,
         move |req| ingest.clone().handle(req),
         Limits {
             http2: true,
@@ -134,6 +193,7 @@ pub async fn run(
     }
 
     probe.abort();
+    reload_task.abort();
     let outstanding = publisher
         .flush(Duration::from_millis(settings.kafka.flush_timeout_ms))
         .await;
@@ -149,6 +209,50 @@ pub async fn run(
     let _ = admin_task.await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Checks a reload's settings, then puts its TLS certificate and signature settings in
+/// force; on error nothing changes.
+fn apply_reload(next: &Settings, ingest: &Ingest, tls: Option<&Tls>) -> Result<(), String> {
+    next.check_signing().map_err(|e| e.to_string())?;
+    if next.server.tls() != tls.is_some() {
+        return Err(
+            "setting `server.tls_cert_file`: turning TLS on or off takes a restart".to_owned(),
+        );
+    }
+    if let Some(tls) = tls {
+        tls.reload(&next.server.tls_cert_file, &next.server.tls_key_file)
+            .map_err(|e| e.to_string())?;
+    }
+    ingest.set_verifier(Verifier::new(&next.signature));
+    Ok(())
+}
+
+/// Logs how deliveries are checked, and sets the unsigned-deliveries metric.
+fn announce_signing(settings: &Settings, verifier: &Verifier, metrics: &Metrics) {
+    let sig = &settings.signature;
+    metrics
+        .unsigned_allowed
+        .set(i64::from(verifier.accepts_unsigned()));
+    if verifier.accepts_unsigned() {
+        tracing::warn!(
+            "UNSIGNED DELIVERIES ACCEPTED: signature.allow_unsigned is set and no secret is \
+             configured, so anyone who can reach the ingress can write to Kafka"
+        );
+        return;
+    }
+    if sig.allow_unsigned {
+        tracing::warn!(
+            "signature.allow_unsigned has no effect: secrets are configured, so every delivery \
+             must be signed"
+        );
+    }
+    tracing::info!(
+        scheme = sig.scheme.as_str(),
+        secrets = sig.secrets.len(),
+        endpoints = sig.endpoints.len(),
+        "signatures required"
+    );
 }
 
 /// Probes the producer's connection every `interval` and keeps readiness up to date.

@@ -11,6 +11,7 @@ use rdkafka::mocking::MockCluster;
 use tamio_kafka_bridge::config::{LogFormat, Secret, Settings};
 use tamio_kafka_bridge::ingest::verify;
 use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
 
 /// Receives signed Tamio webhooks and publishes each ticket event to Kafka.
 #[derive(Parser)]
@@ -168,19 +169,13 @@ fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
              Set kafka.brokers (TAMIO_BRIDGE__KAFKA__BROKERS) for real use."
         );
         _embedded = Some(cluster);
-        if !settings.has_secrets() {
+        if !settings.has_secrets() && !settings.signature.allow_unsigned {
             let secret = format!("try-{:032x}", rand::random::<u128>());
-            settings.signature.secrets.push(Secret::new(secret.clone()));
-            example_secret = Some(secret);
+            example_secret = Some(Secret::new(secret));
+            with_example_secret(&mut settings, &example_secret);
         }
     }
-    if !settings.has_secrets() {
-        bail!(
-            "setting `signature.secrets`: no signing secret is configured, and the bridge \
-             refuses unsigned deliveries. Set TAMIO_BRIDGE__SIGNATURE__SECRETS or \
-             signature.secrets / signature.endpoints in the --config file."
-        );
-    }
+    settings.check_signing()?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -203,19 +198,73 @@ fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
                     settings.admin.listen
                 )
             })?;
-        if let Some(secret) = example_secret {
-            print_try_it(&settings, &listener, &secret);
+        if let Some(secret) = &example_secret {
+            print_try_it(&settings, &listener, secret);
         }
-        tamio_kafka_bridge::run(settings, listener, admin, shutdown_signal()).await?;
+        // Installed before serving: SIGHUP's default action would end the process.
+        let hangups = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+        let (reload_tx, reloads) = tokio::sync::mpsc::channel(4);
+        let brokers = settings.kafka.brokers.clone();
+        tokio::spawn(reload_on_sighup(
+            hangups,
+            config,
+            example_secret,
+            brokers,
+            reload_tx,
+        ));
+        tamio_kafka_bridge::run_with_reloads(settings, listener, admin, shutdown_signal(), reloads)
+            .await?;
         Ok(())
     })
 }
 
+/// The embedded mode's one-time secret stands in while no other secret is configured.
+fn with_example_secret(settings: &mut Settings, example: &Option<Secret>) {
+    if let Some(secret) = example {
+        if !settings.has_secrets() && !settings.signature.allow_unsigned {
+            settings.signature.secrets.push(secret.clone());
+        }
+    }
+}
+
+/// On each SIGHUP, loads the settings again from the same sources (secret files and TLS files
+/// included) and hands them to the bridge, which applies what can change while it runs.
+async fn reload_on_sighup(
+    mut hangups: tokio::signal::unix::Signal,
+    config: Option<PathBuf>,
+    example_secret: Option<Secret>,
+    brokers: String,
+    reloads: tokio::sync::mpsc::Sender<tamio_kafka_bridge::Reload>,
+) {
+    while hangups.recv().await.is_some() {
+        tracing::info!(
+            "SIGHUP received: reloading signature settings, secret files and TLS certificate"
+        );
+        let reload = Settings::load(config.as_deref())
+            .map(|mut settings| {
+                with_example_secret(&mut settings, &example_secret);
+                // The embedded broker's address is not in any setting.
+                settings.kafka.brokers.clone_from(&brokers);
+                settings
+            })
+            .map_err(|e| e.to_string());
+        if reloads.send(reload).await.is_err() {
+            return;
+        }
+    }
+}
+
 /// Prints the one-time secret of the embedded mode and a request signed with it.
-fn print_try_it(settings: &Settings, listener: &TcpListener, secret: &str) {
+fn print_try_it(settings: &Settings, listener: &TcpListener, secret: &Secret) {
+    let secret = String::from_utf8_lossy(secret.expose());
     let port = listener.local_addr().map(|a| a.port()).unwrap_or(8080);
     let body = EXAMPLE_EVENT.trim();
     let header = verify::header_value(secret.as_bytes(), now(), body.as_bytes());
+    let scheme = if settings.server.tls() {
+        "https"
+    } else {
+        "http"
+    };
     tracing::warn!(
         "EMBEDDED KAFKA: no signing secret is set, so this run made a one-time secret; it is \
          printed below with a signed example request (valid for {} s)",
@@ -223,7 +272,7 @@ fn print_try_it(settings: &Settings, listener: &TcpListener, secret: &str) {
     );
     println!(
         "\n  one-time signing secret: {secret}\n\n  try it:\n\n\
-         curl -sS -X POST 'http://127.0.0.1:{port}{path}' \\\n  \
+         curl -sS -X POST '{scheme}://127.0.0.1:{port}{path}' \\\n  \
          -H 'Content-Type: application/json' \\\n  \
          -H '{name}: {header}' \\\n  \
          --data-binary '{body}'\n\n  \
@@ -249,8 +298,7 @@ fn init_logging(settings: &Settings) -> anyhow::Result<()> {
 }
 
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing the SIGTERM handler");
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),

@@ -87,6 +87,8 @@ pub struct Metrics {
     pub dead_letters: IntCounter,
     pub producer_restarts: IntCounter,
     pub dedup_entries: IntGauge,
+    pub unsigned_allowed: IntGauge,
+    pub reloads: IntCounterVec,
     pub producer_queue_messages: IntGauge,
     pub producer_queue_bytes: IntGauge,
     pub broker_rtt: GaugeVec,
@@ -182,6 +184,21 @@ impl Metrics {
             "Times the producer was replaced after librdkafka declared it dead (a fatal error).",
         )
         .unwrap();
+        let unsigned_allowed = IntGauge::new(
+            "tamio_bridge_unsigned_allowed",
+            "1 while deliveries are accepted without a signature (signature.allow_unsigned with \
+             no secret configured); 0 while every delivery must be signed.",
+        )
+        .unwrap();
+        let reloads = IntCounterVec::new(
+            Opts::new(
+                "tamio_bridge_reloads_total",
+                "Reloads of the signature settings, secret files and TLS certificate (SIGHUP or \
+                 a changed file), by result: applied, or failed (the previous ones stay).",
+            ),
+            &["result"],
+        )
+        .unwrap();
         let dedup_entries = IntGauge::new(
             "tamio_bridge_dedup_entries",
             "Acknowledged event ids remembered for duplicate suppression.",
@@ -256,6 +273,9 @@ impl Metrics {
         for r in SIGNATURE_FAILURE_REASONS {
             signature_failures.with_label_values(&[r]);
         }
+        for r in ["applied", "failed"] {
+            reloads.with_label_values(&[r]);
+        }
 
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
@@ -271,6 +291,8 @@ impl Metrics {
             Box::new(dead_letters.clone()),
             Box::new(producer_restarts.clone()),
             Box::new(dedup_entries.clone()),
+            Box::new(unsigned_allowed.clone()),
+            Box::new(reloads.clone()),
             Box::new(producer_queue_messages.clone()),
             Box::new(producer_queue_bytes.clone()),
             Box::new(broker_rtt.clone()),
@@ -301,6 +323,8 @@ impl Metrics {
             dead_letters,
             producer_restarts,
             dedup_entries,
+            unsigned_allowed,
+            reloads,
             producer_queue_messages,
             producer_queue_bytes,
             broker_rtt,

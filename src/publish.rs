@@ -113,9 +113,11 @@ pub struct Record<'a> {
     pub event_type: &'a str,
     pub endpoint_id: &'a str,
     pub ticket_id: Option<&'a str>,
-    pub signature: Option<&'a [u8]>,
-    /// Unix seconds of the signature's timestamp: when the sender sent the event.
-    pub signed_at: i64,
+    /// The signature headers as received, each under its record header name.
+    pub signature: &'a [(&'static str, bytes::Bytes)],
+    /// Unix seconds of the signature's timestamp (when the sender sent the event), for
+    /// schemes that sign one.
+    pub signed_at: Option<i64>,
     pub received_at: SystemTime,
     /// Add the CloudEvents Kafka binding headers.
     pub cloudevents: bool,
@@ -131,8 +133,8 @@ pub struct OwnedRecord {
     pub event_type: String,
     pub endpoint_id: String,
     pub ticket_id: Option<String>,
-    pub signature: Option<bytes::Bytes>,
-    pub signed_at: i64,
+    pub signature: Vec<(&'static str, bytes::Bytes)>,
+    pub signed_at: Option<i64>,
     pub received_at: SystemTime,
     pub cloudevents: bool,
 }
@@ -147,7 +149,7 @@ impl OwnedRecord {
             event_type: &self.event_type,
             endpoint_id: &self.endpoint_id,
             ticket_id: self.ticket_id.as_deref(),
-            signature: self.signature.as_deref(),
+            signature: &self.signature,
             signed_at: self.signed_at,
             received_at: self.received_at,
             cloudevents: self.cloudevents,
@@ -167,8 +169,13 @@ pub const CLOUDEVENTS_SPEC_VERSION: &str = "1.0";
 
 impl<'a> Record<'a> {
     pub fn texts(&self) -> RecordTexts {
-        let signed_at = SystemTime::UNIX_EPOCH
-            + Duration::from_secs(u64::try_from(self.signed_at).unwrap_or_default());
+        // Without a signed timestamp, the event's time is when the bridge received it.
+        let signed_at = match self.signed_at {
+            Some(t) => {
+                SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(t).unwrap_or_default())
+            }
+            None => self.received_at,
+        };
         RecordTexts {
             received_at: rfc3339(self.received_at),
             ce_time: if self.cloudevents {
@@ -225,7 +232,7 @@ pub struct DeadLetter<'a> {
     pub value: &'a [u8],
     pub error_kind: &'a str,
     pub error: &'a str,
-    pub signature: Option<&'a [u8]>,
+    pub signature: &'a [(&'static str, bytes::Bytes)],
     pub received_at: SystemTime,
 }
 
@@ -243,11 +250,14 @@ fn header<'a>(key: &'a str, value: &'a [u8]) -> Header<'a, &'a [u8]> {
     }
 }
 
-fn with_signature(headers: OwnedHeaders, signature: Option<&[u8]>) -> OwnedHeaders {
-    match signature {
-        Some(signature) => headers.insert(header("signature", signature)),
-        None => headers,
+fn with_signature(
+    mut headers: OwnedHeaders,
+    signature: &[(&'static str, bytes::Bytes)],
+) -> OwnedHeaders {
+    for (name, value) in signature {
+        headers = headers.insert(header(name, value));
     }
+    headers
 }
 
 /// RFC 3339 UTC with milliseconds, as in the `received_at` header.
@@ -288,7 +298,33 @@ pub fn producer_config(kafka: &Kafka, brokers: &str, max_body_bytes: usize) -> C
         .set("statistics.interval.ms", "5000")
         // Reconnect promptly after a broker returns, so readiness recovers within seconds.
         .set("reconnect.backoff.max.ms", "1000")
-        .set("client.id", "tamio-kafka-bridge");
+        .set("client.id", "tamio-kafka-bridge")
+        .set("security.protocol", kafka.security_protocol());
+    let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+    let tls = &kafka.tls;
+    if tls.enabled {
+        if !tls.ca_file.as_os_str().is_empty() {
+            cfg.set("ssl.ca.location", path(&tls.ca_file));
+        }
+        if !tls.cert_file.as_os_str().is_empty() {
+            cfg.set("ssl.certificate.location", path(&tls.cert_file))
+                .set("ssl.key.location", path(&tls.key_file));
+        }
+        if !tls.key_password.expose().is_empty() {
+            cfg.set(
+                "ssl.key.password",
+                String::from_utf8_lossy(tls.key_password.expose()),
+            );
+        }
+    }
+    if let Some(mechanism) = kafka.sasl.mechanism {
+        cfg.set("sasl.mechanisms", mechanism.as_str())
+            .set("sasl.username", &kafka.sasl.username)
+            .set(
+                "sasl.password",
+                String::from_utf8_lossy(kafka.sasl.password.expose()),
+            );
+    }
     for (k, v) in &kafka.librdkafka {
         cfg.set(k, v);
     }

@@ -1,6 +1,6 @@
-//! The accept loop shared by the ingress and admin listeners: HTTP/1.1 and HTTP/2 (cleartext)
-//! through hyper-util, a bound on open connections, a deadline for request headers, and a
-//! graceful drain with its own deadline.
+//! The accept loop shared by the ingress and admin listeners: HTTP/1.1 and HTTP/2 through
+//! hyper-util, in cleartext or over TLS, a bound on open connections, a deadline for the TLS
+//! handshake and the request headers, and a graceful drain with its own deadline.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -15,8 +15,15 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+
+use crate::tls::Tls;
+
+/// A connection's byte stream: TCP, or TLS over TCP.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
 /// Bounds of one listener.
 #[derive(Debug, Clone, Copy)]
@@ -58,10 +65,12 @@ async fn protocol_known(stream: &tokio::net::TcpStream, timeout: Duration) -> bo
     tokio::time::timeout(timeout, wait).await.is_ok()
 }
 
-/// Serves `handler` on `listener` until `shutdown` completes, then stops accepting and waits
-/// up to `limits.drain_timeout` for open connections to finish their requests.
+/// Serves `handler` on `listener` (over TLS when `tls` is given) until `shutdown` completes,
+/// then stops accepting and waits up to `limits.drain_timeout` for open connections to finish
+/// their requests.
 pub async fn serve<H, Fut>(
     listener: TcpListener,
+    tls: Option<Arc<Tls>>,
     handler: H,
     limits: Limits,
     shutdown: impl Future<Output = ()>,
@@ -109,15 +118,45 @@ where
             let response = handler(req);
             async move { Ok::<_, Infallible>(response.await) }
         });
-        let builder = builder.clone();
+        let mut builder = builder.clone();
         let watcher = graceful.watcher();
+        let tls = tls.as_ref().map(|tls| tls.acceptor());
         tokio::spawn(async move {
-            // hyper's header timeout starts once the protocol is known; a client that sends
-            // nothing, or stalls inside the HTTP/2 preface, is bounded here.
-            if !protocol_known(&stream, limits.header_read_timeout).await {
-                drop(permit);
-                return;
-            }
+            let stream: Box<dyn Stream> = match tls {
+                None => {
+                    // hyper's header timeout starts once the protocol is known; a client that
+                    // sends nothing, or stalls inside the HTTP/2 preface, is bounded here.
+                    if !protocol_known(&stream, limits.header_read_timeout).await {
+                        drop(permit);
+                        return;
+                    }
+                    Box::new(stream)
+                }
+                Some(acceptor) => {
+                    let handshake =
+                        tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream))
+                            .await;
+                    let stream = match handshake {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(err)) => {
+                            tracing::debug!(error = %err, "TLS handshake failed");
+                            drop(permit);
+                            return;
+                        }
+                        Err(_) => {
+                            drop(permit);
+                            return;
+                        }
+                    };
+                    // ALPN tells the protocol: no need to read the first bytes.
+                    builder = if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                        builder.http2_only()
+                    } else {
+                        builder.http1_only()
+                    };
+                    Box::new(stream)
+                }
+            };
             let connection = watcher.watch(
                 builder
                     .serve_connection(TokioIo::new(stream), service)

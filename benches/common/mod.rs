@@ -80,8 +80,8 @@ impl Case {
             event_type: &envelope.event_type,
             endpoint_id: &envelope.endpoint_id,
             ticket_id: envelope.ticket_id.as_deref(),
-            signature: self.headers.get("tamio-signature").map(|h| h.as_bytes()),
-            signed_at: verified.timestamp(),
+            signature: verified.proof(),
+            signed_at: verified.signed_at(),
             received_at: self.at,
             cloudevents: true,
         };

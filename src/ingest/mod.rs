@@ -8,7 +8,7 @@ pub mod route;
 pub mod verify;
 
 use std::borrow::Cow;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -46,7 +46,8 @@ pub struct Ingest {
     routes: route::Routes,
     cloudevents: bool,
     dead_letter_topic: Option<String>,
-    verifier: Verifier,
+    /// Replaced as a whole when the signature settings are reloaded.
+    verifier: RwLock<Arc<Verifier>>,
     dedup: Arc<Dedup>,
     publisher: Publisher,
     metrics: Arc<Metrics>,
@@ -63,7 +64,7 @@ impl Ingest {
             routes: route::Routes::new(settings),
             cloudevents: settings.kafka.cloudevents,
             dead_letter_topic: settings.dead_letter_topic().map(str::to_owned),
-            verifier: Verifier::new(&settings.signature),
+            verifier: RwLock::new(Arc::new(Verifier::new(&settings.signature))),
             dedup: Arc::new(Dedup::new(
                 Duration::from_secs(settings.dedup.window_secs),
                 settings.dedup.max_entries,
@@ -73,6 +74,22 @@ impl Ingest {
             in_flight: Arc::new(Semaphore::new(settings.server.max_in_flight)),
             max_in_flight: settings.server.max_in_flight,
         }
+    }
+
+    /// The verifier in force; a request keeps the one it started with.
+    pub fn verifier(&self) -> Arc<Verifier> {
+        self.verifier
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Puts new signature settings in force for the requests that start from now on.
+    pub fn set_verifier(&self, verifier: Verifier) {
+        *self
+            .verifier
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(verifier);
     }
 
     /// Answers one request; never fails (every error becomes its response).
@@ -161,8 +178,8 @@ impl Ingest {
             Ok(Ok(collected)) => collected.to_bytes(),
         };
 
-        let verified = self
-            .verifier
+        let verifier = self.verifier();
+        let verified = verifier
             .verify(&parts.headers, bytes, received_at)
             .inspect_err(|e| {
                 self.metrics
@@ -170,17 +187,13 @@ impl Ingest {
                     .with_label_values(&[e.reason()])
                     .inc()
             })?;
-        self.metrics
-            .sender_delay
-            .observe(verified.sender_delay_secs() as f64);
+        if let Some(delay) = verified.sender_delay_secs() {
+            self.metrics.sender_delay.observe(delay as f64);
+        }
 
         let envelope = match Envelope::parse(&verified) {
             Ok(envelope) => envelope,
-            Err(e) => {
-                return Err(self
-                    .refuse_signed(e.into(), &verified, &parts.headers, deadline)
-                    .await)
-            }
+            Err(e) => return Err(self.refuse_signed(e.into(), &verified, deadline).await),
         };
         let span = tracing::Span::current();
         span.record("event_id", envelope.event_id.as_ref());
@@ -188,11 +201,7 @@ impl Ingest {
 
         let destination = match self.routes.route(&envelope, verified.bytes()) {
             Ok(destination) => destination,
-            Err(e) => {
-                return Err(self
-                    .refuse_signed(e.into(), &verified, &parts.headers, deadline)
-                    .await)
-            }
+            Err(e) => return Err(self.refuse_signed(e.into(), &verified, deadline).await),
         };
 
         // A delivery of an event already acknowledged writes nothing; one of an event being
@@ -231,10 +240,8 @@ impl Ingest {
             event_type: envelope.event_type.to_string(),
             endpoint_id: envelope.endpoint_id.to_string(),
             ticket_id: envelope.ticket_id.as_deref().map(str::to_owned),
-            signature: self
-                .signature_of(&parts.headers)
-                .map(bytes::Bytes::copy_from_slice),
-            signed_at: verified.timestamp(),
+            signature: verified.proof().to_vec(),
+            signed_at: verified.signed_at(),
             received_at: verified.received_at(),
             cloudevents: self.cloudevents,
         };
@@ -271,12 +278,6 @@ impl Ingest {
         })
     }
 
-    fn signature_of<'h>(&self, headers: &'h HeaderMap) -> Option<&'h [u8]> {
-        headers
-            .get(self.verifier.header())
-            .map(HeaderValue::as_bytes)
-    }
-
     /// A genuine sender's delivery that cannot be published: with a dead-letter topic, its
     /// raw body goes there before the sender hears `err`. If that write fails, the sender is
     /// told to retry (503) rather than lose the body.
@@ -284,7 +285,6 @@ impl Ingest {
         &self,
         err: IngestError,
         verified: &VerifiedBody,
-        headers: &HeaderMap,
         deadline: tokio::time::Instant,
     ) -> IngestError {
         let Some(topic) = &self.dead_letter_topic else {
@@ -296,7 +296,7 @@ impl Ingest {
             value: verified.bytes(),
             error_kind: err.kind(),
             error: &message,
-            signature: self.signature_of(headers),
+            signature: verified.proof(),
             received_at: verified.received_at(),
         };
         match self.publisher.dead_letter(letter, deadline).await {

@@ -1,25 +1,39 @@
 //! Signature verification on the raw body, before anything parses it.
 //!
-//! The default scheme: the header (`signature.header`, default `Tamio-Signature`) holds
-//! `t=<unix seconds>,s=<hex HMAC-SHA256>`; the MAC covers the bytes `<t>.<raw body>` and is
-//! keyed by the endpoint's secret. Every secret configured for all endpoints, and those of the
-//! delivery's `endpoint_id`, may match (rotation); MACs are compared in constant time. Only
-//! [`Verifier::verify`] makes a [`VerifiedBody`].
+//! Three schemes, chosen in settings for all endpoints and per endpoint (an endpoint is
+//! found by the body's `endpoint_id`):
+//! - `tamio`, the sender's own: the header (`signature.header`, default `Tamio-Signature`)
+//!   holds `t=<unix seconds>,s=<hex HMAC-SHA256>`; the MAC covers `<t>.<raw body>`.
+//! - `standard-webhooks`: `webhook-id`, `webhook-timestamp` and `webhook-signature`
+//!   (space-separated `v1,<base64 MAC>` entries); the MAC covers `<id>.<timestamp>.<raw body>`
+//!   and is keyed by the base64-decoded part of a `whsec_` secret.
+//! - `hmac-sha256`: one header holding the MAC of the raw body, hex or base64, optionally
+//!   prefixed `sha256=`. It carries no timestamp: replays are stopped by duplicate
+//!   suppression only.
+//!
+//! Every secret of the scheme may match (rotation), MACs are compared in constant time, and
+//! only [`Verifier::verify`] makes a [`VerifiedBody`].
 
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
-use http::{HeaderMap, HeaderName};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
-use crate::config::{Secret, Signature};
+use crate::config::{MacEncoding, Scheme, Secret, Signature};
 
 type HmacSha256 = Hmac<Sha256>;
+
+const WEBHOOK_ID: HeaderName = HeaderName::from_static("webhook-id");
+const WEBHOOK_TIMESTAMP: HeaderName = HeaderName::from_static("webhook-timestamp");
+const WEBHOOK_SIGNATURE: HeaderName = HeaderName::from_static("webhook-signature");
 
 /// Why a delivery's signature was refused. Never carries a secret or a MAC.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -51,13 +65,27 @@ impl VerifyError {
             VerifyError::UnknownEndpoint => "unknown_endpoint",
         }
     }
+
+    /// How far the check got: when several schemes apply, the furthest failure is reported.
+    fn progress(&self) -> u8 {
+        match self {
+            VerifyError::UnknownEndpoint => 0,
+            VerifyError::Missing(_) => 1,
+            VerifyError::Malformed { .. } => 2,
+            VerifyError::Stale { .. } => 3,
+            VerifyError::Mismatch => 4,
+        }
+    }
 }
 
-/// A body whose signature matched a configured secret, with the signature's timestamp.
+/// A body whose signature matched a configured secret (or, with `allow_unsigned` and no
+/// secret, any body), with what the signature said.
 pub struct VerifiedBody {
     bytes: Bytes,
-    timestamp: i64,
+    signed_at: Option<i64>,
     received_at: SystemTime,
+    scheme: Option<Scheme>,
+    proof: Vec<(&'static str, Bytes)>,
 }
 
 impl VerifiedBody {
@@ -65,9 +93,9 @@ impl VerifiedBody {
         &self.bytes
     }
 
-    /// Unix seconds the sender signed the delivery at.
-    pub fn timestamp(&self) -> i64 {
-        self.timestamp
+    /// Unix seconds the sender signed the delivery at, for schemes with a timestamp.
+    pub fn signed_at(&self) -> Option<i64> {
+        self.signed_at
     }
 
     /// When the bridge received the delivery.
@@ -75,11 +103,21 @@ impl VerifiedBody {
         self.received_at
     }
 
+    /// The scheme whose signature matched; None when deliveries are accepted unsigned.
+    pub fn scheme(&self) -> Option<Scheme> {
+        self.scheme
+    }
+
+    /// The signature headers as received, under the names a record carries them by, so that
+    /// a consumer can verify the record again.
+    pub fn proof(&self) -> &[(&'static str, Bytes)] {
+        &self.proof
+    }
+
     /// How late the sender delivered: receipt minus the signature's timestamp, at least 0.
-    pub fn sender_delay_secs(&self) -> i64 {
-        unix_secs(self.received_at)
-            .saturating_sub(self.timestamp)
-            .max(0)
+    pub fn sender_delay_secs(&self) -> Option<i64> {
+        self.signed_at
+            .map(|t| unix_secs(self.received_at).saturating_sub(t).max(0))
     }
 }
 
@@ -89,6 +127,14 @@ pub struct SignatureHeader<'a> {
     pub timestamp_text: &'a str,
     pub timestamp: i64,
     pub macs: Vec<[u8; 32]>,
+}
+
+/// Parses unix seconds: 1 to 12 ASCII digits.
+fn parse_unix_secs(text: &str) -> Option<i64> {
+    if text.is_empty() || text.len() > 12 || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
 }
 
 /// Parses `t=<unix seconds>,s=<hex>`; several `s=` entries are allowed (the sender may sign
@@ -107,10 +153,7 @@ pub fn parse_header(value: &str) -> Result<SignatureHeader<'_>, &'static str> {
                     return Err("more than one t= entry");
                 }
                 let val = val.trim();
-                if val.is_empty() || val.len() > 12 || !val.bytes().all(|b| b.is_ascii_digit()) {
-                    return Err("t= must be unix seconds");
-                }
-                let secs: i64 = val.parse().map_err(|_| "t= must be unix seconds")?;
+                let secs = parse_unix_secs(val).ok_or("t= must be unix seconds")?;
                 timestamp = Some((val, secs));
             }
             "s" => {
@@ -133,14 +176,84 @@ pub fn parse_header(value: &str) -> Result<SignatureHeader<'_>, &'static str> {
     })
 }
 
+/// Parses a `webhook-signature` value: space-separated `<version>,<base64>` entries, of which
+/// the `v1` ones (HMAC-SHA256) count; other versions are ignored.
+pub fn parse_standard_signatures(value: &str) -> Result<Vec<[u8; 32]>, &'static str> {
+    let mut macs = Vec::new();
+    for entry in value.split(' ').filter(|e| !e.is_empty()) {
+        let Some((version, mac)) = entry.split_once(',') else {
+            return Err("expected space-separated v1,<base64> entries");
+        };
+        if version != "v1" {
+            continue;
+        }
+        macs.push(decode_base64_mac(mac).ok_or("a v1 entry is not base64 of 32 bytes")?);
+    }
+    if macs.is_empty() {
+        return Err("no v1,<base64> entry");
+    }
+    Ok(macs)
+}
+
+fn decode_base64_mac(text: &str) -> Option<[u8; 32]> {
+    let mut mac = [0u8; 32];
+    // 32 bytes are 44 base64 characters; a longer text cannot be one MAC.
+    if text.len() > 44 {
+        return None;
+    }
+    let mut buf = [0u8; 33];
+    match BASE64.decode_slice(text, &mut buf) {
+        Ok(32) => {
+            mac.copy_from_slice(&buf[..32]);
+            Some(mac)
+        }
+        _ => None,
+    }
+}
+
+/// Parses the header of the `hmac-sha256` scheme: the MAC, optionally prefixed `sha256=`.
+pub fn parse_plain_mac(value: &str, encoding: MacEncoding) -> Result<[u8; 32], &'static str> {
+    let text = value.trim();
+    let text = text.strip_prefix("sha256=").unwrap_or(text);
+    match encoding {
+        MacEncoding::Hex => {
+            let mut mac = [0u8; 32];
+            hex::decode_to_slice(text, &mut mac)
+                .map_err(|_| "expected 64 hex digits (HMAC-SHA256)")?;
+            Ok(mac)
+        }
+        MacEncoding::Base64 => {
+            decode_base64_mac(text).ok_or("expected base64 of 32 bytes (HMAC-SHA256)")
+        }
+    }
+}
+
+/// The key bytes of a Standard Webhooks secret: base64 after the `whsec_` prefix.
+pub fn standard_webhooks_key(secret: &[u8]) -> Result<Vec<u8>, &'static str> {
+    let encoded = secret
+        .strip_prefix(b"whsec_")
+        .ok_or("a standard-webhooks secret starts with `whsec_`")?;
+    match BASE64.decode(encoded) {
+        Ok(key) if !key.is_empty() => Ok(key),
+        _ => Err("a standard-webhooks secret is `whsec_` followed by base64"),
+    }
+}
+
+fn mac_of(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes keys of any length");
+    for part in parts {
+        mac.update(part);
+    }
+    mac.finalize().into_bytes().into()
+}
+
 /// Computes the hex signature of `body` at `timestamp` with `secret`: what the sender puts
 /// after `s=`.
 pub fn sign(secret: &[u8], timestamp: i64, body: &[u8]) -> String {
-    let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes keys of any length");
-    mac.update(timestamp.to_string().as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    hex::encode(mac.finalize().into_bytes())
+    hex::encode(mac_of(
+        secret,
+        &[timestamp.to_string().as_bytes(), b".", body],
+    ))
 }
 
 /// The header value for `body` signed at `timestamp` with `secret`.
@@ -148,21 +261,225 @@ pub fn header_value(secret: &[u8], timestamp: i64, body: &[u8]) -> String {
     format!("t={timestamp},s={}", sign(secret, timestamp, body))
 }
 
+/// The `webhook-signature` value (`v1,<base64>`) of a Standard Webhooks delivery.
+pub fn standard_webhooks_signature(
+    secret: &[u8],
+    id: &str,
+    timestamp: i64,
+    body: &[u8],
+) -> Result<String, &'static str> {
+    let key = standard_webhooks_key(secret)?;
+    let mac = mac_of(
+        &key,
+        &[
+            id.as_bytes(),
+            b".",
+            timestamp.to_string().as_bytes(),
+            b".",
+            body,
+        ],
+    );
+    Ok(format!("v1,{}", BASE64.encode(mac)))
+}
+
+/// The `hmac-sha256` scheme's header value: the MAC of `body`, hex or base64.
+pub fn plain_mac(secret: &[u8], body: &[u8], encoding: MacEncoding) -> String {
+    let mac = mac_of(secret, &[body]);
+    match encoding {
+        MacEncoding::Hex => hex::encode(mac),
+        MacEncoding::Base64 => BASE64.encode(mac),
+    }
+}
+
+/// HMAC key bytes; never shown.
+struct Key(Box<[u8]>);
+
+/// One scheme with the secrets that may sign under it.
+struct Keyring {
+    kind: Kind,
+    keys: Vec<Key>,
+}
+
+enum Kind {
+    Tamio {
+        header: HeaderName,
+        label: String,
+    },
+    StandardWebhooks,
+    HmacSha256 {
+        header: HeaderName,
+        label: String,
+        encoding: MacEncoding,
+    },
+}
+
+/// What a matching signature said: its timestamp and the headers that carry it.
+type Matched = (Option<i64>, Vec<(&'static str, Bytes)>);
+
+impl Keyring {
+    fn new(scheme: Scheme, header: &str, encoding: MacEncoding, secrets: &[Secret]) -> Keyring {
+        let name = || HeaderName::try_from(header).expect("validated by Settings::validate");
+        let kind = match scheme {
+            Scheme::Tamio => Kind::Tamio {
+                header: name(),
+                label: header.to_owned(),
+            },
+            Scheme::StandardWebhooks => Kind::StandardWebhooks,
+            Scheme::HmacSha256 => Kind::HmacSha256 {
+                header: name(),
+                label: header.to_owned(),
+                encoding,
+            },
+        };
+        let keys = secrets
+            .iter()
+            .map(|s| match scheme {
+                Scheme::StandardWebhooks => Key(standard_webhooks_key(s.expose())
+                    .expect("validated by Settings::validate")
+                    .into_boxed_slice()),
+                _ => Key(s.expose().into()),
+            })
+            .collect();
+        Keyring { kind, keys }
+    }
+
+    fn scheme(&self) -> Scheme {
+        match self.kind {
+            Kind::Tamio { .. } => Scheme::Tamio,
+            Kind::StandardWebhooks => Scheme::StandardWebhooks,
+            Kind::HmacSha256 { .. } => Scheme::HmacSha256,
+        }
+    }
+
+    /// True when any key's MAC over `parts` equals any of `given`. Every pair is compared,
+    /// so the time taken does not tell which one matched.
+    fn any_key(&self, parts: &[&[u8]], given: &[[u8; 32]]) -> bool {
+        let mut matched = false;
+        for key in &self.keys {
+            let expected = mac_of(&key.0, parts);
+            for mac in given {
+                matched |= bool::from(expected.as_slice().ct_eq(mac));
+            }
+        }
+        matched
+    }
+
+    fn check(
+        &self,
+        headers: &HeaderMap,
+        body: &[u8],
+        now: i64,
+        tolerance_secs: u64,
+    ) -> Result<Matched, VerifyError> {
+        let fresh = |timestamp: i64| {
+            let skew = now.saturating_sub(timestamp);
+            if skew.unsigned_abs() > tolerance_secs {
+                Err(VerifyError::Stale {
+                    skew_secs: skew,
+                    tolerance_secs,
+                })
+            } else {
+                Ok(())
+            }
+        };
+        match &self.kind {
+            Kind::Tamio { header, label } => {
+                let (raw, text) = header_text(headers, header, label)?;
+                let parsed = parse_header(text).map_err(|r| malformed(label, r))?;
+                fresh(parsed.timestamp)?;
+                let parts: [&[u8]; 3] = [parsed.timestamp_text.as_bytes(), b".", body];
+                if !self.any_key(&parts, &parsed.macs) {
+                    return Err(VerifyError::Mismatch);
+                }
+                Ok((Some(parsed.timestamp), vec![("signature", copy(raw))]))
+            }
+            Kind::StandardWebhooks => {
+                let (raw_id, id) = header_text(headers, &WEBHOOK_ID, "webhook-id")?;
+                let (raw_ts, ts) = header_text(headers, &WEBHOOK_TIMESTAMP, "webhook-timestamp")?;
+                let (raw_sig, sig) = header_text(headers, &WEBHOOK_SIGNATURE, "webhook-signature")?;
+                if id.is_empty() {
+                    return Err(malformed("webhook-id", "empty"));
+                }
+                let timestamp = parse_unix_secs(ts)
+                    .ok_or_else(|| malformed("webhook-timestamp", "must be unix seconds"))?;
+                let macs = parse_standard_signatures(sig)
+                    .map_err(|r| malformed("webhook-signature", r))?;
+                fresh(timestamp)?;
+                let parts: [&[u8]; 5] = [id.as_bytes(), b".", ts.as_bytes(), b".", body];
+                if !self.any_key(&parts, &macs) {
+                    return Err(VerifyError::Mismatch);
+                }
+                Ok((
+                    Some(timestamp),
+                    vec![
+                        ("webhook-id", copy(raw_id)),
+                        ("webhook-timestamp", copy(raw_ts)),
+                        ("webhook-signature", copy(raw_sig)),
+                    ],
+                ))
+            }
+            Kind::HmacSha256 {
+                header,
+                label,
+                encoding,
+            } => {
+                let (raw, text) = header_text(headers, header, label)?;
+                let mac = parse_plain_mac(text, *encoding).map_err(|r| malformed(label, r))?;
+                if !self.any_key(&[body], &[mac]) {
+                    return Err(VerifyError::Mismatch);
+                }
+                Ok((None, vec![("signature", copy(raw))]))
+            }
+        }
+    }
+}
+
+fn copy(value: &HeaderValue) -> Bytes {
+    Bytes::copy_from_slice(value.as_bytes())
+}
+
+fn malformed(header: &str, reason: &'static str) -> VerifyError {
+    VerifyError::Malformed {
+        header: header.to_owned(),
+        reason,
+    }
+}
+
+/// The header's value and its text; missing, or not visible ASCII, is an error.
+fn header_text<'h>(
+    headers: &'h HeaderMap,
+    name: &HeaderName,
+    label: &str,
+) -> Result<(&'h HeaderValue, &'h str), VerifyError> {
+    let value = headers
+        .get(name)
+        .ok_or_else(|| VerifyError::Missing(label.to_owned()))?;
+    let text = value
+        .to_str()
+        .map_err(|_| malformed(label, "not visible ASCII"))?;
+    Ok((value, text))
+}
+
 /// Checks signatures with the configured secrets.
 pub struct Verifier {
-    header: HeaderName,
-    /// The header's name as configured, for messages.
-    header_label: String,
-    global: Vec<Secret>,
-    endpoints: HashMap<String, Vec<Secret>>,
+    /// No secret is configured and `allow_unsigned` is set: every body is accepted.
+    unsigned: bool,
+    global: Option<Keyring>,
+    endpoints: HashMap<String, Keyring>,
     tolerance_secs: u64,
 }
 
 impl fmt::Debug for Verifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Verifier")
-            .field("header", &self.header)
-            .field("global", &format_args!("[{} redacted]", self.global.len()))
+            .field("unsigned", &self.unsigned)
+            .field(
+                "global",
+                &self
+                    .global
+                    .as_ref()
+                    .map(|r| format!("{} [{} redacted]", r.scheme().as_str(), r.keys.len())),
+            )
             .field("endpoints", &self.endpoints.len())
             .field("tolerance_secs", &self.tolerance_secs)
             .finish()
@@ -171,87 +488,81 @@ impl fmt::Debug for Verifier {
 
 impl Verifier {
     pub fn new(settings: &Signature) -> Self {
+        let global = (!settings.secrets.is_empty()).then(|| {
+            Keyring::new(
+                settings.scheme,
+                &settings.header,
+                settings.encoding,
+                &settings.secrets,
+            )
+        });
+        let endpoints: HashMap<String, Keyring> = settings
+            .endpoints
+            .iter()
+            .map(|(id, e)| {
+                let ring = Keyring::new(
+                    e.scheme.unwrap_or(settings.scheme),
+                    e.header.as_deref().unwrap_or(&settings.header),
+                    e.encoding.unwrap_or(settings.encoding),
+                    &e.secrets,
+                );
+                (id.clone(), ring)
+            })
+            .collect();
         Verifier {
-            header: HeaderName::try_from(settings.header.as_str())
-                .expect("validated by Settings::validate"),
-            header_label: settings.header.clone(),
-            global: settings.secrets.clone(),
-            endpoints: settings
-                .endpoints
-                .iter()
-                .map(|(id, e)| (id.clone(), e.secrets.clone()))
-                .collect(),
+            unsigned: settings.allow_unsigned && global.is_none() && endpoints.is_empty(),
+            global,
+            endpoints,
             tolerance_secs: settings.tolerance_secs,
         }
     }
 
-    /// The name of the signature header.
-    pub fn header(&self) -> &HeaderName {
-        &self.header
+    /// True when deliveries are accepted without a signature.
+    pub fn accepts_unsigned(&self) -> bool {
+        self.unsigned
     }
 
-    /// Verifies `body` against the signature header in `headers`, received at `received_at`.
+    /// Verifies `body` against the signature headers in `headers`, received at
+    /// `received_at`. The secrets for every endpoint are tried under `signature.scheme`, then
+    /// those of the body's `endpoint_id` under that endpoint's scheme.
     pub fn verify(
         &self,
         headers: &HeaderMap,
         body: Bytes,
         received_at: SystemTime,
     ) -> Result<VerifiedBody, VerifyError> {
-        let now = unix_secs(received_at);
-        let malformed = |reason| VerifyError::Malformed {
-            header: self.header_label.clone(),
-            reason,
-        };
-        let value = headers
-            .get(&self.header)
-            .ok_or_else(|| VerifyError::Missing(self.header_label.clone()))?;
-        let value = value.to_str().map_err(|_| malformed("not visible ASCII"))?;
-        let parsed = parse_header(value).map_err(malformed)?;
-
-        let skew = now.saturating_sub(parsed.timestamp);
-        if skew.unsigned_abs() > self.tolerance_secs {
-            return Err(VerifyError::Stale {
-                skew_secs: skew,
-                tolerance_secs: self.tolerance_secs,
+        if self.unsigned {
+            return Ok(VerifiedBody {
+                bytes: body,
+                signed_at: None,
+                received_at,
+                scheme: None,
+                proof: Vec::new(),
             });
         }
-
-        let endpoint_secrets = if self.endpoints.is_empty() {
+        let now = unix_secs(received_at);
+        let endpoint = if self.endpoints.is_empty() {
             None
         } else {
             peek_endpoint_id(&body).and_then(|id| self.endpoints.get(id.as_ref()))
         };
-        let candidates = self
-            .global
-            .iter()
-            .chain(endpoint_secrets.into_iter().flatten());
-
-        let mut matched = false;
-        let mut tried = 0;
-        for secret in candidates {
-            tried += 1;
-            let mut mac =
-                HmacSha256::new_from_slice(secret.expose()).expect("HMAC takes keys of any length");
-            mac.update(parsed.timestamp_text.as_bytes());
-            mac.update(b".");
-            mac.update(&body);
-            let expected = mac.finalize().into_bytes();
-            for given in &parsed.macs {
-                // Evaluate every candidate: the time taken does not tell which one matched.
-                matched |= bool::from(expected.as_slice().ct_eq(given));
+        let mut furthest = VerifyError::UnknownEndpoint;
+        for ring in self.global.iter().chain(endpoint) {
+            match ring.check(headers, &body, now, self.tolerance_secs) {
+                Ok((signed_at, proof)) => {
+                    return Ok(VerifiedBody {
+                        bytes: body,
+                        signed_at,
+                        received_at,
+                        scheme: Some(ring.scheme()),
+                        proof,
+                    })
+                }
+                Err(e) if e.progress() > furthest.progress() => furthest = e,
+                Err(_) => {}
             }
         }
-        if matched {
-            Ok(VerifiedBody {
-                bytes: body,
-                timestamp: parsed.timestamp,
-                received_at,
-            })
-        } else if tried == 0 {
-            Err(VerifyError::UnknownEndpoint)
-        } else {
-            Err(VerifyError::Mismatch)
-        }
+        Err(furthest)
     }
 }
 
@@ -283,23 +594,35 @@ mod tests {
     const BODY: &[u8] = br#"{"event_id":"whev_1","endpoint_id":"ep-1"}"#;
     const NOW: i64 = 1_700_000_000;
 
-    fn verifier(global: &[&str], endpoints: &[(&str, &[&str])]) -> Verifier {
-        Verifier::new(&Signature {
+    fn settings(global: &[&str], endpoints: &[(&str, &[&str])]) -> Signature {
+        Signature {
+            scheme: Scheme::Tamio,
             header: "Tamio-Signature".into(),
+            encoding: MacEncoding::Hex,
             secrets: global.iter().map(|s| Secret::new(*s)).collect(),
+            secret_files: Vec::new(),
             tolerance_secs: 300,
+            allow_unsigned: false,
             endpoints: endpoints
                 .iter()
                 .map(|(id, secrets)| {
                     (
                         id.to_string(),
                         Endpoint {
+                            scheme: None,
+                            header: None,
+                            encoding: None,
                             secrets: secrets.iter().map(|s| Secret::new(*s)).collect(),
+                            secret_files: Vec::new(),
                         },
                     )
                 })
                 .collect(),
-        })
+        }
+    }
+
+    fn verifier(global: &[&str], endpoints: &[(&str, &[&str])]) -> Verifier {
+        Verifier::new(&settings(global, endpoints))
     }
 
     fn at(unix: i64) -> SystemTime {
@@ -314,7 +637,7 @@ mod tests {
 
     fn check(v: &Verifier, value: &str, body: &[u8]) -> Result<i64, VerifyError> {
         v.verify(&headers(value), Bytes::copy_from_slice(body), at(NOW))
-            .map(|b| b.timestamp())
+            .map(|b| b.signed_at().unwrap_or(-1))
     }
 
     #[test]
@@ -424,5 +747,186 @@ mod tests {
         let h = header_value(b"nope", NOW, BODY);
         let err = check(&v, &h, BODY).unwrap_err();
         assert!(!err.to_string().contains("topsecret"));
+    }
+
+    fn check_with(v: &Verifier, headers: &[(&str, &str)], body: &[u8]) -> Result<i64, VerifyError> {
+        let mut h = HeaderMap::new();
+        for (name, value) in headers {
+            h.insert(HeaderName::try_from(*name).unwrap(), value.parse().unwrap());
+        }
+        v.verify(&h, Bytes::copy_from_slice(body), at(NOW))
+            .map(|b| b.signed_at().unwrap_or(-1))
+    }
+
+    // The example of the Standard Webhooks specification's reference libraries.
+    const SW_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    const SW_ID: &str = "msg_p5jXN8AQM9LWM0D4loKWxJek";
+    const SW_TS: i64 = 1614265330;
+    const SW_BODY: &[u8] = br#"{"test": 2432232314}"#;
+    const SW_SIG: &str = "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=";
+
+    #[test]
+    fn standard_webhooks_known_answer() {
+        assert_eq!(
+            standard_webhooks_signature(SW_SECRET.as_bytes(), SW_ID, SW_TS, SW_BODY).unwrap(),
+            SW_SIG
+        );
+    }
+
+    fn standard_webhooks_verifier() -> Verifier {
+        let mut s = settings(&[SW_SECRET], &[]);
+        s.scheme = Scheme::StandardWebhooks;
+        Verifier::new(&s)
+    }
+
+    #[test]
+    fn standard_webhooks_accepts_and_rejects() {
+        let v = standard_webhooks_verifier();
+        let sig = standard_webhooks_signature(SW_SECRET.as_bytes(), SW_ID, NOW, BODY).unwrap();
+        let ts = NOW.to_string();
+        let good = [
+            ("webhook-id", SW_ID),
+            ("webhook-timestamp", ts.as_str()),
+            ("webhook-signature", sig.as_str()),
+        ];
+        assert_eq!(check_with(&v, &good, BODY), Ok(NOW));
+        // Several entries, other versions ignored.
+        let several = format!("v1a,AAAA v1,{} {sig}", BASE64.encode([7u8; 32]));
+        let mut h = good;
+        h[2].1 = &several;
+        assert_eq!(check_with(&v, &h, BODY), Ok(NOW));
+        // Tampered body, id or timestamp.
+        let mut tampered = BODY.to_vec();
+        tampered[3] ^= 1;
+        assert_eq!(check_with(&v, &good, &tampered), Err(VerifyError::Mismatch));
+        let mut h = good;
+        h[0].1 = "msg_other";
+        assert_eq!(check_with(&v, &h, BODY), Err(VerifyError::Mismatch));
+        let earlier = (NOW - 1).to_string();
+        let mut h = good;
+        h[1].1 = &earlier;
+        assert_eq!(check_with(&v, &h, BODY), Err(VerifyError::Mismatch));
+        // Missing, malformed, stale.
+        assert_eq!(
+            check_with(&v, &good[..2], BODY),
+            Err(VerifyError::Missing("webhook-signature".into()))
+        );
+        for bad in ["v2,abc", "v1,not-base64!", "v1", "v1,AAAA"] {
+            let mut h = good;
+            h[2].1 = bad;
+            assert_eq!(
+                check_with(&v, &h, BODY).map_err(|e| e.reason()),
+                Err("malformed"),
+                "{bad}"
+            );
+        }
+        let old = (NOW - 301).to_string();
+        let sig_old =
+            standard_webhooks_signature(SW_SECRET.as_bytes(), SW_ID, NOW - 301, BODY).unwrap();
+        let h = [
+            ("webhook-id", SW_ID),
+            ("webhook-timestamp", old.as_str()),
+            ("webhook-signature", sig_old.as_str()),
+        ];
+        assert_eq!(
+            check_with(&v, &h, BODY).map_err(|e| e.reason()),
+            Err("stale")
+        );
+    }
+
+    #[test]
+    fn standard_webhooks_secrets_must_be_whsec_base64() {
+        assert!(standard_webhooks_key(b"MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").is_err());
+        assert!(standard_webhooks_key(b"whsec_***").is_err());
+        assert!(standard_webhooks_key(b"whsec_").is_err());
+        assert_eq!(standard_webhooks_key(b"whsec_AAEC").unwrap(), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn plain_hmac_hex_and_base64_with_a_configurable_header() {
+        // Computed with Python: hmac.new(b"key", b"abc", "sha256").
+        assert_eq!(
+            plain_mac(b"key", b"abc", MacEncoding::Hex),
+            "9c196e32dc0175f86f4b1cb89289d6619de6bee699e4c378e68309ed97a1a6ab"
+        );
+        for encoding in [MacEncoding::Hex, MacEncoding::Base64] {
+            let mut s = settings(&["plain-secret"], &[]);
+            s.scheme = Scheme::HmacSha256;
+            s.header = "X-Hub-Signature-256".into();
+            s.encoding = encoding;
+            let v = Verifier::new(&s);
+            let mac = plain_mac(b"plain-secret", BODY, encoding);
+            let h = [("x-hub-signature-256", mac.as_str())];
+            assert_eq!(check_with(&v, &h, BODY), Ok(-1), "no timestamp");
+            let prefixed = format!("sha256={mac}");
+            assert_eq!(
+                check_with(&v, &[("x-hub-signature-256", &prefixed)], BODY),
+                Ok(-1)
+            );
+            let mut tampered = BODY.to_vec();
+            tampered[3] ^= 1;
+            assert_eq!(check_with(&v, &h, &tampered), Err(VerifyError::Mismatch));
+            let other = plain_mac(b"other", BODY, encoding);
+            assert_eq!(
+                check_with(&v, &[("x-hub-signature-256", &other)], BODY),
+                Err(VerifyError::Mismatch)
+            );
+            assert_eq!(
+                check_with(&v, &[("x-hub-signature-256", "zz")], BODY).map_err(|e| e.reason()),
+                Err("malformed")
+            );
+            assert_eq!(
+                check_with(&v, &[("tamio-signature", &mac)], BODY).map_err(|e| e.reason()),
+                Err("missing")
+            );
+        }
+    }
+
+    #[test]
+    fn each_endpoint_verifies_under_its_own_scheme() {
+        let mut s = settings(&["global-secret"], &[("ep-1", &[SW_SECRET])]);
+        s.endpoints.get_mut("ep-1").unwrap().scheme = Some(Scheme::StandardWebhooks);
+        let v = Verifier::new(&s);
+        let sig = standard_webhooks_signature(SW_SECRET.as_bytes(), SW_ID, NOW, BODY).unwrap();
+        let ts = NOW.to_string();
+        let sw = [
+            ("webhook-id", SW_ID),
+            ("webhook-timestamp", ts.as_str()),
+            ("webhook-signature", sig.as_str()),
+        ];
+        assert_eq!(check_with(&v, &sw, BODY), Ok(NOW));
+        // The global secret still signs in the global scheme.
+        let tamio = header_value(b"global-secret", NOW, BODY);
+        assert_eq!(
+            check_with(&v, &[("tamio-signature", &tamio)], BODY),
+            Ok(NOW)
+        );
+        // The endpoint's secret in the global scheme is not accepted.
+        let wrong = header_value(SW_SECRET.as_bytes(), NOW, BODY);
+        assert_eq!(
+            check_with(&v, &[("tamio-signature", &wrong)], BODY),
+            Err(VerifyError::Mismatch)
+        );
+    }
+
+    #[test]
+    fn allow_unsigned_applies_only_without_secrets() {
+        let mut s = settings(&[], &[]);
+        s.allow_unsigned = true;
+        let v = Verifier::new(&s);
+        assert!(v.accepts_unsigned());
+        let body = v
+            .verify(&HeaderMap::new(), Bytes::from_static(BODY), at(NOW))
+            .unwrap();
+        assert_eq!(body.scheme(), None);
+        assert!(body.proof().is_empty());
+        let mut s = settings(&["s"], &[]);
+        s.allow_unsigned = true;
+        let v = Verifier::new(&s);
+        assert!(!v.accepts_unsigned());
+        assert_eq!(
+            check_with(&v, &[], BODY).map_err(|e| e.reason()),
+            Err("missing")
+        );
     }
 }
