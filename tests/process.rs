@@ -2,145 +2,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use http::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-const BIN: &str = env!("CARGO_BIN_EXE_tamio-kafka-bridge");
-
-fn command(env: &[(&str, &str)]) -> Command {
-    let mut cmd = Command::new(BIN);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("TAMIO_BRIDGE") || k == "RUST_LOG" {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.env("TAMIO_BRIDGE__SERVER__LISTEN", "127.0.0.1:0")
-        .env("TAMIO_BRIDGE__ADMIN__LISTEN", "127.0.0.1:0")
-        .env("TAMIO_BRIDGE__LOG__FORMAT", "json");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd
-}
-
-/// A running bridge process with its log collected.
-struct Process {
-    child: Child,
-    addr: SocketAddr,
-    admin: SocketAddr,
-    log: Arc<Mutex<Vec<String>>>,
-    stdout: Arc<Mutex<String>>,
-}
-
-impl Process {
-    fn spawn(env: &[(&str, &str)]) -> Process {
-        let mut child = command(env)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the bridge binary starts");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if line.contains("accepting webhook deliveries") {
-                        let _ = tx.send(line.clone());
-                    }
-                    log.lock().unwrap().push(line);
-                }
-            });
-        }
-        let stdout = Arc::new(Mutex::new(String::new()));
-        {
-            let stdout = stdout.clone();
-            let mut out = child.stdout.take().unwrap();
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = out.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    stdout
-                        .lock()
-                        .unwrap()
-                        .push_str(&String::from_utf8_lossy(&buf[..n]));
-                }
-            });
-        }
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|_| {
-                let _ = child.kill();
-                panic!("the bridge did not start: {:#?}", log.lock().unwrap())
-            });
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        let field = |name: &str| -> SocketAddr {
-            v["fields"][name]
-                .as_str()
-                .unwrap_or_else(|| panic!("no {name} in {line}"))
-                .parse()
-                .unwrap()
-        };
-        Process {
-            addr: field("listen"),
-            admin: field("admin"),
-            child,
-            log,
-            stdout,
-        }
-    }
-
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{name}"), &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    /// Waits for the process to exit and returns its exit code.
-    fn wait(&mut self, within: Duration) -> i32 {
-        let started = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code().unwrap_or(-1);
-            }
-            if started.elapsed() > within {
-                let _ = self.child.kill();
-                panic!("the bridge did not exit within {within:?}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    async fn wait_ready(&self) {
-        let started = Instant::now();
-        while get(self.admin, "/readyz").await.status != StatusCode::OK {
-            assert!(started.elapsed() < Duration::from_secs(20), "not ready");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    fn log_text(&self) -> String {
-        self.log.lock().unwrap().join("\n")
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-    }
-}
 
 async fn send_to(addr: SocketAddr, body: &str) -> Result<Reply, String> {
     let sig =
@@ -305,15 +173,6 @@ async fn with_nothing_configured_it_runs_on_the_embedded_broker() {
     assert_eq!(records[0].value, body.as_bytes());
     bridge.signal("INT");
     assert_eq!(bridge.wait(Duration::from_secs(30)), 0);
-}
-
-fn run_to_exit(env: &[(&str, &str)], args: &[&str]) -> (i32, String, String) {
-    let out = command(env).args(args).output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[test]

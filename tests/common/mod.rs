@@ -3,9 +3,11 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -87,6 +89,14 @@ pub async fn create_topic_on(bootstrap: &str, topic: &str, partitions: i32) {
 
 /// Settings for a test bridge: the test broker, `topic`, one secret, ports 0.
 pub fn settings(topic: &str, extra: &[(&str, &str)]) -> Settings {
+    settings_with_file(topic, "", extra)
+}
+
+/// Like [`settings`], with `toml` as the `--config` file under the environment.
+pub fn settings_with_file(topic: &str, toml: &str, extra: &[(&str, &str)]) -> Settings {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bridge.toml");
+    std::fs::write(&file, toml).unwrap();
     let mut env: Vec<(String, String)> = vec![
         ("TAMIO_BRIDGE__KAFKA__BROKERS".into(), brokers()),
         ("TAMIO_BRIDGE__KAFKA__TOPIC".into(), topic.into()),
@@ -102,7 +112,7 @@ pub fn settings(topic: &str, extra: &[(&str, &str)]) -> Settings {
         env.retain(|(key, _)| key != k);
         env.push((k.to_string(), v.to_string()));
     }
-    Settings::load_from(None, env).expect("test settings are valid")
+    Settings::load_from(Some(&file), env).expect("test settings are valid")
 }
 
 /// A bridge running in this process.
@@ -804,4 +814,145 @@ impl LossFindings {
             self.order_violations
         );
     }
+}
+
+// --- The real binary ---
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_tamio-kafka-bridge");
+
+pub fn command(env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(BIN);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("TAMIO_BRIDGE") || k == "RUST_LOG" {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("TAMIO_BRIDGE__SERVER__LISTEN", "127.0.0.1:0")
+        .env("TAMIO_BRIDGE__ADMIN__LISTEN", "127.0.0.1:0")
+        .env("TAMIO_BRIDGE__LOG__FORMAT", "json");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+/// A running bridge process with its log collected.
+pub struct Process {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub log: Arc<Mutex<Vec<String>>>,
+    pub stdout: Arc<Mutex<String>>,
+}
+
+impl Process {
+    pub fn spawn(env: &[(&str, &str)]) -> Process {
+        let mut child = command(env)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the bridge binary starts");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if line.contains("accepting webhook deliveries") {
+                        let _ = tx.send(line.clone());
+                    }
+                    log.lock().unwrap().push(line);
+                }
+            });
+        }
+        let stdout = Arc::new(Mutex::new(String::new()));
+        {
+            let stdout = stdout.clone();
+            let mut out = child.stdout.take().unwrap();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = out.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    stdout
+                        .lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            });
+        }
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| {
+                let _ = child.kill();
+                panic!("the bridge did not start: {:#?}", log.lock().unwrap())
+            });
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let field = |name: &str| -> SocketAddr {
+            v["fields"][name]
+                .as_str()
+                .unwrap_or_else(|| panic!("no {name} in {line}"))
+                .parse()
+                .unwrap()
+        };
+        Process {
+            addr: field("listen"),
+            admin: field("admin"),
+            child,
+            log,
+            stdout,
+        }
+    }
+
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    pub fn wait(&mut self, within: Duration) -> i32 {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code().unwrap_or(-1);
+            }
+            if started.elapsed() > within {
+                let _ = self.child.kill();
+                panic!("the bridge did not exit within {within:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub async fn wait_ready(&self) {
+        let started = Instant::now();
+        while get(self.admin, "/readyz").await.status != StatusCode::OK {
+            assert!(started.elapsed() < Duration::from_secs(20), "not ready");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+    }
+}
+
+pub fn run_to_exit(env: &[(&str, &str)], args: &[&str]) -> (i32, String, String) {
+    let out = command(env).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }

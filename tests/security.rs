@@ -1,0 +1,722 @@
+//! Security through the public interface: TLS on the ingress with a test CA, every signature
+//! scheme with its tampered twin, unsigned deliveries only when allowed, secrets and
+//! certificates rotated with SIGHUP while requests are in flight, start-up refusals, and
+//! TLS (and SASL) to the broker.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http::StatusCode;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tamio_kafka_bridge::config::MacEncoding;
+use tamio_kafka_bridge::ingest::verify;
+
+/// A test CA and the certificates it signs, as PEM files in a directory of their own.
+struct Pki {
+    dir: tempfile::TempDir,
+    ca: rcgen::Certificate,
+    ca_key: rcgen::KeyPair,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "tamio-kafka-bridge test CA");
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca = params.self_signed(&ca_key).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+        Pki { dir, ca, ca_key }
+    }
+
+    fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    fn ca_pem(&self) -> String {
+        self.ca.pem()
+    }
+
+    /// Issues a server certificate for 127.0.0.1 and localhost and writes it, with its key,
+    /// to `<name>.crt` and `<name>.key`. Returns the certificate's DER.
+    fn issue(&self, name: &str) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params =
+            rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+                .unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let cert = params.signed_by(&key, &self.ca, &self.ca_key).unwrap();
+        std::fs::write(self.path(&format!("{name}.crt")), cert.pem()).unwrap();
+        std::fs::write(self.path(&format!("{name}.key")), key.serialize_pem()).unwrap();
+        cert.der().to_vec()
+    }
+
+    fn path(&self, file: &str) -> PathBuf {
+        self.dir.path().join(file)
+    }
+}
+
+/// What a TLS request saw: the answer, the server's certificate and the protocol agreed.
+struct TlsReply {
+    status: StatusCode,
+    body: String,
+    server_cert: Vec<u8>,
+    alpn: Option<Vec<u8>>,
+}
+
+fn tls_connector(ca_pem: &str, h2: bool) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![if h2 {
+        b"h2".to_vec()
+    } else {
+        b"http/1.1".to_vec()
+    }];
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+/// POSTs `body` over a new TLS connection that trusts only `ca_pem`.
+async fn tls_post(
+    addr: SocketAddr,
+    ca_pem: &str,
+    h2: bool,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Result<TlsReply, String> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let stream = tls_connector(ca_pem, h2)
+        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+        .await
+        .map_err(|e| format!("TLS handshake: {e}"))?;
+    let (_, session) = stream.get_ref();
+    let server_cert = session.peer_certificates().unwrap()[0].to_vec();
+    let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
+    let mut request = http::Request::post(format!("https://{addr}/webhooks/tamio"))
+        .header("content-type", "application/json");
+    if !h2 {
+        request = request.header("host", addr.to_string());
+    }
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    let request = request
+        .body(Full::new(Bytes::copy_from_slice(body)))
+        .unwrap();
+    let io = TokioIo::new(stream);
+    let response = if h2 {
+        let (mut sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                .await
+                .map_err(|e| e.to_string())?;
+        tokio::spawn(connection);
+        sender.send_request(request).await
+    } else {
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(connection);
+        sender.send_request(request).await
+    }
+    .map_err(|e| e.to_string())?;
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok(TlsReply {
+        status,
+        body: String::from_utf8_lossy(&body).into_owned(),
+        server_cert,
+        alpn,
+    })
+}
+
+fn tamio_header(secret: &str, body: &str) -> String {
+    verify::header_value(secret.as_bytes(), now(), body.as_bytes())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_ingress_with_a_test_ca_serves_http1_and_h2() {
+    let pki = Pki::new();
+    let der = pki.issue("server");
+    let topic = unique_topic("tls-ingress");
+    create_topic(&topic, 3).await;
+    let cert = pki.path("server.crt");
+    let key = pki.path("server.key");
+    let bridge = Bridge::start_ready(settings(
+        &topic,
+        &[
+            (
+                "TAMIO_BRIDGE__SERVER__TLS_CERT_FILE",
+                cert.to_str().unwrap(),
+            ),
+            ("TAMIO_BRIDGE__SERVER__TLS_KEY_FILE", key.to_str().unwrap()),
+        ],
+    ))
+    .await;
+
+    let mut sent = Vec::new();
+    for (i, h2) in [false, true].into_iter().enumerate() {
+        let body = ticket_event(&format!("whev_tls_{i}"), "ticket-tls", i);
+        let sig = tamio_header(SECRET, &body);
+        let reply = tls_post(
+            bridge.addr,
+            &pki.ca_pem(),
+            h2,
+            &[("tamio-signature", &sig)],
+            body.as_bytes(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        assert_eq!(reply.server_cert, der);
+        let expected: &[u8] = if h2 { b"h2" } else { b"http/1.1" };
+        assert_eq!(reply.alpn.as_deref(), Some(expected));
+        sent.push(body);
+    }
+
+    // A client that does not trust the test CA does not get through.
+    let stranger = Pki::new();
+    let body = ticket_event("whev_tls_x", "ticket-tls", 9);
+    let err = tls_post(bridge.addr, &stranger.ca_pem(), false, &[], body.as_bytes())
+        .await
+        .err()
+        .expect("an untrusted certificate is refused by the client");
+    assert!(err.contains("TLS handshake"), "{err}");
+    // Plain HTTP on the TLS port gets no answer.
+    let plain = request(
+        "POST",
+        &format!("http://{}/webhooks/tamio", bridge.addr),
+        &[("content-type", "application/json")],
+        body.into_bytes(),
+    )
+    .await;
+    assert!(plain.is_err(), "plain HTTP was answered: {plain:?}");
+
+    let records = read_topic(&topic, 2).await;
+    let values: Vec<&[u8]> = records.iter().map(|r| r.value.as_slice()).collect();
+    assert_eq!(values.len(), 2);
+    for body in &sent {
+        assert!(values.contains(&body.as_bytes()));
+    }
+    bridge.stop().await;
+}
+
+const SW_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+const PLAIN_SECRET: &str = "plain-secret-7d1e";
+
+/// A ticket event from `endpoint`.
+fn event_from(endpoint: &str, event_id: &str, seq: usize) -> String {
+    let mut v: serde_json::Value =
+        serde_json::from_str(&ticket_event(event_id, "ticket-schemes", seq)).unwrap();
+    v["endpoint_id"] = endpoint.into();
+    v.to_string()
+}
+
+/// The same body with one byte changed.
+fn tampered(body: &str) -> String {
+    body.replacen("\"is_open\":true", "\"is_open\":false", 1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_scheme_accepts_its_signature_and_refuses_its_tampered_twin() {
+    let topic = unique_topic("schemes");
+    create_topic(&topic, 3).await;
+    let config = format!(
+        r#"
+[signature.endpoints."ep-standard"]
+scheme = "standard-webhooks"
+secrets = ["{SW_SECRET}"]
+
+[signature.endpoints."ep-plain"]
+scheme = "hmac-sha256"
+header = "X-Signature"
+encoding = "base64"
+secrets = ["{PLAIN_SECRET}"]
+"#
+    );
+    let bridge = Bridge::start_ready(settings_with_file(&topic, &config, &[])).await;
+    let post_with = |headers: Vec<(String, String)>, body: String| {
+        let url = bridge.url();
+        async move {
+            let mut all = vec![("content-type".to_owned(), "application/json".to_owned())];
+            all.extend(headers);
+            let refs: Vec<(&str, &str)> =
+                all.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            post(&url, &refs, body.into_bytes()).await
+        }
+    };
+
+    // The sender's own scheme, with the secret for every endpoint.
+    let tamio = event_from("ep-tamio", "whev_scheme_tamio", 0);
+    let sig = tamio_header(SECRET, &tamio);
+    let h = || vec![("tamio-signature".to_owned(), sig.clone())];
+    assert_eq!(post_with(h(), tamio.clone()).await.status, StatusCode::OK);
+    let refused = post_with(h(), tampered(&tamio)).await;
+    assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(refused.json()["error"], "invalid_signature");
+
+    // Standard Webhooks for one endpoint.
+    let standard = event_from("ep-standard", "whev_scheme_standard", 1);
+    let ts = now();
+    let sw_sig = verify::standard_webhooks_signature(
+        SW_SECRET.as_bytes(),
+        "msg_2kq",
+        ts,
+        standard.as_bytes(),
+    )
+    .unwrap();
+    let h = || {
+        vec![
+            ("webhook-id".to_owned(), "msg_2kq".to_owned()),
+            ("webhook-timestamp".to_owned(), ts.to_string()),
+            ("webhook-signature".to_owned(), sw_sig.clone()),
+        ]
+    };
+    let ok = post_with(h(), standard.clone()).await;
+    assert_eq!(ok.status, StatusCode::OK, "{}", ok.text());
+    let refused = post_with(h(), tampered(&standard)).await;
+    assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
+    // The endpoint's secret signing in another scheme is not accepted either.
+    let cross = tamio_header(SW_SECRET, &standard);
+    let refused = post_with(vec![("tamio-signature".into(), cross)], standard.clone()).await;
+    assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
+
+    // A bare HMAC of the body, base64, in a header of the endpoint's choosing.
+    let plain = event_from("ep-plain", "whev_scheme_plain", 2);
+    let mac = verify::plain_mac(
+        PLAIN_SECRET.as_bytes(),
+        plain.as_bytes(),
+        MacEncoding::Base64,
+    );
+    let h = || vec![("x-signature".to_owned(), mac.clone())];
+    let ok = post_with(h(), plain.clone()).await;
+    assert_eq!(ok.status, StatusCode::OK, "{}", ok.text());
+    let refused = post_with(h(), tampered(&plain)).await;
+    assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(refused.json()["error"], "invalid_signature");
+
+    let metrics = bridge.metrics().await;
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"tamio_bridge_signature_failures_total{reason="mismatch"}"#
+        ),
+        4.0
+    );
+
+    // Each record carries the signature headers of its scheme, for consumers to verify again.
+    let records = read_topic(&topic, 3).await;
+    assert_eq!(records.len(), 3, "only the three genuine deliveries");
+    let by_id = |id: &str| {
+        records
+            .iter()
+            .find(|r| r.headers["event_id"] == id)
+            .unwrap_or_else(|| panic!("{id} not in Kafka"))
+    };
+    assert_eq!(by_id("whev_scheme_tamio").headers["signature"], sig);
+    let r = by_id("whev_scheme_standard");
+    assert_eq!(r.value, standard.as_bytes());
+    assert_eq!(r.headers["webhook-id"], "msg_2kq");
+    assert_eq!(r.headers["webhook-timestamp"], ts.to_string());
+    assert_eq!(r.headers["webhook-signature"], sw_sig);
+    assert!(!r.headers.contains_key("signature"));
+    let r = by_id("whev_scheme_plain");
+    assert_eq!(r.headers["signature"], mac);
+    bridge.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsigned_deliveries_only_with_allow_unsigned_and_no_secret() {
+    let topic = unique_topic("unsigned");
+    create_topic(&topic, 3).await;
+    let unsigned = settings(
+        &topic,
+        &[
+            ("TAMIO_BRIDGE__SIGNATURE__SECRETS", ""),
+            ("TAMIO_BRIDGE__SIGNATURE__ALLOW_UNSIGNED", "true"),
+        ],
+    );
+    let bridge = Bridge::start_ready(unsigned).await;
+    let body = ticket_event("whev_unsigned", "ticket-unsigned", 0);
+    let reply = post(
+        &bridge.url(),
+        &[("content-type", "application/json")],
+        body.clone().into_bytes(),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(
+        sample(&bridge.metrics().await, "tamio_bridge_unsigned_allowed"),
+        1.0
+    );
+    bridge.stop().await;
+    let records = read_topic(&topic, 1).await;
+    assert_eq!(records.len(), 1);
+    assert!(!records[0].headers.contains_key("signature"));
+
+    // With a secret configured, the flag changes nothing: unsigned is refused.
+    let signed = settings(
+        &topic,
+        &[("TAMIO_BRIDGE__SIGNATURE__ALLOW_UNSIGNED", "true")],
+    );
+    let bridge = Bridge::start_ready(signed).await;
+    let reply = post(
+        &bridge.url(),
+        &[("content-type", "application/json")],
+        body.into_bytes(),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        sample(&bridge.metrics().await, "tamio_bridge_unsigned_allowed"),
+        0.0
+    );
+    bridge.stop().await;
+
+    // Neither a secret nor the flag: run() refuses, naming the setting.
+    let neither = settings(&topic, &[("TAMIO_BRIDGE__SIGNATURE__SECRETS", "")]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = tamio_kafka_bridge::run(neither, listener, admin, std::future::pending())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("signature.secrets"), "{err}");
+    assert!(err.contains("allow_unsigned"), "{err}");
+}
+
+#[test]
+fn start_up_is_refused_with_a_bad_tls_file_naming_the_setting() {
+    let pki = Pki::new();
+    pki.issue("server");
+    let not_pem = pki.path("not-pem.txt");
+    std::fs::write(&not_pem, "hello").unwrap();
+    let ca = pki.ca_file();
+    let server_crt = pki.path("server.crt");
+    let brokers = ("TAMIO_BRIDGE__KAFKA__BROKERS", "127.0.0.1:9");
+    let secret = ("TAMIO_BRIDGE__SIGNATURE__SECRETS", SECRET);
+    let tls_on = ("TAMIO_BRIDGE__KAFKA__TLS__ENABLED", "true");
+    let cases: Vec<(Vec<(&str, &str)>, &str, &str)> = vec![
+        (
+            vec![
+                tls_on,
+                ("TAMIO_BRIDGE__KAFKA__TLS__CA_FILE", "/nonexistent/ca.pem"),
+            ],
+            "kafka.tls.ca_file",
+            "/nonexistent/ca.pem",
+        ),
+        (
+            vec![
+                tls_on,
+                (
+                    "TAMIO_BRIDGE__KAFKA__TLS__CA_FILE",
+                    not_pem.to_str().unwrap(),
+                ),
+            ],
+            "kafka.tls.ca_file",
+            "no PEM",
+        ),
+        (
+            vec![
+                tls_on,
+                ("TAMIO_BRIDGE__KAFKA__TLS__CA_FILE", ca.to_str().unwrap()),
+                (
+                    "TAMIO_BRIDGE__KAFKA__TLS__CERT_FILE",
+                    "/nonexistent/client.crt",
+                ),
+                (
+                    "TAMIO_BRIDGE__KAFKA__TLS__KEY_FILE",
+                    "/nonexistent/client.key",
+                ),
+            ],
+            "kafka.tls.cert_file",
+            "/nonexistent/client.crt",
+        ),
+        (
+            vec![("TAMIO_BRIDGE__KAFKA__TLS__CA_FILE", ca.to_str().unwrap())],
+            "kafka.tls.enabled",
+            "TLS is off",
+        ),
+        (
+            vec![("TAMIO_BRIDGE__KAFKA__SASL__MECHANISM", "SCRAM-SHA-512")],
+            "kafka.sasl.username",
+            "",
+        ),
+        (
+            vec![(
+                "TAMIO_BRIDGE__SERVER__TLS_CERT_FILE",
+                server_crt.to_str().unwrap(),
+            )],
+            "server.tls_key_file",
+            "together",
+        ),
+        (
+            vec![
+                ("TAMIO_BRIDGE__SERVER__TLS_CERT_FILE", ca.to_str().unwrap()),
+                (
+                    "TAMIO_BRIDGE__SERVER__TLS_KEY_FILE",
+                    not_pem.to_str().unwrap(),
+                ),
+            ],
+            "server.tls_key_file",
+            "no PEM",
+        ),
+        (
+            vec![(
+                "TAMIO_BRIDGE__SIGNATURE__SECRET_FILES",
+                "/nonexistent/secret",
+            )],
+            "signature.secret_files",
+            "/nonexistent/secret",
+        ),
+    ];
+    for (env, setting, says) in cases {
+        let mut all = vec![brokers, secret];
+        all.extend(env.iter().copied());
+        let (code, _, stderr) = run_to_exit(&all, &[]);
+        assert_ne!(code, 0, "{env:?} started");
+        assert!(
+            stderr.contains(setting) && stderr.contains(says),
+            "{env:?}: `{stderr}` should name `{setting}` and say `{says}`"
+        );
+    }
+}
+
+/// Replaces `path`'s content at once, as a Kubernetes Secret volume update does.
+fn replace_file(path: &Path, content: &[u8]) {
+    let tmp = path.with_extension("next");
+    std::fs::write(&tmp, content).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+async fn reloads(admin: SocketAddr, result: &str) -> f64 {
+    sample(
+        &get(admin, "/metrics").await.text(),
+        &format!(r#"tamio_bridge_reloads_total{{result="{result}"}}"#),
+    )
+}
+
+async fn wait_for_reloads(admin: SocketAddr, result: &str, count: f64) {
+    let started = Instant::now();
+    while reloads(admin, result).await < count {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no {result} reload #{count}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_rotates_secrets_and_certificate_with_requests_in_flight() {
+    const OLD: &str = "rotation-old-secret-1b9f";
+    const NEW: &str = "rotation-new-secret-c44a";
+    let pki = Pki::new();
+    let first_cert = pki.issue("first");
+    let second_cert = pki.issue("second");
+    let cert = pki.path("server.crt");
+    let key = pki.path("server.key");
+    std::fs::copy(pki.path("first.crt"), &cert).unwrap();
+    std::fs::copy(pki.path("first.key"), &key).unwrap();
+    let secrets = pki.path("secrets");
+    std::fs::write(&secrets, format!("{OLD}\n")).unwrap();
+
+    let topic = unique_topic("rotation");
+    create_topic(&topic, 3).await;
+    let brokers = brokers();
+    let mut bridge = Process::spawn(&[
+        ("TAMIO_BRIDGE__KAFKA__BROKERS", &brokers),
+        ("TAMIO_BRIDGE__KAFKA__TOPIC", &topic),
+        (
+            "TAMIO_BRIDGE__SIGNATURE__SECRET_FILES",
+            secrets.to_str().unwrap(),
+        ),
+        (
+            "TAMIO_BRIDGE__SERVER__TLS_CERT_FILE",
+            cert.to_str().unwrap(),
+        ),
+        ("TAMIO_BRIDGE__SERVER__TLS_KEY_FILE", key.to_str().unwrap()),
+        ("TAMIO_BRIDGE__LOG__LEVEL", "debug"),
+    ]);
+    bridge.wait_ready().await;
+
+    // Senders run throughout, each request on a connection of its own, signing with the
+    // secret the sender currently uses.
+    let current = Arc::new(Mutex::new(OLD));
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(Mutex::new(Vec::<String>::new()));
+    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    let certs_seen = Arc::new(Mutex::new(Vec::<Vec<u8>>::new()));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for w in 0..4 {
+        let (current, stop, acked, failures, certs_seen, sent) = (
+            current.clone(),
+            stop.clone(),
+            acked.clone(),
+            failures.clone(),
+            certs_seen.clone(),
+            sent.clone(),
+        );
+        let (addr, ca) = (bridge.addr, pki.ca_pem());
+        workers.push(tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(Ordering::SeqCst) {
+                let id = format!("whev_rot_{w}_{i}");
+                let body = ticket_event(&id, &format!("ticket-rot-{w}"), i);
+                let secret = *current.lock().unwrap();
+                let sig = tamio_header(secret, &body);
+                sent.fetch_add(1, Ordering::SeqCst);
+                match tls_post(
+                    addr,
+                    &ca,
+                    false,
+                    &[("tamio-signature", &sig)],
+                    body.as_bytes(),
+                )
+                .await
+                {
+                    Ok(r) if r.status == StatusCode::OK => {
+                        acked.lock().unwrap().push(id);
+                        let mut seen = certs_seen.lock().unwrap();
+                        if !seen.contains(&r.server_cert) {
+                            seen.push(r.server_cert);
+                        }
+                    }
+                    Ok(r) => failures
+                        .lock()
+                        .unwrap()
+                        .push(format!("{id}: {} {}", r.status, r.body)),
+                    Err(e) => failures.lock().unwrap().push(format!("{id}: {e}")),
+                }
+                i += 1;
+            }
+        }));
+    }
+    let wait_sent = |n: usize| {
+        let sent = sent.clone();
+        async move {
+            let target = sent.load(Ordering::SeqCst) + n;
+            while sent.load(Ordering::SeqCst) < target {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+
+    // 1. Both secrets accepted, and the second certificate, then the sender switches.
+    wait_sent(40).await;
+    replace_file(&secrets, format!("{OLD}\n{NEW}\n").as_bytes());
+    replace_file(&key, &std::fs::read(pki.path("second.key")).unwrap());
+    replace_file(&cert, &std::fs::read(pki.path("second.crt")).unwrap());
+    bridge.signal("HUP");
+    wait_for_reloads(bridge.admin, "applied", 1.0).await;
+    wait_sent(40).await;
+    *current.lock().unwrap() = NEW;
+    wait_sent(40).await;
+    // 2. The old secret retired.
+    replace_file(&secrets, format!("{NEW}\n").as_bytes());
+    bridge.signal("HUP");
+    wait_for_reloads(bridge.admin, "applied", 2.0).await;
+    wait_sent(40).await;
+    // 3. A reload that cannot be applied changes nothing.
+    std::fs::remove_file(&secrets).unwrap();
+    bridge.signal("HUP");
+    wait_for_reloads(bridge.admin, "failed", 1.0).await;
+    wait_sent(40).await;
+    stop.store(true, Ordering::SeqCst);
+    for w in workers {
+        w.await.unwrap();
+    }
+
+    let failures = failures.lock().unwrap().clone();
+    assert!(
+        failures.is_empty(),
+        "requests failed during rotation: {failures:?}"
+    );
+    let certs_seen = certs_seen.lock().unwrap().clone();
+    assert_eq!(certs_seen, vec![first_cert, second_cert.clone()]);
+
+    // The retired secret is refused; the new one still works after the failed reload.
+    let body = ticket_event("whev_rot_after", "ticket-rot-after", 0);
+    let old = tls_post(
+        bridge.addr,
+        &pki.ca_pem(),
+        false,
+        &[("tamio-signature", &tamio_header(OLD, &body))],
+        body.as_bytes(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(old.status, StatusCode::UNAUTHORIZED, "{}", old.body);
+    let new = tls_post(
+        bridge.addr,
+        &pki.ca_pem(),
+        true,
+        &[("tamio-signature", &tamio_header(NEW, &body))],
+        body.as_bytes(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(new.status, StatusCode::OK, "{}", new.body);
+    assert_eq!(new.server_cert, second_cert);
+
+    bridge.signal("TERM");
+    assert_eq!(bridge.wait(Duration::from_secs(30)), 0);
+    let mut expected = acked.lock().unwrap().clone();
+    expected.push("whev_rot_after".into());
+    let records = read_topic(&topic, expected.len()).await;
+    let found: std::collections::HashSet<&str> = records
+        .iter()
+        .map(|r| r.headers["event_id"].as_str())
+        .collect();
+    let missing: Vec<&String> = expected
+        .iter()
+        .filter(|id| !found.contains(id.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "acknowledged but not in Kafka: {missing:?}"
+    );
+    assert!(expected.len() > 200, "only {} deliveries", expected.len());
+
+    let log = bridge.log_text();
+    assert!(log.contains("SIGHUP received"), "{log}");
+    assert!(log.contains("reload refused"), "{log}");
+    for secret in [OLD, NEW] {
+        assert!(!log.contains(secret), "a secret appeared in the log");
+    }
+}
