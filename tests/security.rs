@@ -430,7 +430,9 @@ fn start_up_is_refused_with_a_bad_tls_file_naming_the_setting() {
     let brokers = ("TAMIO_BRIDGE__KAFKA__BROKERS", "127.0.0.1:9");
     let secret = ("TAMIO_BRIDGE__SIGNATURE__SECRETS", SECRET);
     let tls_on = ("TAMIO_BRIDGE__KAFKA__TLS__ENABLED", "true");
-    let cases: Vec<(Vec<(&str, &str)>, &str, &str)> = vec![
+    // Settings given, the setting the error must name, and what it must say.
+    type Case<'a> = (Vec<(&'a str, &'a str)>, &'a str, &'a str);
+    let cases: Vec<Case<'_>> = vec![
         (
             vec![
                 tls_on,
