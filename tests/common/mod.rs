@@ -346,16 +346,35 @@ pub async fn read_topic_from(
     settle: Duration,
     within: Duration,
 ) -> Vec<Record> {
+    read_topic_with(bootstrap, &[], topic, expected, settle, within).await
+}
+
+/// Like [`read_topic_from`], with more consumer options (TLS, SASL).
+pub async fn read_topic_with(
+    bootstrap: &str,
+    options: &[(&str, &str)],
+    topic: &str,
+    expected: usize,
+    settle: Duration,
+    within: Duration,
+) -> Vec<Record> {
     let bootstrap = bootstrap.to_owned();
     let topic = topic.to_owned();
+    let options: Vec<(String, String)> = options
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = ClientConfig::new()
+        let mut config = ClientConfig::new();
+        config
             .set("bootstrap.servers", &bootstrap)
             .set("group.id", unique_topic("reader"))
             .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "false")
-            .create()
-            .expect("consumer");
+            .set("enable.partition.eof", "false");
+        for (k, v) in &options {
+            config.set(k, v);
+        }
+        let consumer: BaseConsumer = config.create().expect("consumer");
         let md = consumer
             .fetch_metadata(Some(&topic), Duration::from_secs(10))
             .expect("metadata");
@@ -442,6 +461,10 @@ pub struct OwnBroker {
     dir: tempfile::TempDir,
     durable: bool,
     schema_registry: Option<std::path::PathBuf>,
+    /// The port clients are told to use, when it is not `port` (a TLS front).
+    advertised: Option<u16>,
+    /// Require SASL (SCRAM) from clients.
+    authentication: bool,
 }
 
 impl OwnBroker {
@@ -485,6 +508,8 @@ impl OwnBroker {
             dir: tempfile::tempdir().unwrap(),
             durable,
             schema_registry,
+            advertised: None,
+            authentication: false,
         };
         broker.launch().await;
         broker
@@ -496,6 +521,7 @@ impl OwnBroker {
 
     async fn launch(&mut self) {
         let url = format!("tcp://127.0.0.1:{}", self.port);
+        let advertised = format!("tcp://127.0.0.1:{}", self.advertised.unwrap_or(self.port));
         // tansu resolves the SQLite path against its working directory.
         let storage = if self.durable {
             "sqlite://tansu.db"
@@ -510,9 +536,12 @@ impl OwnBroker {
         let mut command = std::process::Command::new(Self::bin());
         command
             .args(["broker", "--listener-url", &url])
-            .args(["--advertised-listener-url", &url])
+            .args(["--advertised-listener-url", &advertised])
             .args(["--storage-engine", storage])
             .current_dir(self.dir.path());
+        if self.authentication {
+            command.arg("--authentication");
+        }
         if let Some(registry) = &self.schema_registry {
             // tansu resolves a file:// path against its working directory.
             command
@@ -574,6 +603,126 @@ impl OwnBroker {
 
     pub async fn create_topic(&self, topic: &str, partitions: i32) {
         create_topic_on(&self.address(), topic, partitions).await
+    }
+
+    /// A broker that clients reach at `advertised` (a [`TlsFront`] bound to that port), with
+    /// `topic` created and, when `users` are given (name, password, `scram256` or
+    /// `scram512`), SCRAM authentication required. tansu keeps SCRAM credentials only in
+    /// durable storage and accepts no unauthenticated request once authentication is on, so
+    /// users and the topic are created first, then the broker restarts with it on.
+    pub async fn start_secured(
+        advertised: Option<u16>,
+        users: &[(&str, &str, &str)],
+        topic: &str,
+    ) -> OwnBroker {
+        let mut broker = Self::start_with(true).await;
+        for (name, password, mechanism) in users {
+            broker.tansu(&["user", "create", name, password, "--mechanism", mechanism]);
+        }
+        broker.tansu(&["topic", "create", topic, "--partitions", "3"]);
+        broker.advertised = advertised;
+        broker.authentication = !users.is_empty();
+        broker.restart().await;
+        broker
+    }
+
+    /// Runs a tansu client command against this broker's own port.
+    fn tansu(&self, args: &[&str]) {
+        let out = std::process::Command::new(Self::bin())
+            .args(args)
+            .args(["--broker", &format!("tcp://{}", self.address())])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "tansu {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// A TLS terminator in front of a broker (tansu 0.6 serves plaintext only): clients speak
+/// TLS to `port`, checked against a test CA, and each connection is forwarded to `target`.
+/// With a client CA, clients must present a certificate it signed.
+pub struct TlsFront {
+    pub port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TlsFront {
+    /// Binds a port for a front started later with [`TlsFront::start`].
+    pub fn reserve() -> std::net::TcpListener {
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap()
+    }
+
+    pub fn start(
+        listener: std::net::TcpListener,
+        target: String,
+        cert: &std::path::Path,
+        key: &std::path::Path,
+        client_ca: Option<&std::path::Path>,
+    ) -> TlsFront {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap();
+        let builder = match client_ca {
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in CertificateDer::pem_file_iter(ca).unwrap() {
+                    roots.add(cert.unwrap()).unwrap();
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .unwrap();
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let config = builder
+            .with_single_cert(chain, PrivateKeyDer::from_pem_file(key).unwrap())
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let port = listener.local_addr().unwrap().port();
+        listener.set_nonblocking(true).unwrap();
+        let listener = TcpListener::from_std(listener).unwrap();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (acceptor, target) = (acceptor.clone(), target.clone());
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    let Ok(mut upstream) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut upstream).await;
+                });
+            }
+        });
+        TlsFront { port, task }
+    }
+
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for TlsFront {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
