@@ -36,6 +36,8 @@ pub struct Settings {
     pub signature: Signature,
     /// Duplicate suppression by event id.
     pub dedup: Dedup,
+    /// When settings are loaded again while the bridge runs.
+    pub reload: ReloadSettings,
     /// Event type -> topic and key, matched in order.
     pub routes: Vec<RouteSetting>,
     /// Logging.
@@ -188,6 +190,14 @@ pub struct RouteSetting {
     /// Refuse events without that key (400) instead of publishing them without a key.
     #[serde(default)]
     pub key_required: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReloadSettings {
+    /// How often the settings file, secret files and TLS files are checked for a change,
+    /// which reloads as SIGHUP does; 0 is off (SIGHUP only).
+    pub watch_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -833,6 +843,25 @@ impl Settings {
         Ok(())
     }
 
+    /// The files a reload reads, besides the `--config` file: secret files and the ingress's
+    /// TLS certificate and key.
+    pub fn reloadable_files(&self) -> Vec<PathBuf> {
+        let sig = &self.signature;
+        let mut files: Vec<PathBuf> = sig
+            .secret_files
+            .iter()
+            .chain(sig.endpoints.values().flat_map(|e| &e.secret_files))
+            .cloned()
+            .collect();
+        if self.server.tls() {
+            files.push(self.server.tls_cert_file.clone());
+            files.push(self.server.tls_key_file.clone());
+        }
+        files.sort();
+        files.dedup();
+        files
+    }
+
     /// True when at least one secret is configured.
     pub fn has_secrets(&self) -> bool {
         !self.signature.secrets.is_empty() || !self.signature.endpoints.is_empty()
@@ -1062,5 +1091,137 @@ key = "/event_id"
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(shown.contains("1 redacted"), "{shown}");
         assert!(shown.contains("\"linger.ms\": \"7\""), "{shown}");
+    }
+
+    #[test]
+    fn structured_and_passthrough_kafka_security_do_not_mix() {
+        let err = load_file(
+            "[kafka]\nbrokers = 'b:9092'\n[kafka.tls]\nenabled = true\n\
+             [kafka.librdkafka]\n\"security.protocol\" = \"ssl\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("kafka.librdkafka") && err.contains("security.protocol"),
+            "{err}"
+        );
+        // Without the structured settings the pass-through stays available.
+        let s = load_file(
+            "[kafka]\nbrokers = 'b:9092'\n[kafka.librdkafka]\n\"security.protocol\" = \"ssl\"\n",
+        )
+        .unwrap();
+        assert_eq!(s.kafka.security_protocol(), "plaintext");
+    }
+
+    #[test]
+    fn secret_files_hold_one_secret_a_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let global = dir.path().join("global");
+        let endpoint = dir.path().join("endpoint");
+        std::fs::write(&global, "  first-secret \n\nsecond-secret\n").unwrap();
+        std::fs::write(&endpoint, "endpoint-secret").unwrap();
+        let s = load_file(&format!(
+            "[signature]\nsecrets = ['inline']\nsecret_files = ['{}']\n\
+             [signature.endpoints.ep-1]\nsecret_files = ['{}']\n",
+            global.display(),
+            endpoint.display()
+        ))
+        .unwrap();
+        assert_eq!(
+            s.signature.secrets,
+            vec![
+                Secret::new("inline"),
+                Secret::new("first-secret"),
+                Secret::new("second-secret")
+            ]
+        );
+        assert_eq!(
+            s.signature.endpoints["ep-1"].secrets,
+            vec![Secret::new("endpoint-secret")]
+        );
+        assert!(s.has_secrets());
+
+        let env_files = Settings::load_from(
+            None,
+            env(&[(
+                "TAMIO_BRIDGE__SIGNATURE__SECRET_FILES",
+                &format!("{},{}", global.display(), endpoint.display()),
+            )]),
+        )
+        .unwrap();
+        assert_eq!(env_files.signature.secrets.len(), 3);
+
+        let blank = dir.path().join("blank");
+        std::fs::write(&blank, "\n  \n").unwrap();
+        for (file, says) in [
+            (&blank, "holds no secret"),
+            (&dir.path().join("nope"), "cannot read"),
+        ] {
+            let err = load_file(&format!(
+                "[signature]\nsecret_files = ['{}']\n",
+                file.display()
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.contains("signature.secret_files") && err.contains(says),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn standard_webhooks_secrets_are_checked_at_load() {
+        let err = load_file(
+            "[signature.endpoints.ep-1]\nscheme = 'standard-webhooks'\nsecrets = ['not-whsec']\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("ep-1") && err.contains("whsec_") && !err.contains("not-whsec"),
+            "{err}"
+        );
+        let ok = load_file(
+            "[signature]\nscheme = 'standard-webhooks'\nsecrets = ['whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw']\n",
+        )
+        .unwrap();
+        assert_eq!(ok.signature.scheme, Scheme::StandardWebhooks);
+    }
+
+    #[test]
+    fn no_secret_is_refused_unless_unsigned_is_allowed() {
+        let none = Settings::load_from(None, env(&[])).unwrap();
+        let err = none.check_signing().unwrap_err().to_string();
+        assert!(
+            err.contains("signature.secrets") && err.contains("allow_unsigned"),
+            "{err}"
+        );
+        let allowed = Settings::load_from(
+            None,
+            env(&[("TAMIO_BRIDGE__SIGNATURE__ALLOW_UNSIGNED", "true")]),
+        )
+        .unwrap();
+        assert!(allowed.check_signing().is_ok());
+    }
+
+    #[test]
+    fn kafka_password_file_is_read_and_never_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "hunter2-from-file\n").unwrap();
+        let s = load_file(&format!(
+            "[kafka.sasl]\nmechanism = 'SCRAM-SHA-512'\nusername = 'u'\npassword_file = '{}'\n",
+            file.display()
+        ))
+        .unwrap();
+        assert_eq!(s.kafka.sasl.password, Secret::new("hunter2-from-file"));
+        assert!(!format!("{s:?}").contains("hunter2"));
+        let err = load_file(&format!(
+            "[kafka.sasl]\nmechanism = 'PLAIN'\nusername = 'u'\npassword = 'x'\npassword_file = '{}'\n",
+            file.display()
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("kafka.sasl.password_file"), "{err}");
     }
 }

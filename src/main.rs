@@ -3,7 +3,7 @@
 
 use std::io::Read;
 use std::path::PathBuf;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
@@ -204,12 +204,16 @@ fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
         // Installed before serving: SIGHUP's default action would end the process.
         let hangups = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
         let (reload_tx, reloads) = tokio::sync::mpsc::channel(4);
-        let brokers = settings.kafka.brokers.clone();
-        tokio::spawn(reload_on_sighup(
+        let files = watched_files(config.as_deref(), &settings);
+        tokio::spawn(reload_on_change(
+            Reloader {
+                config,
+                example_secret,
+                brokers: settings.kafka.brokers.clone(),
+                watch_interval: Duration::from_millis(settings.reload.watch_interval_ms),
+            },
+            files,
             hangups,
-            config,
-            example_secret,
-            brokers,
             reload_tx,
         ));
         tamio_kafka_bridge::run_with_reloads(settings, listener, admin, shutdown_signal(), reloads)
@@ -227,27 +231,91 @@ fn with_example_secret(settings: &mut Settings, example: &Option<Secret>) {
     }
 }
 
-/// On each SIGHUP, loads the settings again from the same sources (secret files and TLS files
-/// included) and hands them to the bridge, which applies what can change while it runs.
-async fn reload_on_sighup(
-    mut hangups: tokio::signal::unix::Signal,
+/// How to load the settings again.
+struct Reloader {
     config: Option<PathBuf>,
     example_secret: Option<Secret>,
+    /// The brokers in use (the embedded broker's address is in no setting).
     brokers: String,
-    reloads: tokio::sync::mpsc::Sender<tamio_kafka_bridge::Reload>,
-) {
-    while hangups.recv().await.is_some() {
-        tracing::info!(
-            "SIGHUP received: reloading signature settings, secret files and TLS certificate"
-        );
-        let reload = Settings::load(config.as_deref())
+    watch_interval: Duration,
+}
+
+impl Reloader {
+    fn load(&self) -> Result<Settings, String> {
+        Settings::load(self.config.as_deref())
             .map(|mut settings| {
-                with_example_secret(&mut settings, &example_secret);
-                // The embedded broker's address is not in any setting.
-                settings.kafka.brokers.clone_from(&brokers);
+                with_example_secret(&mut settings, &self.example_secret);
+                settings.kafka.brokers.clone_from(&self.brokers);
                 settings
             })
-            .map_err(|e| e.to_string());
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// The files whose content a reload depends on: the --config file, secret files, TLS files.
+fn watched_files(config: Option<&std::path::Path>, settings: &Settings) -> Vec<PathBuf> {
+    config
+        .map(std::path::Path::to_owned)
+        .into_iter()
+        .chain(settings.reloadable_files())
+        .collect()
+}
+
+/// A digest of each file's content (None when it cannot be read). Contents, not times: a
+/// Kubernetes Secret volume swaps a symlink, and editors may keep a file's modification time.
+fn fingerprint(files: &[PathBuf]) -> Vec<Option<[u8; 32]>> {
+    use sha2::Digest;
+    files
+        .iter()
+        .map(|f| {
+            std::fs::read(f)
+                .ok()
+                .map(|b| sha2::Sha256::digest(b).into())
+        })
+        .collect()
+}
+
+/// Loads the settings again on each SIGHUP, and when a watched file's content changes, and
+/// hands them to the bridge, which applies what can change while it runs.
+async fn reload_on_change(
+    reloader: Reloader,
+    mut files: Vec<PathBuf>,
+    mut hangups: tokio::signal::unix::Signal,
+    reloads: tokio::sync::mpsc::Sender<tamio_kafka_bridge::Reload>,
+) {
+    let mut seen = fingerprint(&files);
+    let watching = !reloader.watch_interval.is_zero();
+    let mut ticks = tokio::time::interval(if watching {
+        reloader.watch_interval
+    } else {
+        Duration::from_secs(3600)
+    });
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            signal = hangups.recv() => {
+                if signal.is_none() {
+                    return;
+                }
+                tracing::info!(
+                    "SIGHUP received: reloading signature settings, secret files and TLS certificate"
+                );
+            }
+            _ = ticks.tick(), if watching => {
+                if fingerprint(&files) == seen {
+                    continue;
+                }
+                tracing::info!(
+                    "a settings, secret or TLS file changed: reloading signature settings, \
+                     secret files and TLS certificate"
+                );
+            }
+        }
+        let reload = reloader.load();
+        if let Ok(settings) = &reload {
+            files = watched_files(reloader.config.as_deref(), settings);
+        }
+        seen = fingerprint(&files);
         if reloads.send(reload).await.is_err() {
             return;
         }

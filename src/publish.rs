@@ -659,3 +659,74 @@ impl Publisher {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Settings;
+
+    fn kafka(env: &[(&str, &str)]) -> Kafka {
+        let mut all = vec![(
+            "TAMIO_BRIDGE__KAFKA__BROKERS".to_owned(),
+            "b:9092".to_owned(),
+        )];
+        all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        Settings::load_from(None, all).unwrap().kafka
+    }
+
+    fn get<'a>(cfg: &'a ClientConfig, key: &str) -> Option<&'a str> {
+        cfg.get(key)
+    }
+
+    #[test]
+    fn security_settings_become_librdkafka_options() {
+        let plain = producer_config(&kafka(&[]), "b:9092", 1000);
+        assert_eq!(get(&plain, "security.protocol"), Some("plaintext"));
+        assert_eq!(get(&plain, "sasl.mechanisms"), None);
+
+        let sasl = producer_config(
+            &kafka(&[
+                ("TAMIO_BRIDGE__KAFKA__SASL__MECHANISM", "PLAIN"),
+                ("TAMIO_BRIDGE__KAFKA__SASL__USERNAME", "bridge"),
+                ("TAMIO_BRIDGE__KAFKA__SASL__PASSWORD", "pw-1"),
+            ]),
+            "b:9092",
+            1000,
+        );
+        assert_eq!(get(&sasl, "security.protocol"), Some("sasl_plaintext"));
+        assert_eq!(get(&sasl, "sasl.mechanisms"), Some("PLAIN"));
+        assert_eq!(get(&sasl, "sasl.username"), Some("bridge"));
+        assert_eq!(get(&sasl, "sasl.password"), Some("pw-1"));
+
+        let tls = producer_config(
+            &kafka(&[
+                ("TAMIO_BRIDGE__KAFKA__TLS__ENABLED", "true"),
+                ("TAMIO_BRIDGE__KAFKA__SASL__MECHANISM", "SCRAM-SHA-256"),
+                ("TAMIO_BRIDGE__KAFKA__SASL__USERNAME", "bridge"),
+                ("TAMIO_BRIDGE__KAFKA__SASL__PASSWORD", "pw-2"),
+            ]),
+            "b:9092",
+            1000,
+        );
+        assert_eq!(get(&tls, "security.protocol"), Some("sasl_ssl"));
+        assert_eq!(get(&tls, "sasl.mechanisms"), Some("SCRAM-SHA-256"));
+        assert_eq!(get(&tls, "ssl.ca.location"), None, "the system's CAs");
+    }
+
+    #[test]
+    fn passwords_are_redacted_when_the_producer_is_described() {
+        let k = kafka(&[
+            ("TAMIO_BRIDGE__KAFKA__SASL__MECHANISM", "SCRAM-SHA-512"),
+            ("TAMIO_BRIDGE__KAFKA__SASL__USERNAME", "bridge"),
+            ("TAMIO_BRIDGE__KAFKA__SASL__PASSWORD", "hunter2-sasl"),
+        ]);
+        assert!(!format!("{k:?}").contains("hunter2"));
+        let cfg = producer_config(&k, "b:9092", 1000);
+        let shown: Vec<String> = cfg
+            .config_map()
+            .iter()
+            .map(|(key, v)| format!("{key}={}", crate::config::shown_value(key, v)))
+            .collect();
+        assert!(!shown.join(",").contains("hunter2"), "{shown:?}");
+    }
+}

@@ -573,6 +573,8 @@ async fn sighup_rotates_secrets_and_certificate_with_requests_in_flight() {
         ),
         ("TAMIO_BRIDGE__SERVER__TLS_KEY_FILE", key.to_str().unwrap()),
         ("TAMIO_BRIDGE__LOG__LEVEL", "debug"),
+        // SIGHUP only: the file watch is tested on its own.
+        ("TAMIO_BRIDGE__RELOAD__WATCH_INTERVAL_MS", "0"),
     ]);
     bridge.wait_ready().await;
 
@@ -929,4 +931,53 @@ async fn authenticates_with_scram_sha_256_and_a_password_file() {
     let records = read_with(&bootstrap, &reader, &topic).await;
     assert_eq!(records.len(), 1);
     assert_eq!(records[0].value, body.as_bytes());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_secret_file_is_picked_up_without_a_signal() {
+    const OLD: &str = "watched-old-secret-0e7d";
+    const NEW: &str = "watched-new-secret-f21b";
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("secrets");
+    std::fs::write(&secrets, OLD).unwrap();
+    let topic = unique_topic("watch");
+    create_topic(&topic, 3).await;
+    let brokers = brokers();
+    let bridge = Process::spawn(&[
+        ("TAMIO_BRIDGE__KAFKA__BROKERS", &brokers),
+        ("TAMIO_BRIDGE__KAFKA__TOPIC", &topic),
+        (
+            "TAMIO_BRIDGE__SIGNATURE__SECRET_FILES",
+            secrets.to_str().unwrap(),
+        ),
+        ("TAMIO_BRIDGE__RELOAD__WATCH_INTERVAL_MS", "100"),
+    ]);
+    bridge.wait_ready().await;
+    let send = |secret: &'static str, id: &'static str| {
+        let url = format!("http://{}/webhooks/tamio", bridge.addr);
+        async move {
+            let body = ticket_event(id, "ticket-watch", 0);
+            let sig = tamio_header(secret, &body);
+            post(
+                &url,
+                &[
+                    ("content-type", "application/json"),
+                    ("tamio-signature", &sig),
+                ],
+                body.into_bytes(),
+            )
+            .await
+            .status
+        }
+    };
+    assert_eq!(send(NEW, "whev_watch_1").await, StatusCode::UNAUTHORIZED);
+    assert_eq!(send(OLD, "whev_watch_2").await, StatusCode::OK);
+    assert_eq!(reloads(bridge.admin, "applied").await, 0.0);
+
+    // As a Kubernetes Secret volume does: the new content appears at once.
+    replace_file(&secrets, NEW.as_bytes());
+    wait_for_reloads(bridge.admin, "applied", 1.0).await;
+    assert_eq!(send(NEW, "whev_watch_3").await, StatusCode::OK);
+    assert_eq!(send(OLD, "whev_watch_4").await, StatusCode::UNAUTHORIZED);
+    assert!(bridge.log_text().contains("file changed"));
 }
