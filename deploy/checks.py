@@ -271,14 +271,46 @@ SETTINGS_FILES = [
     DEPLOY / "kubernetes" / "overlays" / "example" / "bridge.toml",
 ]
 FREE_FORM = {("kafka", "librdkafka"), ("signature", "endpoints")}
+# Settings that config/default.toml documents in a comment only (absent means "none").
+OPTIONAL_SETTINGS = {("kafka", "sasl", "mechanism"): str}
 BRIDGE_OWN_LIBRDKAFKA = {"bootstrap.servers", "acks", "enable.idempotence"}
+# Secrets that belong in a mounted file (`*_file`), never in a settings file.
+SECRET_SETTINGS = [("kafka", "sasl", "password"), ("kafka", "tls", "key_password")]
+
+
+def deep_merge(into: dict, values: dict) -> dict:
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            deep_merge(into[key], value)
+        else:
+            into[key] = value
+    return into
 
 
 def merged_settings(path: Path) -> dict:
-    merged = tomllib.loads(DEFAULT_SETTINGS.read_text())
-    for section, values in tomllib.loads(path.read_text()).items():
-        merged.setdefault(section, {}).update(values)
-    return merged
+    return deep_merge(tomllib.loads(DEFAULT_SETTINGS.read_text()), tomllib.loads(path.read_text()))
+
+
+def setting_files(settings: dict) -> list[tuple[str, str, bool, bool]]:
+    """(setting, path, holds a secret, re-read on reload) of every file the settings name."""
+    files = []
+    sig = settings.get("signature", {})
+    for path in sig.get("secret_files", []):
+        files.append(("signature.secret_files", path, True, True))
+    for endpoint, values in sig.get("endpoints", {}).items():
+        for path in values.get("secret_files", []):
+            files.append((f'signature.endpoints."{endpoint}".secret_files', path, True, True))
+    server = settings.get("server", {})
+    for key, secret in (("tls_cert_file", False), ("tls_key_file", True)):
+        if server.get(key):
+            files.append((f"server.{key}", server[key], secret, True))
+    kafka = settings.get("kafka", {})
+    for key, secret in (("ca_file", False), ("cert_file", False), ("key_file", True)):
+        if kafka.get("tls", {}).get(key):
+            files.append((f"kafka.tls.{key}", kafka["tls"][key], secret, False))
+    if kafka.get("sasl", {}).get("password_file"):
+        files.append(("kafka.sasl.password_file", kafka["sasl"]["password_file"], True, False))
+    return files
 
 
 def cmd_settings() -> None:
@@ -302,17 +334,44 @@ def cmd_settings() -> None:
                     problems.append(f"{rel}: unknown setting {section}.{key}")
                 elif type(value) is not type(defaults[section][key]):
                     problems.append(f"{rel}: {section}.{key} has the wrong type")
+                elif isinstance(value, dict):
+                    # A sub-table such as [kafka.tls] or [kafka.sasl].
+                    for sub, subvalue in value.items():
+                        name = f"{section}.{key}.{sub}"
+                        expected = OPTIONAL_SETTINGS.get((section, key, sub))
+                        if expected is None and sub in defaults[section][key]:
+                            expected = type(defaults[section][key][sub])
+                        if expected is None:
+                            problems.append(f"{rel}: unknown setting {name}")
+                        elif type(subvalue) is not expected:
+                            problems.append(f"{rel}: {name} has the wrong type")
         lib = doc.get("kafka", {}).get("librdkafka", {})
         for key, value in lib.items():
             if not isinstance(value, str):
                 problems.append(f"{rel}: kafka.librdkafka.\"{key}\" must be a string")
             if key in BRIDGE_OWN_LIBRDKAFKA:
                 problems.append(f"{rel}: kafka.librdkafka.\"{key}\" is set by the bridge itself")
+        structured = [f"kafka.{s}" for s in ("tls", "sasl") if s in doc.get("kafka", {})]
+        passthrough = [k for k in lib if k == "security.protocol" or k.startswith(("ssl.", "sasl."))]
+        if structured and passthrough:
+            problems.append(
+                f"{rel}: {', '.join(structured)} and kafka.librdkafka {', '.join(passthrough)} "
+                "together (the bridge refuses to start)"
+            )
         merged = merged_settings(path)
         if merged["kafka"]["delivery_timeout_ms"] >= merged["server"]["request_timeout_ms"]:
             problems.append(f"{rel}: kafka.delivery_timeout_ms must be below server.request_timeout_ms")
-        if "signature" in doc and doc["signature"].get("secrets"):
-            problems.append(f"{rel}: holds signing secrets; they come from the environment")
+        sig = doc.get("signature", {})
+        if sig.get("secrets") or any(e.get("secrets") for e in sig.get("endpoints", {}).values()):
+            problems.append(
+                f"{rel}: holds signing secrets; they come from a mounted Secret "
+                "(signature.secret_files) or the environment"
+            )
+        for section, table, key in SECRET_SETTINGS:
+            if doc.get(section, {}).get(table, {}).get(key):
+                problems.append(f"{rel}: holds {section}.{table}.{key}; use a file from a mounted Secret")
+        if any(k.endswith("password") for k in lib):
+            problems.append(f"{rel}: holds a password in kafka.librdkafka; use kafka.sasl.password_file")
     if problems:
         raise Failure("\n".join(problems))
     print(f"{len(SETTINGS_FILES)} settings files parse and use only known settings")
@@ -406,31 +465,108 @@ def cmd_k8s_policy(rendered: str, settings: str) -> None:
             if r not in res.get(part, {}):
                 problems.append(f"resources.{part}.{r} missing")
 
-    env = {e["name"]: e for e in container.get("env", [])}
-    secret_env = env.get("TAMIO_BRIDGE__SIGNATURE__SECRETS", {}).get("valueFrom", {}).get("secretKeyRef")
-    if not secret_env:
-        problems.append("TAMIO_BRIDGE__SIGNATURE__SECRETS does not come from a secretKeyRef")
+    mounts = container.get("volumeMounts", [])
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+
+    def mounted(path: str) -> tuple[dict, dict, str] | None:
+        """(mount, volume, key in the volume) of the file `path`, the most specific mount."""
+        best = None
+        for m in mounts:
+            mp = m["mountPath"].rstrip("/")
+            if m.get("subPath"):
+                if path == mp:
+                    found = (m, volumes.get(m["name"], {}), m["subPath"])
+                else:
+                    continue
+            elif path.startswith(mp + "/"):
+                found = (m, volumes.get(m["name"], {}), path[len(mp) + 1 :])
+            else:
+                continue
+            if best is None or len(mp) > len(best[0]["mountPath"].rstrip("/")):
+                best = found
+        return best
+
+    def volume_keys(vol: dict) -> tuple[str, list[str] | None]:
+        """(what the volume is, the keys it projects: None for a Secret's, not in the output)."""
+        if "configMap" in vol:
+            name = vol["configMap"]["name"]
+            cms = [c for c in by_kind.get("ConfigMap", []) if c["metadata"]["name"] == name]
+            keys = list(cms[0].get("data", {})) if cms else []
+            items = vol["configMap"].get("items")
+            return f"ConfigMap {name}", [i["path"] for i in items] if items else keys
+        if "secret" in vol:
+            items = vol["secret"].get("items")
+            return f"Secret {vol['secret']['secretName']}", [i["path"] for i in items] if items else None
+        return "", None
+
+    # A mount inside another volume's directory would hide in, or collide with, its files.
+    for outer in mounts:
+        if outer.get("subPath"):
+            continue
+        for inner in mounts:
+            if inner["mountPath"].startswith(outer["mountPath"].rstrip("/") + "/"):
+                problems.append(
+                    f"{inner['mountPath']} is mounted inside the volume {outer['name']} "
+                    f"at {outer['mountPath']}"
+                )
 
     args = container.get("args", [])
+    # What the bridge reads: the settings file checked here (compared below with the
+    # ConfigMap's copy when the output holds it).
+    settings_doc = tomllib.loads(Path(settings).read_text())
     if "--config" not in args:
         problems.append("the bridge is not given --config")
     else:
         cfg = args[args.index("--config") + 1]
-        mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
-        volumes = {v["name"]: v for v in spec.get("volumes", [])}
-        mount = next((mp for mp in mounts if cfg.startswith(mp.rstrip("/") + "/")), None)
-        if mount is None:
+        found = mounted(cfg)
+        if found is None:
             problems.append(f"{cfg} is on no volume mount")
         else:
-            vol = volumes.get(mounts[mount], {})
-            key = cfg[len(mount.rstrip("/")) + 1 :]
-            if "configMap" in vol:
+            mount, vol, key = found
+            what, keys = volume_keys(vol)
+            if not what:
+                problems.append(f"volume {mount['name']} is neither a ConfigMap nor a Secret")
+            elif keys is not None and key not in keys:
+                problems.append(f"{what} with key {key} is not in the output")
+            elif "configMap" in vol:
                 name = vol["configMap"]["name"]
-                cms = [c for c in by_kind.get("ConfigMap", []) if c["metadata"]["name"] == name]
-                if not cms or key not in cms[0].get("data", {}):
-                    problems.append(f"ConfigMap {name} with key {key} is not in the output")
-            elif "secret" not in vol:
-                problems.append(f"volume {mounts[mount]} is neither a ConfigMap nor a Secret")
+                (cm,) = [c for c in by_kind["ConfigMap"] if c["metadata"]["name"] == name]
+                if tomllib.loads(cm["data"][key]) != settings_doc:
+                    problems.append(f"the mounted {cfg} (ConfigMap {name}) is not {settings}")
+
+    # Every file the settings name is on a mount: secrets on a Secret volume, files the bridge
+    # re-reads on a whole-directory mount (a subPath mount never sees the Secret's updates).
+    merged = deep_merge(tomllib.loads(DEFAULT_SETTINGS.read_text()), settings_doc)
+    named_files = setting_files(merged)
+    for setting, path, secret, reloaded in named_files:
+        found = mounted(path)
+        if found is None:
+            problems.append(f"{setting} {path} is on no volume mount")
+            continue
+        mount, vol, key = found
+        what, keys = volume_keys(vol)
+        if secret and "secret" not in vol:
+            problems.append(f"{setting} {path} holds a secret but is not on a Secret volume")
+        elif secret and vol["secret"].get("defaultMode", 0o644) & 0o007:
+            problems.append(f"{setting} {path}: Secret volume {mount['name']} is readable by others (defaultMode)")
+        elif not what:
+            problems.append(f"{setting} {path}: volume {mount['name']} is neither a ConfigMap nor a Secret")
+        elif keys is not None and key not in keys:
+            problems.append(f"{setting} {path}: {what} has no key {key}")
+        if reloaded and mount.get("subPath"):
+            problems.append(f"{setting} {path} is mounted with subPath: updates would never reach it")
+        if not mount.get("readOnly"):
+            problems.append(f"{setting} {path}: mount {mount['name']} is not readOnly")
+
+    env = {e["name"]: e for e in container.get("env", [])}
+    secret_env = env.get("TAMIO_BRIDGE__SIGNATURE__SECRETS")
+    if secret_env is not None and not secret_env.get("valueFrom", {}).get("secretKeyRef"):
+        problems.append("TAMIO_BRIDGE__SIGNATURE__SECRETS does not come from a secretKeyRef")
+    if secret_env is None and not any(f[0].startswith("signature.") for f in named_files):
+        problems.append(
+            "no signing secret: neither signature.secret_files on a mounted Secret nor "
+            "TAMIO_BRIDGE__SIGNATURE__SECRETS from a secretKeyRef"
+        )
 
     services = {s["metadata"]["name"]: s for s in by_kind.get("Service", [])}
     for name, svc in services.items():
