@@ -232,6 +232,29 @@ impl Scheme {
     }
 }
 
+impl std::str::FromStr for Scheme {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [Scheme::Tamio, Scheme::StandardWebhooks, Scheme::HmacSha256]
+            .into_iter()
+            .find(|scheme| scheme.as_str() == s)
+            .ok_or_else(|| "expected tamio, standard-webhooks or hmac-sha256".to_owned())
+    }
+}
+
+impl std::str::FromStr for MacEncoding {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "hex" => Ok(MacEncoding::Hex),
+            "base64" => Ok(MacEncoding::Base64),
+            _ => Err("expected hex or base64".to_owned()),
+        }
+    }
+}
+
 /// How the `hmac-sha256` scheme writes its MAC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]

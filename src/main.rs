@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use rdkafka::mocking::MockCluster;
-use tamio_kafka_bridge::config::{LogFormat, Secret, Settings};
+use tamio_kafka_bridge::config::{LogFormat, MacEncoding, Scheme, Secret, Settings};
 use tamio_kafka_bridge::ingest::verify;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
@@ -24,31 +24,80 @@ struct Cli {
     command: Option<Command>,
 }
 
+/// How `sign` and `send` sign a body: the settings' `signature` options, as flags.
+#[derive(clap::Args)]
+struct Signing {
+    /// The signing secret (for `standard-webhooks`, the `whsec_...` secret).
+    #[arg(long, env = "TAMIO_SIGN_SECRET", hide_env_values = true)]
+    secret: String,
+    /// The scheme: tamio, standard-webhooks or hmac-sha256.
+    #[arg(long, default_value = "tamio")]
+    scheme: Scheme,
+    /// The signature header (schemes tamio and hmac-sha256).
+    #[arg(long, default_value = "Tamio-Signature")]
+    header: String,
+    /// hex or base64 (scheme hmac-sha256).
+    #[arg(long, default_value = "hex")]
+    encoding: MacEncoding,
+    /// The message id (scheme standard-webhooks; default: a random one).
+    #[arg(long)]
+    id: Option<String>,
+    /// Unix seconds to sign at (default: now).
+    #[arg(long)]
+    timestamp: Option<i64>,
+}
+
+impl Signing {
+    /// The signature headers of `body`, as (name, value).
+    fn headers(&self, body: &[u8]) -> anyhow::Result<Vec<(String, String)>> {
+        let secret = self.secret.as_bytes();
+        let t = self.timestamp.unwrap_or_else(now);
+        Ok(match self.scheme {
+            Scheme::Tamio => vec![(self.header.clone(), verify::header_value(secret, t, body))],
+            Scheme::HmacSha256 => vec![(
+                self.header.clone(),
+                verify::plain_mac(secret, body, self.encoding),
+            )],
+            Scheme::StandardWebhooks => {
+                let id = self
+                    .id
+                    .clone()
+                    .unwrap_or_else(|| format!("msg_{:024x}", rand::random::<u128>() >> 32));
+                let signature = verify::standard_webhooks_signature(secret, &id, t, body)
+                    .map_err(|reason| anyhow::anyhow!("--secret: {reason}"))?;
+                vec![
+                    ("webhook-id".into(), id),
+                    ("webhook-timestamp".into(), t.to_string()),
+                    ("webhook-signature".into(), signature),
+                ]
+            }
+        })
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Prints the signature header value for a body: `t=<now>,s=<hex HMAC-SHA256>`.
+    /// Prints the signature of a body. Scheme tamio: the header value
+    /// `t=<now>,s=<hex HMAC-SHA256>`; hmac-sha256: the MAC; standard-webhooks: the three
+    /// headers, one `name: value` a line.
     Sign {
-        /// The signing secret.
-        #[arg(long, env = "TAMIO_SIGN_SECRET", hide_env_values = true)]
-        secret: String,
-        /// Unix seconds to sign at (default: now).
-        #[arg(long)]
-        timestamp: Option<i64>,
+        #[command(flatten)]
+        signing: Signing,
         /// The body file; standard input when absent.
         file: Option<PathBuf>,
     },
     /// Signs a JSON file and POSTs it to a bridge: a smoke test of a deployment. Prints the
     /// answer; exits 0 on a 2xx answer, 1 otherwise.
     Send {
-        /// The bridge's ingress, e.g. http://127.0.0.1:8080/webhooks/tamio (plain HTTP).
+        /// The bridge's ingress, e.g. http://127.0.0.1:8080/webhooks/tamio or https://...
         #[arg(long)]
         url: String,
-        /// The signing secret.
-        #[arg(long, env = "TAMIO_SIGN_SECRET", hide_env_values = true)]
-        secret: String,
-        /// Name of the signature header.
-        #[arg(long, default_value = "Tamio-Signature")]
-        header: String,
+        #[command(flatten)]
+        signing: Signing,
+        /// PEM CA certificates to check an https:// bridge's certificate against (default:
+        /// the system's).
+        #[arg(long, value_name = "FILE")]
+        ca_file: Option<PathBuf>,
         /// The body file; standard input when absent.
         file: Option<PathBuf>,
     },
@@ -62,30 +111,32 @@ const EXAMPLE_EVENT: &str = include_str!("../tests/fixtures/whitelabel_ticket_cr
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::Sign {
-            secret,
-            timestamp,
-            file,
-        }) => {
+        Some(Command::Sign { signing, file }) => {
             let body = read_body(file)?;
-            println!(
-                "{}",
-                verify::header_value(secret.as_bytes(), timestamp.unwrap_or_else(now), &body)
-            );
+            let headers = signing.headers(&body)?;
+            match signing.scheme {
+                Scheme::StandardWebhooks => {
+                    for (name, value) in headers {
+                        println!("{name}: {value}");
+                    }
+                }
+                _ => println!("{}", headers[0].1),
+            }
             Ok(())
         }
         Some(Command::Send {
             url,
-            secret,
-            header,
+            signing,
+            ca_file,
             file,
         }) => {
             let body = read_body(file)?;
-            let signature = verify::header_value(secret.as_bytes(), now(), &body);
+            let headers = signing.headers(&body)?;
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let (status, answer) = runtime.block_on(send(&url, &header, &signature, body))?;
+            let (status, answer) =
+                runtime.block_on(send(&url, &headers, ca_file.as_deref(), body))?;
             println!("{status}\n{answer}");
             if !status.is_success() {
                 std::process::exit(1);
@@ -114,37 +165,89 @@ fn read_body(file: Option<PathBuf>) -> anyhow::Result<Vec<u8>> {
     })
 }
 
-/// POSTs `body` with its signature over plain HTTP/1.1; returns the status and the body.
+/// POSTs `body` with its signature headers over HTTP/1.1, in cleartext or over TLS; returns
+/// the status and the body.
 async fn send(
     url: &str,
-    header: &str,
-    signature: &str,
+    headers: &[(String, String)],
+    ca_file: Option<&std::path::Path>,
     body: Vec<u8>,
 ) -> anyhow::Result<(http::StatusCode, String)> {
     use http_body_util::BodyExt;
     let uri: http::Uri = url
         .parse()
         .with_context(|| format!("`{url}` is not a URL"))?;
-    if uri.scheme_str() != Some("http") {
-        bail!("`{url}`: only http:// URLs are supported");
-    }
-    let host = uri.host().context("the URL has no host")?;
-    let port = uri.port_u16().unwrap_or(80);
-    let stream = tokio::net::TcpStream::connect((host, port))
+    let tls = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        _ => bail!("`{url}`: only http:// and https:// URLs are supported"),
+    };
+    let host = uri.host().context("the URL has no host")?.to_owned();
+    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    let stream = tokio::net::TcpStream::connect((host.as_str(), port))
         .await
         .with_context(|| format!("connecting to {host}:{port}"))?;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-    tokio::spawn(connection);
-    let request = http::Request::post(uri.path_and_query().map_or("/", |p| p.as_str()))
+    let mut request = http::Request::post(uri.path_and_query().map_or("/", |p| p.as_str()))
         .header(http::header::HOST, format!("{host}:{port}"))
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .header(header, signature)
-        .body(http_body_util::Full::new(bytes::Bytes::from(body)))?;
-    let response = sender.send_request(request).await?;
+        .header(http::header::CONTENT_TYPE, "application/json");
+    for (name, value) in headers {
+        request = request.header(name, value);
+    }
+    let request = request.body(http_body_util::Full::new(bytes::Bytes::from(body)))?;
+    let response = if tls {
+        let stream = tls_connect(stream, &host, ca_file).await?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(connection);
+        sender.send_request(request).await?
+    } else {
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(connection);
+        sender.send_request(request).await?
+    };
     let status = response.status();
     let answer = response.into_body().collect().await?.to_bytes();
     Ok((status, String::from_utf8_lossy(&answer).into_owned()))
+}
+
+/// A TLS client connection to `host`, checked against `ca_file` or the system's CAs.
+async fn tls_connect(
+    stream: tokio::net::TcpStream,
+    host: &str,
+    ca_file: Option<&std::path::Path>,
+) -> anyhow::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    let paths = [
+        "/etc/ssl/certs/ca-certificates.crt",
+        "/etc/pki/tls/certs/ca-bundle.crt",
+    ];
+    let file = match ca_file {
+        Some(file) => file.to_owned(),
+        None => paths
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .context("no system CA bundle found: give --ca-file")?,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(&file)
+        .with_context(|| format!("reading {}", file.display()))?
+    {
+        roots.add(cert.with_context(|| format!("reading {}", file.display()))?)?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = ServerName::try_from(host.to_owned()).context("the URL's host")?;
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, stream)
+        .await
+        .with_context(|| format!("TLS handshake with {host}"))
 }
 
 fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
