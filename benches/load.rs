@@ -204,6 +204,7 @@ async fn drive_http(
     concurrency: usize,
     duration: Duration,
     pace: Option<Duration>,
+    tls: Option<tokio_rustls::TlsConnector>,
 ) -> RunResult {
     let counter = Arc::new(AtomicU64::new(
         SystemTime::now()
@@ -218,11 +219,12 @@ async fn drive_http(
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
-        let (counter, stop, result, path) = (
+        let (counter, stop, result, path, tls) = (
             counter.clone(),
             stop.clone(),
             result.clone(),
             path.to_owned(),
+            tls.clone(),
         );
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
@@ -236,11 +238,31 @@ async fn drive_http(
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
-                let (mut sender, conn) =
-                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                let mut sender: hyper::client::conn::http1::SendRequest<Full<Bytes>> = match &tls {
+                    None => {
+                        let (sender, conn) = hyper::client::conn::http1::handshake(
+                            hyper_util::rt::TokioIo::new(stream),
+                        )
                         .await
                         .unwrap();
-                tokio::spawn(conn);
+                        tokio::spawn(conn);
+                        sender
+                    }
+                    Some(connector) => {
+                        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+                        let Ok(stream) = connector.connect(name, stream).await else {
+                            *answers.entry("tls".into()).or_default() += 1;
+                            continue;
+                        };
+                        let (sender, conn) = hyper::client::conn::http1::handshake(
+                            hyper_util::rt::TokioIo::new(stream),
+                        )
+                        .await
+                        .unwrap();
+                        tokio::spawn(conn);
+                        sender
+                    }
+                };
                 while !stop.load(Ordering::Relaxed) {
                     if let Some(t) = ticker.as_mut() {
                         t.tick().await;
@@ -449,9 +471,14 @@ struct Bridge {
 }
 
 async fn start_bridge(brokers: &str, topic: &str) -> Bridge {
+    start_bridge_with(brokers, topic, &[]).await
+}
+
+async fn start_bridge_with(brokers: &str, topic: &str, env: &[(&str, String)]) -> Bridge {
     let (port, admin) = (free_port(), free_port());
     let started = Instant::now();
     let child = Command::new(env!("CARGO_BIN_EXE_tamio-kafka-bridge"))
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .env("TAMIO_BRIDGE__KAFKA__BROKERS", brokers)
         .env("TAMIO_BRIDGE__KAFKA__TOPIC", topic)
         .env("TAMIO_BRIDGE__SIGNATURE__SECRETS", SECRET)
@@ -585,7 +612,7 @@ async fn bench(duration: Duration, levels: Vec<usize>) {
     );
     let mut summary = Vec::new();
     for &c in &levels {
-        let http = drive_http(http_addr, "/webhooks/tamio", c, duration, None).await;
+        let http = drive_http(http_addr, "/webhooks/tamio", c, duration, None, None).await;
         row("http-ceiling", c, &http, None, None, None);
 
         let topic = format!("bench-kafka-{c}-{}", now());
@@ -598,7 +625,7 @@ async fn bench(duration: Duration, levels: Vec<usize>) {
         let bridge = start_bridge(&brokers, &topic).await;
         let pid = bridge.child.0.id();
         let cpu0 = process_cpu_seconds(pid);
-        let run = drive_http(bridge.addr, "/webhooks/tamio", c, duration, None).await;
+        let run = drive_http(bridge.addr, "/webhooks/tamio", c, duration, None, None).await;
         let cpu = process_cpu_seconds(pid) - cpu0;
         let rss = peak_rss_mb(pid);
         let found = count_records(&brokers, &topic, run.acked).await;
@@ -635,7 +662,7 @@ async fn bench(duration: Duration, levels: Vec<usize>) {
         let admin_port = free_port_of_admin(&bridge);
         let stop = Arc::new(AtomicBool::new(false));
         let scraper = tokio::spawn(scrape_every_second(admin_port, stop.clone()));
-        let run = drive_http(bridge.addr, "/webhooks/tamio", 64, duration, None).await;
+        let run = drive_http(bridge.addr, "/webhooks/tamio", 64, duration, None, None).await;
         stop.store(true, Ordering::Relaxed);
         let _ = scraper.await;
         row(
@@ -645,6 +672,45 @@ async fn bench(duration: Duration, levels: Vec<usize>) {
             Some(peak_rss_mb(bridge.child.0.id())),
             None,
             None,
+        );
+        println!();
+    }
+
+    // The same load over TLS (rustls on the ingress; a new certificate from a test CA).
+    if levels.contains(&64) {
+        let (dir, connector) = test_tls();
+        let topic = format!("bench-tls-{}", now());
+        create_topic(&brokers, &topic).await;
+        let cert = dir.path().join("server.crt").display().to_string();
+        let key = dir.path().join("server.key").display().to_string();
+        let bridge = start_bridge_with(
+            &brokers,
+            &topic,
+            &[
+                ("TAMIO_BRIDGE__SERVER__TLS_CERT_FILE", cert),
+                ("TAMIO_BRIDGE__SERVER__TLS_KEY_FILE", key),
+            ],
+        )
+        .await;
+        let pid = bridge.child.0.id();
+        let cpu0 = process_cpu_seconds(pid);
+        let run = drive_http(
+            bridge.addr,
+            "/webhooks/tamio",
+            64,
+            duration,
+            None,
+            Some(connector),
+        )
+        .await;
+        let cpu = process_cpu_seconds(pid) - cpu0;
+        row(
+            "bridge-tls",
+            64,
+            &run,
+            Some(peak_rss_mb(pid)),
+            Some(cpu * 1000.0 / run.acked.max(1) as f64),
+            Some(count_records(&brokers, &topic, run.acked).await),
         );
         println!();
     }
@@ -661,7 +727,15 @@ async fn bench(duration: Duration, levels: Vec<usize>) {
     let topic = format!("bench-half-bridge-{}", now());
     create_topic(&brokers, &topic).await;
     let bridge = start_bridge(&brokers, &topic).await;
-    let run = drive_http(bridge.addr, "/webhooks/tamio", 64, duration, Some(pace)).await;
+    let run = drive_http(
+        bridge.addr,
+        "/webhooks/tamio",
+        64,
+        duration,
+        Some(pace),
+        None,
+    )
+    .await;
     row(
         "bridge@half",
         64,
@@ -742,4 +816,31 @@ fn row(
         found.map(|f| f.to_string()).unwrap_or_else(|| "-".into()),
         r.answers
     );
+}
+
+/// A test CA, a server certificate for 127.0.0.1 in `server.crt`/`server.key`, and a client
+/// connector that trusts only that CA.
+fn test_tls() -> (tempfile::TempDir, tokio_rustls::TlsConnector) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("server.crt"), cert.pem()).unwrap();
+    std::fs::write(dir.path().join("server.key"), key.serialize_pem()).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.der().clone()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    (dir, tokio_rustls::TlsConnector::from(Arc::new(config)))
 }

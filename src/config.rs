@@ -472,10 +472,61 @@ fn secrets_unfit(scheme: Scheme, secrets: &[Secret]) -> Option<String> {
     })
 }
 
+/// A settings error's text without the values it quotes: a TOML parse error shows the
+/// offending line and a type error the offending string, either of which may be a secret.
+/// What remains names the file, the line and column, the key and the kind of mistake.
+fn scrub(message: &str) -> String {
+    let mut out = Vec::new();
+    for line in message.lines() {
+        let trimmed = line.trim_start();
+        // The source excerpt and its caret line: `3 | secrets = [...`, `  |     ^`.
+        let excerpt = trimmed
+            .split_once('|')
+            .is_some_and(|(gutter, _)| gutter.trim().chars().all(|c| c.is_ascii_digit()));
+        if excerpt {
+            continue;
+        }
+        out.push(redact_quoted(line));
+    }
+    out.join(" ")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Replaces what follows `string "` / `str "` up to the closing quote with `[redacted]`.
+fn redact_quoted(line: &str) -> String {
+    let mut out = String::new();
+    let mut rest = line;
+    while let Some(at) = ["string \"", "str \"", "string `", "str `"]
+        .iter()
+        .filter_map(|marker| rest.find(marker).map(|i| (i, marker.len())))
+        .min()
+    {
+        let (start, len) = at;
+        let quote = rest.as_bytes()[start + len - 1] as char;
+        out.push_str(&rest[..start + len]);
+        let after = &rest[start + len..];
+        match after.find(quote) {
+            Some(end) => {
+                out.push_str("[redacted]");
+                out.push(quote);
+                rest = &after[end + 1..];
+            }
+            None => {
+                out.push_str("[redacted]");
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 /// Why the settings could not be used. The message names the setting.
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
-    #[error("cannot load settings: {0}")]
+    #[error("cannot load settings: {}", scrub(&.0.to_string()))]
     Load(#[from] config::ConfigError),
     #[error("setting `{key}`: {reason}")]
     Invalid { key: &'static str, reason: String },
@@ -766,6 +817,17 @@ impl Settings {
                     return Err(bad("header must be a valid HTTP header name".into()));
                 }
             }
+            let scheme = endpoint.scheme.unwrap_or(sig.scheme);
+            if scheme == Scheme::StandardWebhooks && endpoint.header.is_some() {
+                return Err(bad(
+                    "header has no effect with scheme standard-webhooks, whose headers are \
+                     webhook-id, webhook-timestamp and webhook-signature"
+                        .into(),
+                ));
+            }
+            if scheme != Scheme::HmacSha256 && endpoint.encoding.is_some() {
+                return Err(bad("encoding applies to scheme hmac-sha256 only".into()));
+            }
         }
         if self.log.level.trim().is_empty() {
             return Err(invalid("log.level", "must not be empty"));
@@ -802,6 +864,12 @@ impl Settings {
             return Err(invalid(
                 "kafka.tls.key_file",
                 "kafka.tls.cert_file and kafka.tls.key_file are set together or not at all",
+            ));
+        }
+        if !tls.key_password.expose().is_empty() && !set(&tls.key_file) {
+            return Err(invalid(
+                "kafka.tls.key_password",
+                "is for an encrypted kafka.tls.key_file, and none is set",
             ));
         }
         if set(&tls.cert_file) {
@@ -1246,5 +1314,55 @@ key = "/event_id"
         .unwrap_err()
         .to_string();
         assert!(err.contains("kafka.sasl.password_file"), "{err}");
+    }
+
+    #[test]
+    fn load_errors_never_quote_a_value() {
+        for text in [
+            "[signature]\nsecrets = [\"hunter2-leak\"\n",
+            "[signature]\nsecrets = \"hunter2-leak\"\n",
+            "[signature]\nsecrets = [\"hunter2-leak\"]]\n",
+            "[signature.endpoints.ep-1]\nsecrets = \"hunter2-leak\"\n",
+        ] {
+            let err = load_file(text).unwrap_err().to_string();
+            assert!(!err.contains("hunter2"), "{text:?}: {err}");
+            assert!(err.contains("cannot load settings"), "{err}");
+        }
+        let err = Settings::load_from(
+            None,
+            env(&[(
+                "TAMIO_BRIDGE__SIGNATURE__ENDPOINTS__EP__SECRETS",
+                "hunter2-leak",
+            )]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+        assert_eq!(
+            redact_quoted(r#"invalid type: string "x", expected a sequence for key `a`"#),
+            r#"invalid type: string "[redacted]", expected a sequence for key `a`"#
+        );
+    }
+
+    #[test]
+    fn endpoint_options_that_would_be_ignored_are_refused() {
+        for (text, says) in [
+            (
+                "[signature.endpoints.ep-1]\nscheme = 'standard-webhooks'\nheader = 'X-Sig'\n\
+                 secrets = ['whsec_AAEC']\n",
+                "header has no effect",
+            ),
+            (
+                "[signature.endpoints.ep-1]\nencoding = 'base64'\nsecrets = ['s']\n",
+                "encoding applies",
+            ),
+            (
+                "[kafka.tls]\nenabled = true\nkey_password = 'p'\n",
+                "kafka.tls.key_password",
+            ),
+        ] {
+            let err = load_file(text).unwrap_err().to_string();
+            assert!(err.contains(says), "{text}: {err}");
+        }
     }
 }

@@ -137,13 +137,23 @@ pub async fn run_with_reloads(
 
     let ingest = Arc::new(Ingest::new(&settings, publisher.clone(), metrics.clone()));
     announce_signing(&settings, &ingest.verifier(), &metrics);
+    warn_about_weak_settings(&settings);
     let reload_task = {
         let (ingest, tls, metrics) = (ingest.clone(), tls.clone(), metrics.clone());
+        let mut current = settings.clone();
         tokio::spawn(async move {
             while let Some(reload) = reloads.recv().await {
                 let result = reload.and_then(|next| {
                     apply_reload(&next, &ingest, tls.as_deref())?;
                     announce_signing(&next, &ingest.verifier(), &metrics);
+                    let ignored = needing_restart(&current, &next);
+                    if !ignored.is_empty() {
+                        tracing::warn!(
+                            sections = ?ignored,
+                            "changed settings that a reload does not apply: they take a restart"
+                        );
+                    }
+                    current = next;
                     Ok(())
                 });
                 match result {
@@ -224,8 +234,91 @@ fn apply_reload(next: &Settings, ingest: &Ingest, tls: Option<&Tls>) -> Result<(
         tls.reload(&next.server.tls_cert_file, &next.server.tls_key_file)
             .map_err(|e| e.to_string())?;
     }
-    ingest.set_verifier(Verifier::new(&next.signature));
+    let verifier = Verifier::new(&next.signature);
+    if verifier.accepts_unsigned() && !ingest.verifier().accepts_unsigned() {
+        return Err(
+            "setting `signature.secrets`: the reloaded settings have no secret, and accepting \
+             unsigned deliveries (signature.allow_unsigned) takes a restart"
+                .to_owned(),
+        );
+    }
+    ingest.set_verifier(verifier);
     Ok(())
+}
+
+/// The sections of settings that differ between `current` and `next` and that a reload does
+/// not apply.
+fn needing_restart(current: &Settings, next: &Settings) -> Vec<&'static str> {
+    let server = |s: &Settings| {
+        let mut server = s.server.clone();
+        server.tls_cert_file = Default::default();
+        server.tls_key_file = Default::default();
+        format!("{server:?}")
+    };
+    let mut changed = Vec::new();
+    if server(current) != server(next) {
+        changed.push("server");
+    }
+    for (name, a, b) in [
+        (
+            "admin",
+            format!("{:?}", current.admin),
+            format!("{:?}", next.admin),
+        ),
+        (
+            "kafka",
+            format!("{:?}", current.kafka),
+            format!("{:?}", next.kafka),
+        ),
+        (
+            "routes",
+            format!("{:?}", current.routes),
+            format!("{:?}", next.routes),
+        ),
+        (
+            "dedup",
+            format!("{:?}", current.dedup),
+            format!("{:?}", next.dedup),
+        ),
+        (
+            "reload",
+            format!("{:?}", current.reload),
+            format!("{:?}", next.reload),
+        ),
+        (
+            "log",
+            format!("{:?}", current.log),
+            format!("{:?}", next.log),
+        ),
+    ] {
+        if a != b {
+            changed.push(name);
+        }
+    }
+    changed
+}
+
+/// Warns at start about settings that work but weaken what the bridge promises.
+fn warn_about_weak_settings(settings: &Settings) {
+    let sasl = &settings.kafka.sasl;
+    if sasl.mechanism == Some(crate::config::SaslMechanism::Plain) && !settings.kafka.tls.enabled {
+        tracing::warn!(
+            "kafka.sasl.mechanism PLAIN without kafka.tls: the Kafka password crosses the \
+             network in cleartext"
+        );
+    }
+    let sig = &settings.signature;
+    let plain_mac = (sig.scheme == crate::config::Scheme::HmacSha256 && !sig.secrets.is_empty())
+        || sig
+            .endpoints
+            .values()
+            .any(|e| e.scheme.unwrap_or(sig.scheme) == crate::config::Scheme::HmacSha256);
+    if plain_mac && settings.dedup.window_secs == 0 {
+        tracing::warn!(
+            "the hmac-sha256 scheme signs no timestamp and dedup.window_secs is 0: a captured \
+             delivery can be replayed at any time"
+        );
+    }
 }
 
 /// Logs how deliveries are checked, and sets the unsigned-deliveries metric.

@@ -27,7 +27,8 @@ struct Cli {
 /// How `sign` and `send` sign a body: the settings' `signature` options, as flags.
 #[derive(clap::Args)]
 struct Signing {
-    /// The signing secret (for `standard-webhooks`, the `whsec_...` secret).
+    /// The signing secret (for `standard-webhooks`, the `whsec_...` secret). Prefer the
+    /// environment variable: arguments show in the process list.
     #[arg(long, env = "TAMIO_SIGN_SECRET", hide_env_values = true)]
     secret: String,
     /// The scheme: tamio, standard-webhooks or hmac-sha256.
@@ -182,13 +183,22 @@ async fn send(
         Some("https") => true,
         _ => bail!("`{url}`: only http:// and https:// URLs are supported"),
     };
-    let host = uri.host().context("the URL has no host")?.to_owned();
+    // An IPv6 address comes bracketed: `[::1]`.
+    let host = uri
+        .host()
+        .context("the URL has no host")?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
     let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
     let stream = tokio::net::TcpStream::connect((host.as_str(), port))
         .await
         .with_context(|| format!("connecting to {host}:{port}"))?;
     let mut request = http::Request::post(uri.path_and_query().map_or("/", |p| p.as_str()))
-        .header(http::header::HOST, format!("{host}:{port}"))
+        .header(
+            http::header::HOST,
+            uri.authority().map_or(host.clone(), |a| a.to_string()),
+        )
         .header(http::header::CONTENT_TYPE, "application/json");
     for (name, value) in headers {
         request = request.header(name, value);
@@ -387,6 +397,9 @@ async fn reload_on_change(
     reloads: tokio::sync::mpsc::Sender<tamio_kafka_bridge::Reload>,
 ) {
     let mut seen = fingerprint(&files);
+    // After a failed reload, try again at every tick until one applies: the files may be
+    // half-written, or name a file that does not exist yet.
+    let mut failing = false;
     let watching = !reloader.watch_interval.is_zero();
     let mut ticks = tokio::time::interval(if watching {
         reloader.watch_interval
@@ -405,20 +418,28 @@ async fn reload_on_change(
                 );
             }
             _ = ticks.tick(), if watching => {
-                if fingerprint(&files) == seen {
+                if !failing && fingerprint(&files) == seen {
                     continue;
                 }
-                tracing::info!(
-                    "a settings, secret or TLS file changed: reloading signature settings, \
-                     secret files and TLS certificate"
-                );
+                if !failing {
+                    tracing::info!(
+                        "a settings, secret or TLS file changed: reloading signature \
+                         settings, secret files and TLS certificate"
+                    );
+                }
             }
         }
-        let reload = reloader.load();
-        if let Ok(settings) = &reload {
-            files = watched_files(reloader.config.as_deref(), settings);
-        }
+        // Taken before loading: a change made while loading shows at the next tick.
         seen = fingerprint(&files);
+        let reload = reloader.load();
+        failing = reload.is_err();
+        if let Ok(settings) = &reload {
+            let next = watched_files(reloader.config.as_deref(), settings);
+            if next != files {
+                files = next;
+                seen = fingerprint(&files);
+            }
+        }
         if reloads.send(reload).await.is_err() {
             return;
         }

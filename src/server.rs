@@ -149,7 +149,7 @@ where
                         }
                     };
                     // ALPN tells the protocol: no need to read the first bytes.
-                    builder = if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                    builder = if limits.http2 && stream.get_ref().1.alpn_protocol() == Some(b"h2") {
                         builder.http2_only()
                     } else {
                         builder.http1_only()

@@ -980,6 +980,69 @@ async fn a_changed_secret_file_is_picked_up_without_a_signal() {
     assert_eq!(send(NEW, "whev_watch_3").await, StatusCode::OK);
     assert_eq!(send(OLD, "whev_watch_4").await, StatusCode::UNAUTHORIZED);
     assert!(bridge.log_text().contains("file changed"));
+
+    // A file that vanishes (or is caught half-written) fails the reload; the bridge keeps
+    // its secrets and tries again at every interval until the file is back.
+    std::fs::remove_file(&secrets).unwrap();
+    wait_for_reloads(bridge.admin, "failed", 2.0).await;
+    assert_eq!(send(NEW, "whev_watch_5").await, StatusCode::OK);
+    std::fs::write(&secrets, OLD).unwrap();
+    wait_for_reloads(bridge.admin, "applied", 2.0).await;
+    assert_eq!(send(OLD, "whev_watch_6").await, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_never_turns_unsigned_deliveries_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bridge.toml");
+    let with_secret = format!("[signature]\nsecrets = [\"{SECRET}\"]\nallow_unsigned = true\n");
+    std::fs::write(&config, &with_secret).unwrap();
+    let topic = unique_topic("unsigned-reload");
+    create_topic(&topic, 3).await;
+    let brokers = brokers();
+    let bridge = Process::spawn_with_args(
+        &[
+            ("TAMIO_BRIDGE__KAFKA__BROKERS", &brokers),
+            ("TAMIO_BRIDGE__KAFKA__TOPIC", &topic),
+            ("TAMIO_BRIDGE__RELOAD__WATCH_INTERVAL_MS", "100"),
+        ],
+        &["--config", config.to_str().unwrap()],
+    );
+    bridge.wait_ready().await;
+    // The flag left in the file, the secret removed: refused, the secret stays in force.
+    replace_file(&config, b"[signature]\nallow_unsigned = true\n");
+    wait_for_reloads(bridge.admin, "failed", 1.0).await;
+    let body = ticket_event("whev_unsigned_reload", "ticket-ur", 0);
+    let url = format!("http://{}/webhooks/tamio", bridge.addr);
+    let unsigned = post(
+        &url,
+        &[("content-type", "application/json")],
+        body.clone().into_bytes(),
+    )
+    .await;
+    assert_eq!(unsigned.status, StatusCode::UNAUTHORIZED);
+    let signed = post(
+        &url,
+        &[
+            ("content-type", "application/json"),
+            ("tamio-signature", &tamio_header(SECRET, &body)),
+        ],
+        body.into_bytes(),
+    )
+    .await;
+    assert_eq!(signed.status, StatusCode::OK, "{}", signed.text());
+    assert_eq!(
+        sample(
+            &get(bridge.admin, "/metrics").await.text(),
+            "tamio_bridge_unsigned_allowed"
+        ),
+        0.0
+    );
+    assert!(
+        bridge.log_text().contains("takes a restart"),
+        "{}",
+        bridge.log_text()
+    );
 }
 
 #[test]

@@ -52,6 +52,14 @@ pub enum VerifyError {
     /// Worded as a mismatch: an unsigned caller must not learn which endpoint ids exist.
     #[error("the signature does not match the body with any configured secret")]
     UnknownEndpoint,
+    /// Any of the above, with one wording for all: where endpoints have secrets (and schemes)
+    /// of their own, the detail would tell an unsigned caller which endpoint ids exist and
+    /// how each signs. The reason still reaches metrics and logs.
+    #[error(
+        "the signature headers are missing or malformed, the timestamp is outside the \
+         tolerance, or the signature does not match the body with any configured secret"
+    )]
+    Undisclosed(&'static str),
 }
 
 impl VerifyError {
@@ -63,13 +71,14 @@ impl VerifyError {
             VerifyError::Stale { .. } => "stale",
             VerifyError::Mismatch => "mismatch",
             VerifyError::UnknownEndpoint => "unknown_endpoint",
+            VerifyError::Undisclosed(reason) => reason,
         }
     }
 
     /// How far the check got: when several schemes apply, the furthest failure is reported.
     fn progress(&self) -> u8 {
         match self {
-            VerifyError::UnknownEndpoint => 0,
+            VerifyError::UnknownEndpoint | VerifyError::Undisclosed(_) => 0,
             VerifyError::Missing(_) => 1,
             VerifyError::Malformed { .. } => 2,
             VerifyError::Stale { .. } => 3,
@@ -142,6 +151,7 @@ fn parse_unix_secs(text: &str) -> Option<i64> {
 pub fn parse_header(value: &str) -> Result<SignatureHeader<'_>, &'static str> {
     let mut timestamp = None;
     let mut macs = Vec::new();
+    let mut skipped = false;
     for part in value.split(',') {
         let part = part.trim();
         let Some((key, val)) = part.split_once('=') else {
@@ -157,17 +167,25 @@ pub fn parse_header(value: &str) -> Result<SignatureHeader<'_>, &'static str> {
                 timestamp = Some((val, secs));
             }
             "s" => {
+                // An entry that is no HMAC-SHA256 (another algorithm, say) cannot match; it is
+                // skipped, and only a header without any usable entry is malformed.
                 let mut mac = [0u8; 32];
-                hex::decode_to_slice(val.trim(), &mut mac)
-                    .map_err(|_| "s= must be 64 hex digits (HMAC-SHA256)")?;
-                macs.push(mac);
+                if hex::decode_to_slice(val.trim(), &mut mac).is_ok() {
+                    macs.push(mac);
+                } else {
+                    skipped = true;
+                }
             }
             _ => {}
         }
     }
     let (timestamp_text, timestamp) = timestamp.ok_or("no t= entry")?;
     if macs.is_empty() {
-        return Err("no s= entry");
+        return Err(if skipped {
+            "s= must be 64 hex digits (HMAC-SHA256)"
+        } else {
+            "no s= entry"
+        });
     }
     Ok(SignatureHeader {
         timestamp_text,
@@ -180,6 +198,7 @@ pub fn parse_header(value: &str) -> Result<SignatureHeader<'_>, &'static str> {
 /// the `v1` ones (HMAC-SHA256) count; other versions are ignored.
 pub fn parse_standard_signatures(value: &str) -> Result<Vec<[u8; 32]>, &'static str> {
     let mut macs = Vec::new();
+    let mut skipped = false;
     for entry in value.split(' ').filter(|e| !e.is_empty()) {
         let Some((version, mac)) = entry.split_once(',') else {
             return Err("expected space-separated v1,<base64> entries");
@@ -187,10 +206,19 @@ pub fn parse_standard_signatures(value: &str) -> Result<Vec<[u8; 32]>, &'static 
         if version != "v1" {
             continue;
         }
-        macs.push(decode_base64_mac(mac).ok_or("a v1 entry is not base64 of 32 bytes")?);
+        // As the reference libraries do, an entry that cannot be a MAC cannot match; only a
+        // header without any usable one is malformed.
+        match decode_base64_mac(mac) {
+            Some(mac) => macs.push(mac),
+            None => skipped = true,
+        }
     }
     if macs.is_empty() {
-        return Err("no v1,<base64> entry");
+        return Err(if skipped {
+            "a v1 entry is not base64 of 32 bytes"
+        } else {
+            "no v1,<base64> entry"
+        });
     }
     Ok(macs)
 }
@@ -562,7 +590,11 @@ impl Verifier {
                 Err(_) => {}
             }
         }
-        Err(furthest)
+        if self.endpoints.is_empty() {
+            Err(furthest)
+        } else {
+            Err(VerifyError::Undisclosed(furthest.reason()))
+        }
     }
 }
 
@@ -734,10 +766,21 @@ mod tests {
         let ok = header_value(b"ep1-secret", NOW, BODY);
         assert_eq!(check(&v, &ok, BODY), Ok(NOW));
         let wrong_endpoint = header_value(b"ep2-secret", NOW, BODY);
-        assert_eq!(check(&v, &wrong_endpoint, BODY), Err(VerifyError::Mismatch));
+        assert_eq!(
+            check(&v, &wrong_endpoint, BODY).map_err(|e| e.reason()),
+            Err("mismatch")
+        );
         let unknown = br#"{"endpoint_id":"ep-9"}"#;
         let h = header_value(b"ep1-secret", NOW, unknown);
-        assert_eq!(check(&v, &h, unknown), Err(VerifyError::UnknownEndpoint));
+        let err = check(&v, &h, unknown).unwrap_err();
+        assert_eq!(err.reason(), "unknown_endpoint");
+        // A known endpoint without a signature is told exactly what an unknown one is.
+        let missing = v
+            .verify(&HeaderMap::new(), Bytes::from_static(BODY), at(NOW))
+            .err()
+            .expect("refused");
+        assert_eq!(missing.reason(), "missing");
+        assert_eq!(missing.to_string(), err.to_string());
     }
 
     #[test]
@@ -904,9 +947,27 @@ mod tests {
         // The endpoint's secret in the global scheme is not accepted.
         let wrong = header_value(SW_SECRET.as_bytes(), NOW, BODY);
         assert_eq!(
-            check_with(&v, &[("tamio-signature", &wrong)], BODY),
-            Err(VerifyError::Mismatch)
+            check_with(&v, &[("tamio-signature", &wrong)], BODY).map_err(|e| e.reason()),
+            Err("mismatch")
         );
+    }
+
+    #[test]
+    fn entries_that_cannot_be_macs_are_skipped_beside_a_usable_one() {
+        let v = verifier(&["s"], &[]);
+        let good = sign(b"s", NOW, BODY);
+        let h = format!("t={NOW},s=not-hex,s={good}");
+        assert_eq!(check(&v, &h, BODY), Ok(NOW));
+        let sw = standard_webhooks_verifier();
+        let sig = standard_webhooks_signature(SW_SECRET.as_bytes(), SW_ID, NOW, BODY).unwrap();
+        let value = format!("v1,AAAA {sig}");
+        let ts = NOW.to_string();
+        let h = [
+            ("webhook-id", SW_ID),
+            ("webhook-timestamp", ts.as_str()),
+            ("webhook-signature", value.as_str()),
+        ];
+        assert_eq!(check_with(&sw, &h, BODY), Ok(NOW));
     }
 
     #[test]

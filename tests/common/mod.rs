@@ -996,7 +996,13 @@ pub struct Process {
 
 impl Process {
     pub fn spawn(env: &[(&str, &str)]) -> Process {
+        Self::spawn_with_args(env, &[])
+    }
+
+    /// Like [`Process::spawn`], with command-line arguments (e.g. `--config FILE`).
+    pub fn spawn_with_args(env: &[(&str, &str)], args: &[&str]) -> Process {
         let mut child = command(env)
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
