@@ -102,19 +102,7 @@ async fn sigterm_finishes_requests_in_flight_loses_none_and_exits_0() {
 
     let mut expected = acked.lock().unwrap().clone();
     expected.push("whev_slow".into());
-    let records = read_topic(&topic, expected.len()).await;
-    let found: std::collections::HashSet<&str> = records
-        .iter()
-        .map(|r| r.headers["event_id"].as_str())
-        .collect();
-    let missing: Vec<&String> = expected
-        .iter()
-        .filter(|id| !found.contains(id.as_str()))
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "acknowledged but not in Kafka: {missing:?}"
-    );
+    assert_all_in_kafka(&topic, &expected).await;
     let log = bridge.log_text();
     assert!(log.contains("SIGTERM received"), "{log}");
     assert!(log.contains("producer flushed"), "{log}");

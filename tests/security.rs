@@ -702,19 +702,7 @@ async fn sighup_rotates_secrets_and_certificate_with_requests_in_flight() {
     assert_eq!(bridge.wait(Duration::from_secs(30)), 0);
     let mut expected = acked.lock().unwrap().clone();
     expected.push("whev_rot_after".into());
-    let records = read_topic(&topic, expected.len()).await;
-    let found: std::collections::HashSet<&str> = records
-        .iter()
-        .map(|r| r.headers["event_id"].as_str())
-        .collect();
-    let missing: Vec<&String> = expected
-        .iter()
-        .filter(|id| !found.contains(id.as_str()))
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "acknowledged but not in Kafka: {missing:?}"
-    );
+    assert_all_in_kafka(&topic, &expected).await;
     assert!(expected.len() > 200, "only {} deliveries", expected.len());
 
     let log = bridge.log_text();

@@ -440,6 +440,23 @@ pub async fn read_topic(topic: &str, expected: usize) -> Vec<Record> {
     .await
 }
 
+/// Reads `topic` back and fails naming every acknowledged event id it does not hold.
+pub async fn assert_all_in_kafka(topic: &str, expected: &[String]) {
+    let records = read_topic(topic, expected.len()).await;
+    let found: std::collections::HashSet<&str> = records
+        .iter()
+        .map(|r| r.headers["event_id"].as_str())
+        .collect();
+    let missing: Vec<&String> = expected
+        .iter()
+        .filter(|id| !found.contains(id.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "acknowledged but not in Kafka: {missing:?}"
+    );
+}
+
 /// A ticket event for `ticket` with a fresh event id and a sequence number.
 pub fn ticket_event(event_id: &str, ticket: &str, seq: usize) -> String {
     serde_json::json!({
