@@ -259,7 +259,12 @@ fn needing_restart(current: &Settings, next: &Settings) -> Vec<&'static str> {
             format!("{server:?}")
         }),
         ("admin", |s| format!("{:?}", s.admin)),
-        ("kafka", |s| format!("{:?}", s.kafka)),
+        ("kafka", |s| {
+            // Debug output redacts the password; its digest shows a change of it alone.
+            use sha2::Digest;
+            let password = sha2::Sha256::digest(s.kafka.sasl.password.expose());
+            format!("{:?} {password:x}", s.kafka)
+        }),
         ("routes", |s| format!("{:?}", s.routes)),
         ("dedup", |s| format!("{:?}", s.dedup)),
         ("reload", |s| format!("{:?}", s.reload)),

@@ -452,10 +452,11 @@ fn print_try_it(settings: &Settings, listener: &TcpListener, secret: &Secret) {
     let port = listener.local_addr().map(|a| a.port()).unwrap_or(8080);
     let body = EXAMPLE_EVENT.trim();
     let header = verify::header_value(secret.as_bytes(), now(), body.as_bytes());
-    let scheme = if settings.server.tls() {
-        "https"
+    // Over TLS, curl must trust the certificate's CA.
+    let (scheme, ca) = if settings.server.tls() {
+        ("https", " --cacert <your CA's PEM file>")
     } else {
-        "http"
+        ("http", "")
     };
     tracing::warn!(
         "EMBEDDED KAFKA: no signing secret is set, so this run made a one-time secret; it is \
@@ -464,7 +465,7 @@ fn print_try_it(settings: &Settings, listener: &TcpListener, secret: &Secret) {
     );
     println!(
         "\n  one-time signing secret: {secret}\n\n  try it:\n\n\
-         curl -sS -X POST '{scheme}://127.0.0.1:{port}{path}' \\\n  \
+         curl -sS{ca} -X POST '{scheme}://127.0.0.1:{port}{path}' \\\n  \
          -H 'Content-Type: application/json' \\\n  \
          -H '{name}: {header}' \\\n  \
          --data-binary '{body}'\n\n  \
