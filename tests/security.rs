@@ -737,9 +737,19 @@ async fn read_with(bootstrap: &str, options: &[(&str, String)], topic: &str) -> 
 /// A bridge that cannot get through to the broker: not ready, and deliveries get 503.
 async fn assert_kept_out(settings: tamio_kafka_bridge::config::Settings, why: &str) {
     let bridge = Bridge::start(settings).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let ready = get(bridge.admin, "/readyz").await;
-    assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE, "{why}");
+    // Never ready, for as long as a good bridge takes to get ready many times over (the
+    // probe runs every 200 ms here, every 500 ms while failing).
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(3) {
+        let ready = get(bridge.admin, "/readyz").await;
+        assert_eq!(
+            ready.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{why}: {}",
+            ready.text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let reply = bridge
         .send(&ticket_event("whev_kept_out", "ticket-out", 0))
         .await;
