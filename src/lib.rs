@@ -137,6 +137,9 @@ pub async fn run_with_reloads(
 
     let ingest = Arc::new(Ingest::new(&settings, publisher.clone(), metrics.clone()));
     announce_signing(&settings, &ingest.verifier(), &metrics);
+    if let Some(tls) = &tls {
+        metrics.tls_certificate_expiry.set(tls.not_after());
+    }
     warn_about_weak_settings(&settings);
     let reload_task = {
         let (ingest, tls, metrics) = (ingest.clone(), tls.clone(), metrics.clone());
@@ -145,6 +148,9 @@ pub async fn run_with_reloads(
             while let Some(reload) = reloads.recv().await {
                 let result = reload.and_then(|next| {
                     apply_reload(&next, &ingest, tls.as_deref())?;
+                    if let Some(tls) = &tls {
+                        metrics.tls_certificate_expiry.set(tls.not_after());
+                    }
                     announce_signing(&next, &ingest.verifier(), &metrics);
                     let ignored = needing_restart(&current, &next);
                     if !ignored.is_empty() {

@@ -88,6 +88,7 @@ pub struct Metrics {
     pub producer_restarts: IntCounter,
     pub dedup_entries: IntGauge,
     pub unsigned_allowed: IntGauge,
+    pub tls_certificate_expiry: IntGauge,
     pub reloads: IntCounterVec,
     pub producer_queue_messages: IntGauge,
     pub producer_queue_bytes: IntGauge,
@@ -188,6 +189,12 @@ impl Metrics {
             "tamio_bridge_unsigned_allowed",
             "1 while deliveries are accepted without a signature (signature.allow_unsigned with \
              no secret configured); 0 while every delivery must be signed.",
+        )
+        .unwrap();
+        let tls_certificate_expiry = IntGauge::new(
+            "tamio_bridge_tls_certificate_expiry_timestamp_seconds",
+            "When the ingress's TLS certificate in force expires (its notAfter, unix seconds); \
+             0 without TLS.",
         )
         .unwrap();
         let reloads = IntCounterVec::new(
@@ -292,6 +299,7 @@ impl Metrics {
             Box::new(producer_restarts.clone()),
             Box::new(dedup_entries.clone()),
             Box::new(unsigned_allowed.clone()),
+            Box::new(tls_certificate_expiry.clone()),
             Box::new(reloads.clone()),
             Box::new(producer_queue_messages.clone()),
             Box::new(producer_queue_bytes.clone()),
@@ -324,6 +332,7 @@ impl Metrics {
             producer_restarts,
             dedup_entries,
             unsigned_allowed,
+            tls_certificate_expiry,
             reloads,
             producer_queue_messages,
             producer_queue_bytes,

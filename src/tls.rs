@@ -25,7 +25,7 @@ pub enum TlsError {
 
 /// The ingress's TLS acceptor, replaceable while the server runs.
 pub struct Tls {
-    current: RwLock<TlsAcceptor>,
+    current: RwLock<(TlsAcceptor, i64)>,
 }
 
 impl Tls {
@@ -34,6 +34,14 @@ impl Tls {
         Ok(Tls {
             current: RwLock::new(acceptor(cert, key)?),
         })
+    }
+
+    /// When the certificate in force expires: its `notAfter`, in unix seconds.
+    pub fn not_after(&self) -> i64 {
+        self.current
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .1
     }
 
     /// Loads the files again and, when they are usable, serves new connections with them.
@@ -52,11 +60,13 @@ impl Tls {
         self.current
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .0
             .clone()
     }
 }
 
-fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
+/// The acceptor for a certificate chain and key, and the first certificate's `notAfter`.
+fn acceptor(cert: &Path, key: &Path) -> Result<(TlsAcceptor, i64), TlsError> {
     let chain = CertificateDer::pem_file_iter(cert)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
         .map_err(|e| TlsError::Certificate {
@@ -69,6 +79,15 @@ fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
             reason: "no CERTIFICATE block".into(),
         });
     }
+    let not_after = x509_parser::parse_x509_certificate(&chain[0])
+        .map_err(|e| TlsError::Certificate {
+            path: cert.to_owned(),
+            reason: format!("the first certificate does not parse: {e}"),
+        })?
+        .1
+        .validity()
+        .not_after
+        .timestamp();
     let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key {
         path: key.to_owned(),
         reason: e.to_string(),
@@ -81,5 +100,5 @@ fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
         .with_single_cert(chain, key)
         .map_err(|e| TlsError::Config(e.to_string()))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    Ok((TlsAcceptor::from(Arc::new(config)), not_after))
 }

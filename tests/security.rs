@@ -55,13 +55,20 @@ impl Pki {
         self.ca.pem()
     }
 
-    /// Issues a server certificate for 127.0.0.1 and localhost and writes it, with its key,
-    /// to `<name>.crt` and `<name>.key`. Returns the certificate's DER.
+    /// Issues a server certificate for 127.0.0.1 and localhost, valid until 2031-01-01, and
+    /// writes it, with its key, to `<name>.crt` and `<name>.key`. Returns the certificate's
+    /// DER.
     fn issue(&self, name: &str) -> Vec<u8> {
+        self.issue_until(name, 2031)
+    }
+
+    /// Like [`Pki::issue`], valid until January 1st of `year`.
+    fn issue_until(&self, name: &str, year: i32) -> Vec<u8> {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut params =
             rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
                 .unwrap();
+        params.not_after = rcgen::date_time_ymd(year, 1, 1);
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, name);
@@ -207,6 +214,15 @@ async fn tls_ingress_with_a_test_ca_serves_http1_and_h2() {
         assert_eq!(reply.alpn.as_deref(), Some(expected));
         sent.push(body);
     }
+
+    // Operators see when the certificate expires: 2031-01-01.
+    assert_eq!(
+        sample(
+            &bridge.metrics().await,
+            "tamio_bridge_tls_certificate_expiry_timestamp_seconds"
+        ),
+        1_924_992_000.0
+    );
 
     // A client that does not trust the test CA does not get through.
     let stranger = Pki::new();
@@ -549,7 +565,7 @@ async fn sighup_rotates_secrets_and_certificate_with_requests_in_flight() {
     const NEW: &str = "rotation-new-secret-c44a";
     let pki = Pki::new();
     let first_cert = pki.issue("first");
-    let second_cert = pki.issue("second");
+    let second_cert = pki.issue_until("second", 2032);
     let cert = pki.path("server.crt");
     let key = pki.path("server.key");
     std::fs::copy(pki.path("first.crt"), &cert).unwrap();
@@ -697,6 +713,11 @@ async fn sighup_rotates_secrets_and_certificate_with_requests_in_flight() {
     .unwrap();
     assert_eq!(new.status, StatusCode::OK, "{}", new.body);
     assert_eq!(new.server_cert, second_cert);
+    let expiry = sample(
+        &get(bridge.admin, "/metrics").await.text(),
+        "tamio_bridge_tls_certificate_expiry_timestamp_seconds",
+    );
+    assert_eq!(expiry, 1_956_528_000.0, "the second certificate's notAfter");
 
     bridge.signal("TERM");
     assert_eq!(bridge.wait(Duration::from_secs(30)), 0);
