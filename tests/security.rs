@@ -601,16 +601,17 @@ async fn sighup_rotates_secrets_and_certificate_with_requests_in_flight() {
     let acked = Arc::new(Mutex::new(Vec::<String>::new()));
     let failures = Arc::new(Mutex::new(Vec::<String>::new()));
     let certs_seen = Arc::new(Mutex::new(Vec::<Vec<u8>>::new()));
-    let sent = Arc::new(AtomicUsize::new(0));
+    // Requests each sender has had answered.
+    let answered: Arc<[AtomicUsize; 4]> = Arc::new(Default::default());
     let mut workers = Vec::new();
     for w in 0..4 {
-        let (current, stop, acked, failures, certs_seen, sent) = (
+        let (current, stop, acked, failures, certs_seen, answered) = (
             current.clone(),
             stop.clone(),
             acked.clone(),
             failures.clone(),
             certs_seen.clone(),
-            sent.clone(),
+            answered.clone(),
         );
         let (addr, ca) = (bridge.addr, pki.ca_pem());
         workers.push(tokio::spawn(async move {
@@ -620,7 +621,6 @@ async fn sighup_rotates_secrets_and_certificate_with_requests_in_flight() {
                 let body = ticket_event(&id, &format!("ticket-rot-{w}"), i);
                 let secret = *current.lock().unwrap();
                 let sig = tamio_header(secret, &body);
-                sent.fetch_add(1, Ordering::SeqCst);
                 match tls_post(
                     addr,
                     &ca,
@@ -643,40 +643,50 @@ async fn sighup_rotates_secrets_and_certificate_with_requests_in_flight() {
                         .push(format!("{id}: {} {}", r.status, r.body)),
                     Err(e) => failures.lock().unwrap().push(format!("{id}: {e}")),
                 }
+                answered[w].fetch_add(1, Ordering::SeqCst);
                 i += 1;
             }
         }));
     }
-    let wait_sent = |n: usize| {
-        let sent = sent.clone();
+    // Waits until every sender has had `n` more requests answered: with n of 2 or more,
+    // each has sent at least one request that started after this call.
+    let wait_each = |n: usize| {
+        let answered = answered.clone();
         async move {
-            let target = sent.load(Ordering::SeqCst) + n;
-            while sent.load(Ordering::SeqCst) < target {
+            let targets: Vec<usize> = answered
+                .iter()
+                .map(|a| a.load(Ordering::SeqCst) + n)
+                .collect();
+            while answered
+                .iter()
+                .zip(&targets)
+                .any(|(a, t)| a.load(Ordering::SeqCst) < *t)
+            {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }
     };
 
     // 1. Both secrets accepted, and the second certificate, then the sender switches.
-    wait_sent(40).await;
+    wait_each(10).await;
     replace_file(&secrets, format!("{OLD}\n{NEW}\n").as_bytes());
     replace_file(&key, &std::fs::read(pki.path("second.key")).unwrap());
     replace_file(&cert, &std::fs::read(pki.path("second.crt")).unwrap());
     bridge.signal("HUP");
     wait_for_reloads(bridge.admin, "applied", 1.0).await;
-    wait_sent(40).await;
+    wait_each(10).await;
     *current.lock().unwrap() = NEW;
-    wait_sent(40).await;
+    wait_each(10).await;
     // 2. The old secret retired.
     replace_file(&secrets, format!("{NEW}\n").as_bytes());
     bridge.signal("HUP");
     wait_for_reloads(bridge.admin, "applied", 2.0).await;
-    wait_sent(40).await;
+    wait_each(10).await;
     // 3. A reload that cannot be applied changes nothing.
     std::fs::remove_file(&secrets).unwrap();
     bridge.signal("HUP");
     wait_for_reloads(bridge.admin, "failed", 1.0).await;
-    wait_sent(40).await;
+    wait_each(10).await;
     stop.store(true, Ordering::SeqCst);
     for w in workers {
         w.await.unwrap();
