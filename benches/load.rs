@@ -238,31 +238,23 @@ async fn drive_http(
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
-                let mut sender: hyper::client::conn::http1::SendRequest<Full<Bytes>> = match &tls {
-                    None => {
-                        let (sender, conn) = hyper::client::conn::http1::handshake(
-                            hyper_util::rt::TokioIo::new(stream),
-                        )
-                        .await
-                        .unwrap();
-                        tokio::spawn(conn);
-                        sender
-                    }
+                let stream: Box<dyn tamio_kafka_bridge::server::Stream> = match &tls {
+                    None => Box::new(stream),
                     Some(connector) => {
                         let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
                         let Ok(stream) = connector.connect(name, stream).await else {
                             *answers.entry("tls".into()).or_default() += 1;
                             continue;
                         };
-                        let (sender, conn) = hyper::client::conn::http1::handshake(
-                            hyper_util::rt::TokioIo::new(stream),
-                        )
-                        .await
-                        .unwrap();
-                        tokio::spawn(conn);
-                        sender
+                        Box::new(stream)
                     }
                 };
+                let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(
+                    hyper_util::rt::TokioIo::new(stream),
+                )
+                .await
+                .unwrap();
+                tokio::spawn(conn);
                 while !stop.load(Ordering::Relaxed) {
                     if let Some(t) = ticker.as_mut() {
                         t.tick().await;

@@ -204,18 +204,15 @@ async fn send(
         request = request.header(name, value);
     }
     let request = request.body(http_body_util::Full::new(bytes::Bytes::from(body)))?;
-    let response = if tls {
-        let stream = tls_connect(stream, &host, ca_file).await?;
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-        tokio::spawn(connection);
-        sender.send_request(request).await?
+    let stream: Box<dyn tamio_kafka_bridge::server::Stream> = if tls {
+        Box::new(tls_connect(stream, &host, ca_file).await?)
     } else {
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-        tokio::spawn(connection);
-        sender.send_request(request).await?
+        Box::new(stream)
     };
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let response = sender.send_request(request).await?;
     let status = response.status();
     let answer = response.into_body().collect().await?.to_bytes();
     Ok((status, String::from_utf8_lossy(&answer).into_owned()))

@@ -21,8 +21,8 @@ use tokio::sync::Semaphore;
 
 use crate::tls::Tls;
 
-/// A connection's byte stream: TCP, or TLS over TCP.
-trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+/// A connection's byte stream: TCP, or TLS over TCP, behind one type.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
 /// Bounds of one listener.
