@@ -23,7 +23,7 @@ const SECRETS_ENV: &str = "TAMIO_BRIDGE__SIGNATURE__SECRETS";
 const SECRET_FILES_ENV: &str = "TAMIO_BRIDGE__SIGNATURE__SECRET_FILES";
 
 /// Every setting of the bridge.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     /// The webhook ingress.
@@ -44,7 +44,7 @@ pub struct Settings {
     pub log: Log,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Server {
     /// Address the webhook ingress listens on.
@@ -55,8 +55,17 @@ pub struct Server {
     pub max_body_bytes: usize,
     /// Deadline for a whole request, Kafka's acknowledgement included.
     pub request_timeout_ms: u64,
-    /// Time allowed for a request's headers to arrive.
+    /// Time from a connection's accept to its first request's head, TLS handshake included.
     pub header_read_timeout_ms: u64,
+    /// Time a connection may stay open with no request in progress (HTTP/1 keep-alive and
+    /// HTTP/2 alike).
+    pub idle_timeout_ms: u64,
+    /// Streams one HTTP/2 connection may have open at once.
+    pub http2_max_concurrent_streams: u32,
+    /// Period of the PINGs sent to HTTP/2 peers; 0 sends none.
+    pub http2_keepalive_interval_ms: u64,
+    /// Time a PING may go unanswered before its connection is closed.
+    pub http2_keepalive_timeout_ms: u64,
     /// Requests processed at once; above it, 503 at once.
     pub max_in_flight: usize,
     /// Connections open at once.
@@ -76,14 +85,14 @@ impl Server {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Admin {
     /// Address of /metrics, /healthz and /readyz.
     pub listen: SocketAddr,
 }
 
-#[derive(Clone, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Kafka {
     /// Bootstrap servers, comma-separated; empty starts the embedded broker.
@@ -115,7 +124,7 @@ pub struct Kafka {
     pub librdkafka: BTreeMap<String, String>,
 }
 
-#[derive(Clone, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaTls {
     /// Connect to the brokers over TLS.
@@ -152,7 +161,7 @@ impl SaslMechanism {
     }
 }
 
-#[derive(Clone, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaSasl {
     /// "PLAIN", "SCRAM-SHA-256" or "SCRAM-SHA-512"; absent: no SASL.
@@ -177,7 +186,7 @@ impl Kafka {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteSetting {
     /// Event-type pattern; `*` matches any run of characters.
@@ -192,7 +201,7 @@ pub struct RouteSetting {
     pub key_required: bool,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReloadSettings {
     /// How often the settings file, secret files and TLS files are checked for a change,
@@ -200,7 +209,7 @@ pub struct ReloadSettings {
     pub watch_interval_ms: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Dedup {
     /// How long an acknowledged event id is remembered; 0 is off.
@@ -263,7 +272,7 @@ pub enum MacEncoding {
     Base64,
 }
 
-#[derive(Clone, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Signature {
     /// The scheme of `secrets`, and of endpoints that do not name their own.
@@ -287,7 +296,7 @@ pub struct Signature {
     pub endpoints: HashMap<String, Endpoint>,
 }
 
-#[derive(Clone, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Endpoint {
     /// This endpoint's scheme; `signature.scheme` when absent.
@@ -314,7 +323,7 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Log {
     /// "text" or "json".
@@ -532,6 +541,17 @@ pub enum SettingsError {
     Invalid { key: &'static str, reason: String },
 }
 
+/// librdkafka's partitioners that send every record of one key to one partition (the
+/// default, `murmur2_random`, places keys as the Java client does).
+pub const KEY_CONSISTENT_PARTITIONERS: &[&str] = &[
+    "murmur2_random",
+    "murmur2",
+    "consistent_random",
+    "consistent",
+    "fnv1a_random",
+    "fnv1a",
+];
+
 pub const TOPIC_RULE: &str = "a Kafka topic name has 1 to 249 of the characters a-z A-Z 0-9 . _ -";
 
 pub fn valid_topic(topic: &str) -> bool {
@@ -657,6 +677,21 @@ impl Settings {
         if s.header_read_timeout_ms == 0 {
             return Err(invalid("server.header_read_timeout_ms", "must be above 0"));
         }
+        if s.idle_timeout_ms == 0 {
+            return Err(invalid("server.idle_timeout_ms", "must be above 0"));
+        }
+        if s.http2_max_concurrent_streams == 0 {
+            return Err(invalid(
+                "server.http2_max_concurrent_streams",
+                "must be above 0",
+            ));
+        }
+        if s.http2_keepalive_timeout_ms == 0 {
+            return Err(invalid(
+                "server.http2_keepalive_timeout_ms",
+                "must be above 0",
+            ));
+        }
         if s.max_in_flight == 0 {
             return Err(invalid("server.max_in_flight", "must be above 0"));
         }
@@ -727,6 +762,19 @@ impl Settings {
                 return Err(invalid(
                     "kafka.librdkafka",
                     format!("`{key}` is the bridge's own; set {instead}"),
+                ));
+            }
+        }
+        if let Some(partitioner) = k.librdkafka.get("partitioner") {
+            if !KEY_CONSISTENT_PARTITIONERS.contains(&partitioner.as_str()) {
+                return Err(invalid(
+                    "kafka.librdkafka",
+                    format!(
+                        "`partitioner` = `{}` would not send every record of a ticket to one \
+                         partition, which per-ticket order needs; use one of {}",
+                        partitioner.chars().take(40).collect::<String>(),
+                        KEY_CONSISTENT_PARTITIONERS.join(", ")
+                    ),
                 ));
             }
         }

@@ -119,17 +119,19 @@ pub async fn run_with_reloads(
     let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
     // HTTP/1 only: idle HTTP/2 connections could otherwise fill the admin listener's few
     // slots and starve the probes.
+    let ingress_limits = Limits::of(&settings.server);
     let admin_limits = Limits {
         http2: false,
-        header_read_timeout: Duration::from_millis(settings.server.header_read_timeout_ms),
         max_connections: 64,
         drain_timeout: Duration::from_secs(1),
+        ..ingress_limits
     };
     let admin_task = tokio::spawn(server::serve(
         admin_listener,
         None,
         move |req| admin.clone().handle(req),
         admin_limits,
+        metrics.clone(),
         async move {
             let _ = admin_stopped.await;
         },
@@ -143,7 +145,8 @@ pub async fn run_with_reloads(
     warn_about_weak_settings(&settings);
     let reload_task = {
         let (ingest, tls, metrics) = (ingest.clone(), tls.clone(), metrics.clone());
-        let mut current = settings.clone();
+        // What runs: the start-up settings, with what reloads have put in force since.
+        let mut in_force = settings.clone();
         tokio::spawn(async move {
             while let Some(reload) = reloads.recv().await {
                 let result = reload.and_then(|next| {
@@ -152,20 +155,24 @@ pub async fn run_with_reloads(
                         metrics.tls_certificate_expiry.set(tls.not_after());
                     }
                     announce_signing(&next, &ingest.verifier(), &metrics);
-                    let ignored = needing_restart(&current, &next);
-                    if !ignored.is_empty() {
-                        tracing::warn!(
-                            sections = ?ignored,
-                            "changed settings that a reload does not apply: they take a restart"
-                        );
-                    }
-                    current = next;
-                    Ok(())
+                    in_force.signature = next.signature.clone();
+                    in_force.server.tls_cert_file = next.server.tls_cert_file.clone();
+                    in_force.server.tls_key_file = next.server.tls_key_file.clone();
+                    Ok(needing_restart(&in_force, &next))
                 });
                 match result {
-                    Ok(()) => {
+                    Ok(ignored) if ignored.is_empty() => {
                         metrics.reloads.with_label_values(&["applied"]).inc();
                         tracing::info!("reloaded: signature settings and TLS certificate in force");
+                    }
+                    Ok(ignored) => {
+                        metrics.reloads.with_label_values(&["restart_needed"]).inc();
+                        tracing::warn!(
+                            sections = ?ignored,
+                            "reloaded: signature settings and TLS certificate in force; the \
+                             settings of these sections differ from those in force and take \
+                             a restart"
+                        );
                     }
                     Err(reason) => {
                         metrics.reloads.with_label_values(&["failed"]).inc();
@@ -187,12 +194,8 @@ pub async fn run_with_reloads(
         listener,
         tls,
         move |req| ingest.clone().handle(req),
-        Limits {
-            http2: true,
-            header_read_timeout: Duration::from_millis(settings.server.header_read_timeout_ms),
-            max_connections: settings.server.max_connections,
-            drain_timeout: Duration::from_millis(settings.server.drain_timeout_ms),
-        },
+        ingress_limits,
+        metrics.clone(),
         async move {
             shutdown.await;
             // Readiness fails before the listener closes, so load balancers stop first.
@@ -253,32 +256,26 @@ fn apply_reload(next: &Settings, ingest: &Ingest, tls: Option<&Tls>) -> Result<(
 }
 
 /// The sections of settings that differ between `current` and `next` and that a reload does
-/// not apply.
-fn needing_restart(current: &Settings, next: &Settings) -> Vec<&'static str> {
-    type Shown = fn(&Settings) -> String;
-    let sections: [(&'static str, Shown); 7] = [
-        ("server", |s| {
-            // The TLS files are reloaded; the rest of the section is not.
-            let mut server = s.server.clone();
-            server.tls_cert_file = Default::default();
-            server.tls_key_file = Default::default();
-            format!("{server:?}")
-        }),
-        ("admin", |s| format!("{:?}", s.admin)),
-        ("kafka", |s| {
-            // Debug output redacts the password; its digest shows a change of it alone.
-            use sha2::Digest;
-            let password = sha2::Sha256::digest(s.kafka.sasl.password.expose());
-            format!("{:?} {password:x}", s.kafka)
-        }),
-        ("routes", |s| format!("{:?}", s.routes)),
-        ("dedup", |s| format!("{:?}", s.dedup)),
-        ("reload", |s| format!("{:?}", s.reload)),
-        ("log", |s| format!("{:?}", s.log)),
+/// not apply. Compared by value, so a change to a redacted value (a password, a key) counts.
+pub fn needing_restart(current: &Settings, next: &Settings) -> Vec<&'static str> {
+    // The TLS files are reloaded; the rest of the server section is not.
+    let server = |s: &Settings| crate::config::Server {
+        tls_cert_file: Default::default(),
+        tls_key_file: Default::default(),
+        ..s.server.clone()
+    };
+    let differs = [
+        ("server", server(current) != server(next)),
+        ("admin", current.admin != next.admin),
+        ("kafka", current.kafka != next.kafka),
+        ("routes", current.routes != next.routes),
+        ("dedup", current.dedup != next.dedup),
+        ("reload", current.reload != next.reload),
+        ("log", current.log != next.log),
     ];
-    sections
+    differs
         .into_iter()
-        .filter(|(_, shown)| shown(current) != shown(next))
+        .filter(|(_, differs)| *differs)
         .map(|(name, _)| name)
         .collect()
 }
@@ -358,5 +355,62 @@ async fn probe_kafka(
             interval.min(Duration::from_millis(500))
         };
         tokio::time::sleep(pause).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+
+    fn base() -> Settings {
+        Settings::load_from(
+            None,
+            [(
+                "TAMIO_BRIDGE__KAFKA__BROKERS".to_owned(),
+                "b:9092".to_owned(),
+            )],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_change_to_a_redacted_value_takes_a_restart() {
+        let current = base();
+        type Change = (&'static str, fn(&mut Settings));
+        let changes: [Change; 4] = [
+            ("kafka.tls.key_password", |s| {
+                s.kafka.tls.key_password = Secret::new("another")
+            }),
+            ("kafka.sasl.password", |s| {
+                s.kafka.sasl.password = Secret::new("another")
+            }),
+            ("kafka.librdkafka", |s| {
+                s.kafka
+                    .librdkafka
+                    .insert("ssl.key.password".into(), "another".into());
+            }),
+            ("server.max_in_flight", |s| s.server.max_in_flight += 1),
+        ];
+        for (name, change) in changes {
+            let mut next = current.clone();
+            change(&mut next);
+            let expected = if name.starts_with("kafka") {
+                "kafka"
+            } else {
+                "server"
+            };
+            assert_eq!(needing_restart(&current, &next), [expected], "{name}");
+        }
+    }
+
+    #[test]
+    fn what_a_reload_applies_is_not_reported() {
+        let current = base();
+        let mut next = current.clone();
+        next.server.tls_cert_file = "/new.crt".into();
+        next.server.tls_key_file = "/new.key".into();
+        next.signature.secrets.push(Secret::new("rotated"));
+        assert!(needing_restart(&current, &next).is_empty());
     }
 }

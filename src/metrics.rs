@@ -90,6 +90,7 @@ pub struct Metrics {
     pub unsigned_allowed: IntGauge,
     pub tls_certificate_expiry: IntGauge,
     pub reloads: IntCounterVec,
+    pub connections_closed: IntCounterVec,
     pub producer_queue_messages: IntGauge,
     pub producer_queue_bytes: IntGauge,
     pub broker_rtt: GaugeVec,
@@ -201,9 +202,22 @@ impl Metrics {
             Opts::new(
                 "tamio_bridge_reloads_total",
                 "Reloads of the signature settings, secret files and TLS certificate (SIGHUP or \
-                 a changed file), by result: applied, or failed (the previous ones stay).",
+                 a changed file), by result: applied; restart_needed (applied, and settings \
+                 that take a restart changed too); failed (the previous ones stay).",
             ),
             &["result"],
+        )
+        .unwrap();
+        let connections_closed = IntCounterVec::new(
+            Opts::new(
+                "tamio_bridge_connections_closed_total",
+                "Ingress connections the bridge closed, by reason: idle (no request for \
+                 server.idle_timeout_ms), reclaimed (the connection bound was reached and a new \
+                 connection took the slot of the longest-idle one), slow_start (no first \
+                 request within server.header_read_timeout_ms), http2_abuse (an HTTP/2 peer \
+                 broke a bound on streams, resets, control frames or header blocks).",
+            ),
+            &["reason"],
         )
         .unwrap();
         let dedup_entries = IntGauge::new(
@@ -280,8 +294,11 @@ impl Metrics {
         for r in SIGNATURE_FAILURE_REASONS {
             signature_failures.with_label_values(&[r]);
         }
-        for r in ["applied", "failed"] {
+        for r in ["applied", "restart_needed", "failed"] {
             reloads.with_label_values(&[r]);
+        }
+        for r in crate::server::CloseReason::ALL {
+            connections_closed.with_label_values(&[r.as_str()]);
         }
 
         for c in [
@@ -301,6 +318,7 @@ impl Metrics {
             Box::new(unsigned_allowed.clone()),
             Box::new(tls_certificate_expiry.clone()),
             Box::new(reloads.clone()),
+            Box::new(connections_closed.clone()),
             Box::new(producer_queue_messages.clone()),
             Box::new(producer_queue_bytes.clone()),
             Box::new(broker_rtt.clone()),
@@ -334,6 +352,7 @@ impl Metrics {
             unsigned_allowed,
             tls_certificate_expiry,
             reloads,
+            connections_closed,
             producer_queue_messages,
             producer_queue_bytes,
             broker_rtt,

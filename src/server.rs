@@ -1,10 +1,25 @@
 //! The accept loop shared by the ingress and admin listeners: HTTP/1.1 and HTTP/2 through
-//! hyper-util, in cleartext or over TLS, a bound on open connections, a deadline for the TLS
-//! handshake and the request headers, and a graceful drain with its own deadline.
+//! hyper-util, in cleartext or over TLS, with every connection bounded:
+//!
+//! - its first request: the TLS handshake and the request head (for HTTP/2, the first
+//!   stream's headers) must arrive within `header_read_timeout` of the connection's accept;
+//! - idleness: a connection with no request in progress is closed `idle_timeout` after its
+//!   last answer, HTTP/1 keep-alive and HTTP/2 alike; HTTP/2 peers are pinged, and a peer
+//!   that does not answer is dropped;
+//! - their number: at `max_connections`, a new connection reclaims the longest-idle one
+//!   (closed gracefully) instead of waiting behind it;
+//! - HTTP/2 abuse: streams per connection, resets, control-frame floods and oversized header
+//!   blocks (see [`h2guard`]) close the connection;
+//! - shutdown: stop accepting, close idle connections, let requests in flight finish within
+//!   `drain_timeout`.
 
+mod h2guard;
+
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -14,11 +29,12 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Notify, Semaphore};
+use tokio::time::Instant;
 
+use crate::metrics::Metrics;
 use crate::tls::Tls;
 
 /// A connection's byte stream: TCP, or TLS over TCP, behind one type.
@@ -28,12 +44,38 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 /// Bounds of one listener.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Serve HTTP/2 (cleartext) besides HTTP/1.1. hyper's header timeout covers HTTP/1 only,
-    /// so an idle HTTP/2 connection holds its slot until the peer closes it.
+    /// Serve HTTP/2 besides HTTP/1.1.
     pub http2: bool,
+    /// Time from accept to the first request's head, TLS handshake included.
     pub header_read_timeout: Duration,
+    /// Time a connection may stay open with no request in progress.
+    pub idle_timeout: Duration,
     pub max_connections: usize,
     pub drain_timeout: Duration,
+    /// Streams one HTTP/2 connection may have open at once.
+    pub http2_max_concurrent_streams: u32,
+    /// Period of the PINGs sent to HTTP/2 peers; None sends none.
+    pub http2_keepalive_interval: Option<Duration>,
+    /// Time a PING may go unanswered before the connection is closed.
+    pub http2_keepalive_timeout: Duration,
+}
+
+impl Limits {
+    /// The ingress's bounds, from its settings.
+    pub fn of(server: &crate::config::Server) -> Limits {
+        let ms = Duration::from_millis;
+        Limits {
+            http2: true,
+            header_read_timeout: ms(server.header_read_timeout_ms),
+            idle_timeout: ms(server.idle_timeout_ms),
+            max_connections: server.max_connections,
+            drain_timeout: ms(server.drain_timeout_ms),
+            http2_max_concurrent_streams: server.http2_max_concurrent_streams,
+            http2_keepalive_interval: Some(ms(server.http2_keepalive_interval_ms))
+                .filter(|d| !d.is_zero()),
+            http2_keepalive_timeout: ms(server.http2_keepalive_timeout_ms),
+        }
+    }
 }
 
 /// How a drain ended.
@@ -45,24 +87,156 @@ pub enum Drain {
     TimedOut,
 }
 
+/// Why the bridge closed a connection it could have kept: the `reason` label of
+/// `tamio_bridge_connections_closed_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// No request in progress for `idle_timeout`.
+    Idle,
+    /// The connection bound was reached and a new connection needed the slot.
+    Reclaimed,
+    /// The TLS handshake and first request head did not arrive within the header timeout.
+    SlowStart,
+    /// An HTTP/2 peer broke a bound on frames (see [`h2guard`]).
+    Http2Abuse,
+}
+
+impl CloseReason {
+    pub const ALL: [CloseReason; 4] = [
+        CloseReason::Idle,
+        CloseReason::Reclaimed,
+        CloseReason::SlowStart,
+        CloseReason::Http2Abuse,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Idle => "idle",
+            CloseReason::Reclaimed => "reclaimed",
+            CloseReason::SlowStart => "slow_start",
+            CloseReason::Http2Abuse => "http2_abuse",
+        }
+    }
+}
+
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Waits, up to `timeout`, until the first bytes tell HTTP/1 from HTTP/2 (what hyper-util
-/// reads before hyper's own timeouts apply). False when they do not arrive in time.
-async fn protocol_known(stream: &tokio::net::TcpStream, timeout: Duration) -> bool {
-    let wait = async {
-        let mut buf = [0u8; 24];
-        loop {
-            match stream.peek(&mut buf).await {
-                // Closed by the peer: let hyper see the end.
-                Ok(0) => return,
-                Ok(n) if n >= H2_PREFACE.len() || buf[..n] != H2_PREFACE[..n] => return,
-                Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-                Err(_) => return,
-            }
+/// How long a connection told to close may take to finish what it has in progress (an idle
+/// one closes at once; one reclaimed in the middle of a request gets this long).
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// How long an idle connection told to close may take to go.
+const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// HTTP/2 streams the bridge may reset for the peer's errors (refused beyond the stream
+/// bound, headers too large) before it closes the connection.
+const H2_MAX_ERROR_RESETS: usize = 128;
+
+/// Largest decoded header list an HTTP/2 request may carry; larger ones are answered 431.
+const H2_MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+
+/// Waits until the first bytes tell HTTP/1 from HTTP/2: true for the HTTP/2 preface, false
+/// for anything else; None when the peer closed first.
+async fn sniff_http2(stream: &TcpStream) -> Option<bool> {
+    let mut buf = [0u8; 24];
+    loop {
+        match stream.peek(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) if buf[..n] != H2_PREFACE[..n] => return Some(false),
+            Ok(n) if n >= H2_PREFACE.len() => return Some(true),
+            Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
         }
-    };
-    tokio::time::timeout(timeout, wait).await.is_ok()
+    }
+}
+
+/// One open connection, as the accept loop and the connection's own task see it.
+struct Slot {
+    /// Requests (HTTP/2 streams) in progress.
+    active: AtomicUsize,
+    /// Whether any request has started.
+    started: AtomicBool,
+    /// Microseconds since the listener started at which the connection last became idle.
+    idle_since_us: AtomicU64,
+    /// Set once the accept loop asked this connection to close for a new one.
+    reclaimed: AtomicBool,
+    reclaim: Notify,
+    /// Set by [`h2guard`] when it cuts the connection.
+    abuse: Arc<std::sync::OnceLock<h2guard::Abuse>>,
+}
+
+/// Counts a request on its connection while it runs.
+struct Busy {
+    slot: Arc<Slot>,
+    clock: Instant,
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        // Store the time first: the accept loop reads `active`, then the time.
+        self.slot
+            .idle_since_us
+            .store(micros_since(self.clock), Ordering::Relaxed);
+        self.slot.active.fetch_sub(1, Ordering::Release);
+    }
+}
+
+fn micros_since(clock: Instant) -> u64 {
+    clock.elapsed().as_micros() as u64
+}
+
+/// The open connections, for reclaiming the longest-idle one.
+struct Connections {
+    clock: Instant,
+    next_id: AtomicU64,
+    slots: Mutex<HashMap<u64, Arc<Slot>>>,
+}
+
+impl Connections {
+    fn open(&self) -> (u64, Arc<Slot>) {
+        let slot = Arc::new(Slot {
+            active: AtomicUsize::new(0),
+            started: AtomicBool::new(false),
+            idle_since_us: AtomicU64::new(micros_since(self.clock)),
+            reclaimed: AtomicBool::new(false),
+            reclaim: Notify::new(),
+            abuse: Default::default(),
+        });
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, slot.clone());
+        (id, slot)
+    }
+
+    fn close(&self, id: u64) {
+        self.slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+    }
+
+    /// Asks the connection idle the longest to close; false when every connection has a
+    /// request in progress (or has already been asked).
+    fn reclaim_longest_idle(&self) -> bool {
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let longest = slots
+            .iter()
+            .filter(|(_, s)| {
+                s.active.load(Ordering::Acquire) == 0 && !s.reclaimed.load(Ordering::Relaxed)
+            })
+            // The older connection first among those idle since the same instant.
+            .min_by_key(|(id, s)| (s.idle_since_us.load(Ordering::Relaxed), **id))
+            .map(|(_, s)| s);
+        match longest {
+            Some(slot) => {
+                slot.reclaimed.store(true, Ordering::Relaxed);
+                slot.reclaim.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 /// Serves `handler` on `listener` (over TLS when `tls` is given) until `shutdown` completes,
@@ -73,6 +247,7 @@ pub async fn serve<H, Fut>(
     tls: Option<Arc<Tls>>,
     handler: H,
     limits: Limits,
+    metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) -> Drain
 where
@@ -80,26 +255,27 @@ where
     Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    if !limits.http2 {
-        builder = builder.http1_only();
-    }
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout);
+    // hyper's own header timer would also end idle keep-alive connections; the deadlines of
+    // this module replace it.
+    builder.http1().header_read_timeout(None);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(256);
-    let graceful = GracefulShutdown::new();
-    let connections = Arc::new(Semaphore::new(limits.max_connections));
+        .max_concurrent_streams(limits.http2_max_concurrent_streams)
+        .max_local_error_reset_streams(H2_MAX_ERROR_RESETS)
+        .max_header_list_size(H2_MAX_HEADER_LIST_BYTES)
+        .keep_alive_interval(limits.http2_keepalive_interval)
+        .keep_alive_timeout(limits.http2_keepalive_timeout);
+    let connections = Arc::new(Connections {
+        clock: Instant::now(),
+        next_id: AtomicU64::new(0),
+        slots: Mutex::new(HashMap::new()),
+    });
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let (stop_tx, stop_rx) = watch::channel(false);
     tokio::pin!(shutdown);
 
     loop {
-        let permit = tokio::select! {
-            permit = connections.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-            () = &mut shutdown => break,
-        };
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _peer)) => stream,
@@ -112,66 +288,232 @@ where
             },
             () = &mut shutdown => break,
         };
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                // Full: the new sender takes the slot of the connection idle the longest.
+                let wait = async {
+                    loop {
+                        let asked = connections.reclaim_longest_idle();
+                        // A reclaimed idle connection closes at once; one that turned busy
+                        // meanwhile finishes its request, so another is asked soon after.
+                        let retry = Duration::from_millis(if asked { 200 } else { 20 });
+                        if let Ok(Ok(permit)) =
+                            tokio::time::timeout(retry, permits.clone().acquire_owned()).await
+                        {
+                            return permit;
+                        }
+                    }
+                };
+                tokio::select! {
+                    permit = wait => permit,
+                    () = &mut shutdown => break,
+                }
+            }
+        };
         let _ = stream.set_nodelay(true);
-        let handler = handler.clone();
-        let service = service_fn(move |req| {
-            let response = handler(req);
-            async move { Ok::<_, Infallible>(response.await) }
-        });
-        let mut builder = builder.clone();
-        let watcher = graceful.watcher();
+        let (id, slot) = connections.open();
+        let connection = Connection {
+            slot,
+            clock: connections.clock,
+            accepted: Instant::now(),
+            limits,
+            metrics: metrics.clone(),
+        };
+        let (handler, builder, connections, stop) = (
+            handler.clone(),
+            builder.clone(),
+            connections.clone(),
+            stop_rx.clone(),
+        );
         let tls = tls.as_ref().map(|tls| tls.acceptor());
         tokio::spawn(async move {
-            let stream: Box<dyn Stream> = match tls {
-                None => {
-                    // hyper's header timeout starts once the protocol is known; a client that
-                    // sends nothing, or stalls inside the HTTP/2 preface, is bounded here.
-                    if !protocol_known(&stream, limits.header_read_timeout).await {
-                        drop(permit);
-                        return;
-                    }
-                    Box::new(stream)
-                }
-                Some(acceptor) => {
-                    let handshake =
-                        tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream))
-                            .await;
-                    let stream = match handshake {
-                        Ok(Ok(stream)) => stream,
-                        Ok(Err(err)) => {
-                            tracing::debug!(error = %err, "TLS handshake failed");
-                            drop(permit);
-                            return;
-                        }
-                        Err(_) => {
-                            drop(permit);
-                            return;
-                        }
-                    };
-                    // ALPN tells the protocol: no need to read the first bytes.
-                    builder = if limits.http2 && stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-                        builder.http2_only()
-                    } else {
-                        builder.http1_only()
-                    };
-                    Box::new(stream)
-                }
-            };
-            let connection = watcher.watch(
-                builder
-                    .serve_connection(TokioIo::new(stream), service)
-                    .into_owned(),
-            );
-            if let Err(err) = connection.await {
-                tracing::debug!(error = %err, "connection ended with an error");
-            }
+            connection.run(stream, tls, builder, handler, stop).await;
+            connections.close(id);
             drop(permit);
         });
     }
 
     drop(listener);
-    tokio::select! {
-        () = graceful.shutdown() => Drain::Complete,
-        () = tokio::time::sleep(limits.drain_timeout) => Drain::TimedOut,
+    let _ = stop_tx.send(true);
+    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    let drained = tokio::time::timeout(limits.drain_timeout, permits.acquire_many(all)).await;
+    match drained {
+        Ok(_) => Drain::Complete,
+        Err(_) => Drain::TimedOut,
+    }
+}
+
+/// One accepted connection and its bounds.
+struct Connection {
+    slot: Arc<Slot>,
+    clock: Instant,
+    accepted: Instant,
+    limits: Limits,
+    metrics: Arc<Metrics>,
+}
+
+impl Connection {
+    fn closed(&self, reason: CloseReason) {
+        self.metrics
+            .connections_closed
+            .with_label_values(&[reason.as_str()])
+            .inc();
+    }
+
+    /// The protocol and the stream to serve it on, established within the first-request
+    /// deadline; None when the connection ends before that.
+    async fn establish(
+        &self,
+        stream: TcpStream,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> Option<(bool, Box<dyn Stream>)> {
+        match tls {
+            None => {
+                let http2 = sniff_http2(&stream).await? && self.limits.http2;
+                Some((http2, Box::new(stream)))
+            }
+            Some(acceptor) => match acceptor.accept(stream).await {
+                Ok(stream) => {
+                    // ALPN tells the protocol.
+                    let http2 =
+                        self.limits.http2 && stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                    Some((http2, Box::new(stream)))
+                }
+                Err(err) => {
+                    tracing::debug!(error = %err, "TLS handshake failed");
+                    None
+                }
+            },
+        }
+    }
+
+    async fn run<H, Fut>(
+        self,
+        stream: TcpStream,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        builder: auto::Builder<TokioExecutor>,
+        handler: H,
+        mut stop: watch::Receiver<bool>,
+    ) where
+        H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+    {
+        let first_deadline = self.accepted + self.limits.header_read_timeout;
+        let established = tokio::select! {
+            established = tokio::time::timeout_at(first_deadline, self.establish(stream, tls)) => {
+                match established {
+                    Ok(Some(established)) => established,
+                    Ok(None) => return,
+                    Err(_) => return self.closed(CloseReason::SlowStart),
+                }
+            }
+            () = self.slot.reclaim.notified() => return self.closed(CloseReason::Reclaimed),
+            _ = stop.wait_for(|stop| *stop) => return,
+        };
+        let (http2, stream) = established;
+        let (builder, io): (_, Box<dyn Stream>) = if http2 {
+            let guarded = h2guard::Guarded::new(stream, self.slot.abuse.clone());
+            (builder.http2_only(), Box::new(guarded))
+        } else {
+            (builder.http1_only(), stream)
+        };
+
+        let (slot, clock) = (self.slot.clone(), self.clock);
+        let service = service_fn(move |req| {
+            slot.started.store(true, Ordering::Relaxed);
+            slot.active.fetch_add(1, Ordering::Acquire);
+            let busy = Busy {
+                slot: slot.clone(),
+                clock,
+            };
+            let response = handler(req);
+            async move {
+                let response = response.await;
+                drop(busy);
+                Ok::<_, Infallible>(response)
+            }
+        });
+        let connection = builder.serve_connection(TokioIo::new(io), service);
+        tokio::pin!(connection);
+
+        let limits = self.limits;
+        // When the connection must next be looked at: the first-request deadline until a
+        // request starts, then the idle deadline. None: it is due to close now.
+        let next_check = |slot: &Slot, now: Instant| -> Option<Instant> {
+            if slot.active.load(Ordering::Acquire) > 0 {
+                return Some(now + limits.idle_timeout);
+            }
+            let idle_since =
+                self.clock + Duration::from_micros(slot.idle_since_us.load(Ordering::Relaxed));
+            let due = if slot.started.load(Ordering::Relaxed) {
+                idle_since + limits.idle_timeout
+            } else {
+                first_deadline.min(idle_since + limits.idle_timeout)
+            };
+            (due > now).then_some(due)
+        };
+        let check =
+            tokio::time::sleep_until(first_deadline.min(self.accepted + limits.idle_timeout));
+        tokio::pin!(check);
+        // Once told to close: the time by which the connection must be gone.
+        let mut closing: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                ended = connection.as_mut() => {
+                    if let Some(abuse) = self.slot.abuse.get() {
+                        tracing::info!(%abuse, "closed an HTTP/2 connection that broke a bound");
+                        self.closed(CloseReason::Http2Abuse);
+                    } else if let Err(err) = ended {
+                        tracing::debug!(error = %err, "connection ended with an error");
+                    }
+                    return;
+                }
+                () = &mut check => {
+                    let now = Instant::now();
+                    if let Some(by) = closing {
+                        if now >= by {
+                            return;
+                        }
+                        check.as_mut().reset(by);
+                        continue;
+                    }
+                    if let Some(next) = next_check(&self.slot, now) {
+                        check.as_mut().reset(next);
+                        continue;
+                    }
+                    if !self.slot.started.load(Ordering::Relaxed) {
+                        // No request yet, and none can be in progress: nothing to lose.
+                        return self.closed(CloseReason::SlowStart);
+                    }
+                    self.closed(CloseReason::Idle);
+                    // A GOAWAY first: a peer that answers it closes at once; one that does
+                    // not is dropped after a moment.
+                    connection.as_mut().graceful_shutdown();
+                    closing = Some(now + IDLE_CLOSE_GRACE);
+                    check.as_mut().reset(now + IDLE_CLOSE_GRACE);
+                }
+                () = self.slot.reclaim.notified(), if closing.is_none() => {
+                    self.closed(CloseReason::Reclaimed);
+                    if self.slot.active.load(Ordering::Acquire) == 0 {
+                        // Idle, and a sender waits for the slot: closed at once, since a peer
+                        // need not answer the goodbye of a graceful close.
+                        return;
+                    }
+                    connection.as_mut().graceful_shutdown();
+                    let by = Instant::now() + CLOSE_GRACE;
+                    closing = Some(by);
+                    check.as_mut().reset(by);
+                }
+                _ = stop.wait_for(|stop| *stop), if closing.is_none() => {
+                    // Shutting down: requests in flight finish within the drain deadline,
+                    // which the accept loop keeps.
+                    connection.as_mut().graceful_shutdown();
+                    let by = Instant::now() + self.limits.drain_timeout;
+                    closing = Some(by);
+                    check.as_mut().reset(by);
+                }
+            }
+        }
     }
 }

@@ -2,6 +2,9 @@
 //! port 0 or as the real binary, a small HTTP client, signing, and a reader of whole topics.
 #![allow(dead_code)]
 
+pub mod h2raw;
+pub mod tls;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
@@ -792,6 +795,9 @@ pub struct LoadReport {
     pub answers: BTreeMap<String, usize>,
     /// Events never acknowledged (their sender gave up).
     pub abandoned: usize,
+    /// Every answer: when its request was sent (since the load started), how long it took,
+    /// and its status (0 for no answer).
+    pub timings: Vec<(Duration, Duration, u16)>,
 }
 
 pub fn event_id(ticket: usize, seq: usize) -> String {
@@ -803,6 +809,7 @@ impl Load {
     /// mid-run.
     pub async fn run(&self, acked: Arc<std::sync::atomic::AtomicUsize>) -> LoadReport {
         let report = Arc::new(std::sync::Mutex::new(LoadReport::default()));
+        let load_started = Instant::now();
         let mut senders = Vec::new();
         for ticket in 0..self.tickets {
             let url = self.url.clone();
@@ -818,6 +825,7 @@ impl Load {
                     let mut delivered = false;
                     for _ in 0..max_attempts {
                         let sig = verify::header_value(SECRET.as_bytes(), now(), body.as_bytes());
+                        let sent = Instant::now();
                         let answer = request(
                             "POST",
                             &url,
@@ -828,11 +836,20 @@ impl Load {
                             body.clone().into_bytes(),
                         )
                         .await;
+                        let status = answer.as_ref().map_or(0, |r| r.status.as_u16());
                         let key = match &answer {
                             Ok(r) => r.status.as_u16().to_string(),
                             Err(_) => "error".to_owned(),
                         };
-                        *report.lock().unwrap().answers.entry(key).or_default() += 1;
+                        {
+                            let mut report = report.lock().unwrap();
+                            *report.answers.entry(key).or_default() += 1;
+                            report.timings.push((
+                                sent.duration_since(load_started),
+                                sent.elapsed(),
+                                status,
+                            ));
+                        }
                         match answer {
                             Ok(r) if r.status == StatusCode::OK => {
                                 report.lock().unwrap().acked.push((
@@ -1018,8 +1035,14 @@ impl Process {
 
     /// Like [`Process::spawn`], with command-line arguments (e.g. `--config FILE`).
     pub fn spawn_with_args(env: &[(&str, &str)], args: &[&str]) -> Process {
-        let mut child = command(env)
-            .args(args)
+        let mut cmd = command(env);
+        cmd.args(args);
+        Self::spawn_command(cmd)
+    }
+
+    /// Starts `cmd` (made by [`command`]) and waits until it accepts deliveries.
+    pub fn spawn_command(mut cmd: Command) -> Process {
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -1127,4 +1150,30 @@ pub fn run_to_exit(env: &[(&str, &str)], args: &[&str]) -> (i32, String, String)
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// CPU seconds (user and system) a process has used, from /proc.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the command.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// A process's peak resident memory in MB (VmHWM), from /proc.
+pub fn peak_rss_mb(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
 }

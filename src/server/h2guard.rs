@@ -1,0 +1,361 @@
+//! Bounds on the HTTP/2 frames a peer may send that cost the bridge work without being
+//! requests. hyper's HTTP/2 (the `h2` crate) bounds streams, resets of streams it has not
+//! yet accepted, CONTINUATION frames per header block and the decoded header list, but it
+//! answers every SETTINGS, PING and WINDOW_UPDATE for as long as the peer sends them. This
+//! wrapper reads the frame headers as the bytes pass by (the payloads are not looked at) and
+//! fails the connection's reads, which closes it, when a peer sends:
+//!
+//! - control frames (SETTINGS, PING, PRIORITY, WINDOW_UPDATE, unknown types, empty DATA
+//!   frames that do not end their stream) beyond a budget of [`CONTROL_BURST`] that refills
+//!   at [`CONTROL_PER_SEC`] a second and by one for each request;
+//! - RST_STREAM frames beyond [`RESET_BURST`], refilling at [`RESETS_PER_SEC`] a second (the
+//!   "rapid reset" attack opens and cancels streams as fast as it can);
+//! - a header block larger than [`MAX_HEADER_BLOCK`] bytes or split over more than
+//!   [`MAX_CONTINUATIONS`] CONTINUATION frames.
+//!
+//! A browser or an HTTP client library stays far inside these budgets: a handful of control
+//! frames when the connection opens, a WINDOW_UPDATE now and then, a PING answer per
+//! keep-alive period.
+
+use std::fmt;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+pub const CONTROL_BURST: u32 = 200;
+pub const CONTROL_PER_SEC: u32 = 20;
+pub const RESET_BURST: u32 = 100;
+pub const RESETS_PER_SEC: u32 = 10;
+pub const MAX_HEADER_BLOCK: usize = 64 * 1024;
+pub const MAX_CONTINUATIONS: u32 = 32;
+
+const PREFACE_LEN: usize = 24;
+const FRAME_HEAD_LEN: usize = 9;
+
+const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const PUSH_PROMISE: u8 = 0x5;
+const GOAWAY: u8 = 0x7;
+const CONTINUATION: u8 = 0x9;
+const END_STREAM: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+
+/// Why a connection was cut: carried inside the `io::Error` its reads fail with.
+#[derive(Debug, Clone, Copy)]
+pub struct Abuse(&'static str);
+
+impl fmt::Display for Abuse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "HTTP/2 peer {}", self.0)
+    }
+}
+
+impl std::error::Error for Abuse {}
+
+/// A token bucket that looks at the clock only when it runs dry.
+struct Budget {
+    tokens: u32,
+    burst: u32,
+    per_sec: u32,
+    since: Instant,
+}
+
+impl Budget {
+    fn new(burst: u32, per_sec: u32) -> Budget {
+        Budget {
+            tokens: burst,
+            burst,
+            per_sec,
+            since: Instant::now(),
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        if self.tokens == 0 {
+            let now = Instant::now();
+            let earned = (now.duration_since(self.since).as_millis() as u64
+                * u64::from(self.per_sec)
+                / 1000)
+                .min(u64::from(self.burst)) as u32;
+            if earned == 0 {
+                return false;
+            }
+            self.tokens = earned;
+            self.since = now;
+        }
+        self.tokens -= 1;
+        true
+    }
+
+    fn give(&mut self) {
+        self.tokens = (self.tokens + 1).min(self.burst);
+    }
+}
+
+/// Follows the frame boundaries of the bytes a peer sends.
+struct Frames {
+    preface_left: usize,
+    head: [u8; FRAME_HEAD_LEN],
+    head_len: usize,
+    /// Payload bytes of the current frame not yet passed.
+    skip: usize,
+    /// The header block in progress: its bytes so far and its CONTINUATION frames.
+    block: Option<(usize, u32)>,
+    control: Budget,
+    resets: Budget,
+    broken: Option<Abuse>,
+}
+
+impl Frames {
+    fn new() -> Frames {
+        Frames {
+            preface_left: PREFACE_LEN,
+            head: [0; FRAME_HEAD_LEN],
+            head_len: 0,
+            skip: 0,
+            block: None,
+            control: Budget::new(CONTROL_BURST, CONTROL_PER_SEC),
+            resets: Budget::new(RESET_BURST, RESETS_PER_SEC),
+            broken: None,
+        }
+    }
+
+    /// Follows `bytes`, the next ones the peer sent.
+    fn feed(&mut self, mut bytes: &[u8]) -> Result<(), Abuse> {
+        if let Some(abuse) = self.broken {
+            return Err(abuse);
+        }
+        while !bytes.is_empty() {
+            if self.preface_left > 0 {
+                let n = self.preface_left.min(bytes.len());
+                self.preface_left -= n;
+                bytes = &bytes[n..];
+            } else if self.skip > 0 {
+                let n = self.skip.min(bytes.len());
+                self.skip -= n;
+                bytes = &bytes[n..];
+            } else {
+                let n = (FRAME_HEAD_LEN - self.head_len).min(bytes.len());
+                self.head[self.head_len..self.head_len + n].copy_from_slice(&bytes[..n]);
+                self.head_len += n;
+                bytes = &bytes[n..];
+                if self.head_len == FRAME_HEAD_LEN {
+                    self.head_len = 0;
+                    if let Err(abuse) = self.frame() {
+                        self.broken = Some(abuse);
+                        return Err(abuse);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Accounts for the frame whose head was just read.
+    fn frame(&mut self) -> Result<(), Abuse> {
+        let h = self.head;
+        let len = usize::from(h[0]) << 16 | usize::from(h[1]) << 8 | usize::from(h[2]);
+        let (kind, flags) = (h[3], h[4]);
+        self.skip = len;
+        let within = match kind {
+            DATA => len > 0 || flags & END_STREAM != 0 || self.control.take(),
+            HEADERS => {
+                self.control.give();
+                self.start_block(len, flags)?;
+                true
+            }
+            CONTINUATION => {
+                self.continue_block(len, flags)?;
+                true
+            }
+            RST_STREAM => self.resets.take(),
+            // A client never pushes and may say goodbye once; h2 refuses the first.
+            PUSH_PROMISE | GOAWAY => true,
+            _ => self.control.take(),
+        };
+        if within {
+            Ok(())
+        } else if kind == RST_STREAM {
+            Err(Abuse("reset streams faster than the bound allows"))
+        } else {
+            Err(Abuse("sent control frames faster than the bound allows"))
+        }
+    }
+
+    fn start_block(&mut self, len: usize, flags: u8) -> Result<(), Abuse> {
+        self.block = None;
+        if len > MAX_HEADER_BLOCK {
+            return Err(Abuse("sent a header block above the bound"));
+        }
+        if flags & END_HEADERS == 0 {
+            self.block = Some((len, 0));
+        }
+        Ok(())
+    }
+
+    fn continue_block(&mut self, len: usize, flags: u8) -> Result<(), Abuse> {
+        // Outside a block, h2 refuses the frame itself.
+        let Some((bytes, frames)) = self.block else {
+            return Ok(());
+        };
+        let (bytes, frames) = (bytes + len, frames + 1);
+        if bytes > MAX_HEADER_BLOCK {
+            return Err(Abuse("sent a header block above the bound"));
+        }
+        if frames > MAX_CONTINUATIONS {
+            return Err(Abuse(
+                "split a header block over too many CONTINUATION frames",
+            ));
+        }
+        self.block = (flags & END_HEADERS == 0).then_some((bytes, frames));
+        Ok(())
+    }
+}
+
+/// An HTTP/2 connection's stream, with its peer's frames held to the bounds above.
+pub struct Guarded<S> {
+    inner: S,
+    frames: Frames,
+    /// Where the reason goes when the connection is cut (h2 keeps only the text of an I/O
+    /// error).
+    cut: Arc<OnceLock<Abuse>>,
+}
+
+impl<S> Guarded<S> {
+    pub fn new(inner: S, cut: Arc<OnceLock<Abuse>>) -> Guarded<S> {
+        Guarded {
+            inner,
+            frames: Frames::new(),
+            cut,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                Poll::Ready(this.frames.feed(&buf.filled()[before..]).map_err(|abuse| {
+                    let _ = this.cut.set(abuse);
+                    io::Error::new(io::ErrorKind::InvalidData, abuse)
+                }))
+            }
+            other => other,
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(kind: u8, flags: u8, len: usize) -> Vec<u8> {
+        let mut f = vec![
+            (len >> 16) as u8,
+            (len >> 8) as u8,
+            len as u8,
+            kind,
+            flags,
+            0,
+            0,
+            0,
+            1,
+        ];
+        f.resize(FRAME_HEAD_LEN + len, 0);
+        f
+    }
+
+    fn preface() -> Vec<u8> {
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec()
+    }
+
+    #[test]
+    fn a_ping_flood_is_cut_off_and_ordinary_traffic_is_not() {
+        let mut frames = Frames::new();
+        frames.feed(&preface()).unwrap();
+        frames.feed(&frame(0x4, 0, 0)).unwrap();
+        // Requests with bodies, a byte at a time: boundaries are found across reads.
+        for _ in 0..1000 {
+            let mut request = frame(HEADERS, END_HEADERS, 40);
+            request.extend(frame(DATA, END_STREAM, 3000));
+            for byte in request.chunks(1) {
+                frames.feed(byte).unwrap();
+            }
+        }
+        let pings: Vec<u8> = (0..2 * CONTROL_BURST)
+            .flat_map(|_| frame(0x6, 0, 8))
+            .collect();
+        assert!(frames.feed(&pings).is_err());
+        assert!(
+            frames.feed(&frame(DATA, END_STREAM, 1)).is_err(),
+            "stays cut"
+        );
+    }
+
+    #[test]
+    fn resets_and_header_blocks_have_bounds() {
+        let mut frames = Frames::new();
+        frames.feed(&preface()).unwrap();
+        let flood: Vec<u8> = (0..RESET_BURST + 1)
+            .flat_map(|_| [frame(HEADERS, END_HEADERS, 10), frame(RST_STREAM, 0, 4)].concat())
+            .collect();
+        assert!(frames.feed(&flood).is_err());
+
+        let mut frames = Frames::new();
+        frames.feed(&preface()).unwrap();
+        frames.feed(&frame(HEADERS, 0, 16_000)).unwrap();
+        for _ in 0..3 {
+            frames.feed(&frame(CONTINUATION, 0, 16_000)).unwrap();
+        }
+        assert!(frames.feed(&frame(CONTINUATION, 0, 16_000)).is_err());
+
+        let mut frames = Frames::new();
+        frames.feed(&preface()).unwrap();
+        frames.feed(&frame(HEADERS, 0, 0)).unwrap();
+        for _ in 0..MAX_CONTINUATIONS {
+            frames.feed(&frame(CONTINUATION, 0, 0)).unwrap();
+        }
+        assert!(frames.feed(&frame(CONTINUATION, 0, 0)).is_err());
+    }
+}
