@@ -342,6 +342,7 @@ fn with_example_secret(settings: &mut Settings, example: &Option<Secret>) {
 }
 
 /// How to load the settings again.
+#[derive(Clone)]
 struct Reloader {
     config: Option<PathBuf>,
     example_secret: Option<Secret>,
@@ -385,6 +386,14 @@ fn fingerprint(files: &[PathBuf]) -> Vec<Option<[u8; 32]>> {
         .collect()
 }
 
+/// [`fingerprint`] on a blocking thread: reading files must not hold up a runtime thread.
+async fn fingerprint_off_runtime(files: &[PathBuf]) -> Vec<Option<[u8; 32]>> {
+    let files = files.to_vec();
+    tokio::task::spawn_blocking(move || fingerprint(&files))
+        .await
+        .unwrap_or_default()
+}
+
 /// Loads the settings again on each SIGHUP, and when a watched file's content changes, and
 /// hands them to the bridge, which applies what can change while it runs.
 async fn reload_on_change(
@@ -393,7 +402,7 @@ async fn reload_on_change(
     mut hangups: tokio::signal::unix::Signal,
     reloads: tokio::sync::mpsc::Sender<tamio_kafka_bridge::Reload>,
 ) {
-    let mut seen = fingerprint(&files);
+    let mut seen = fingerprint_off_runtime(&files).await;
     // After a failed reload, try again at every tick until one applies: the files may be
     // half-written, or name a file that does not exist yet.
     let mut failing = false;
@@ -415,7 +424,7 @@ async fn reload_on_change(
                 );
             }
             _ = ticks.tick(), if watching => {
-                if !failing && fingerprint(&files) == seen {
+                if !failing && fingerprint_off_runtime(&files).await == seen {
                     continue;
                 }
                 if !failing {
@@ -427,14 +436,19 @@ async fn reload_on_change(
             }
         }
         // Taken before loading: a change made while loading shows at the next tick.
-        seen = fingerprint(&files);
-        let reload = reloader.load();
+        seen = fingerprint_off_runtime(&files).await;
+        let reload = {
+            let reloader = reloader.clone();
+            tokio::task::spawn_blocking(move || reloader.load())
+                .await
+                .unwrap_or_else(|e| Err(format!("loading the settings failed: {e}")))
+        };
         failing = reload.is_err();
         if let Ok(settings) = &reload {
             let next = watched_files(reloader.config.as_deref(), settings);
             if next != files {
                 files = next;
-                seen = fingerprint(&files);
+                seen = fingerprint_off_runtime(&files).await;
             }
         }
         if reloads.send(reload).await.is_err() {

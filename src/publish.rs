@@ -399,7 +399,9 @@ pub struct Publisher {
     /// Replaced as a whole when librdkafka declares the producer dead (a fatal error, e.g. a
     /// fenced idempotent producer): records then go to a fresh producer with a new id.
     current: Arc<std::sync::RwLock<Current>>,
-    config: ClientConfig,
+    /// Held while a dead producer is being replaced.
+    replacing: Arc<tokio::sync::Mutex<()>>,
+    config: Arc<ClientConfig>,
     metrics: Arc<Metrics>,
     /// False while the readiness probe finds no broker answering: records are then refused
     /// at once instead of waiting out the delivery timeout.
@@ -416,7 +418,8 @@ impl Publisher {
         let current = Self::create(&config, &metrics)?;
         Ok(Publisher {
             current: Arc::new(std::sync::RwLock::new(current)),
-            config,
+            replacing: Arc::new(tokio::sync::Mutex::new(())),
+            config: Arc::new(config),
             metrics,
             reachable: Arc::new(AtomicBool::new(true)),
         })
@@ -478,39 +481,71 @@ impl Publisher {
         })
     }
 
-    /// The producer to use now; replaces it first if it has died.
+    /// The producer in force (for probes and flushes, which never replace it).
     fn producer(&self) -> BridgeProducer {
-        self.current().producer
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .producer
+            .clone()
     }
 
-    fn current(&self) -> Current {
-        let current = self.current.read().expect("producer lock").clone();
-        if !current.fatal.load(Ordering::SeqCst) {
-            return current;
+    /// The producer to deliver with; when the one in force has died, replaces it first. One
+    /// replacement at a time, built on a blocking thread: concurrent deliveries that find it
+    /// dead wait for that one, each within its deadline.
+    async fn live_producer(
+        &self,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<Current, PublishError> {
+        let seen = self
+            .current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if !seen.fatal.load(Ordering::SeqCst) {
+            return Ok(seen);
         }
-        // Built outside the lock: creating a librdkafka client takes a while.
-        let fresh = match Self::create(&self.config, &self.metrics) {
-            Ok(fresh) => fresh,
-            Err(err) => {
+        let waited = tokio::time::Instant::now();
+        let Ok(_turn) = with_deadline(deadline, self.replacing.lock()).await else {
+            return Err(PublishError::Timeout(waited.elapsed()));
+        };
+        let now = self
+            .current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if !Arc::ptr_eq(&now.fatal, &seen.fatal) {
+            // Replaced while this delivery waited for its turn.
+            return Ok(now);
+        }
+        tracing::warn!("the Kafka producer is dead: building a new one");
+        let (config, metrics) = (self.config.clone(), self.metrics.clone());
+        let started = std::time::Instant::now();
+        let fresh = tokio::task::spawn_blocking(move || Self::create(&config, &metrics)).await;
+        let fresh = match fresh {
+            Ok(Ok(fresh)) => fresh,
+            Ok(Err(err)) => {
                 tracing::error!(%err, "cannot create a new Kafka producer");
-                return current;
+                return Ok(now);
+            }
+            Err(err) => {
+                tracing::error!(%err, "creating a new Kafka producer failed");
+                return Ok(now);
             }
         };
-        let mut slot = self.current.write().expect("producer lock");
-        // Another caller may have replaced it meanwhile; then `fresh` is not needed.
-        let retired = if Arc::ptr_eq(&slot.fatal, &current.fatal) {
-            self.metrics.producer_restarts.inc();
-            tracing::warn!("replaced the Kafka producer after its fatal error");
-            std::mem::replace(&mut *slot, fresh)
-        } else {
-            fresh
-        };
-        let now = slot.clone();
-        drop(slot);
+        let retired = std::mem::replace(
+            &mut *self.current.write().unwrap_or_else(|p| p.into_inner()),
+            fresh.clone(),
+        );
+        self.metrics.producer_restarts.inc();
+        tracing::warn!(
+            built_ms = started.elapsed().as_millis() as u64,
+            "replaced the Kafka producer after its fatal error"
+        );
         // Dropping a producer purges, flushes and joins librdkafka's threads: not on the
         // runtime's threads.
         std::thread::spawn(move || drop(retired));
-        now
+        Ok(fresh)
     }
 
     fn count_failure(&self, err: &PublishError) {
@@ -531,7 +566,7 @@ impl Publisher {
             ));
         }
         let started = tokio::time::Instant::now();
-        let current = self.current();
+        let current = self.live_producer(deadline).await?;
         let result = match current.producer.send_result(record) {
             Err((err, _)) => Err(PublishError::from_kafka(&err)),
             Ok(delivery) => match with_deadline(deadline, delivery).await {

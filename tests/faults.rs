@@ -178,3 +178,76 @@ async fn a_fenced_producer_is_replaced_and_delivery_resumes() {
     assert_eq!(ids, ["whev_a", "whev_b"]);
     bridge.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_fenced_under_load_is_replaced_once() {
+    let cluster = MockCluster::new(1).unwrap();
+    let topic = "tamio.tickets.fenced-load";
+    cluster.create_topic(topic, 3, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let bridge = Process::spawn(&[
+        ("TAMIO_BRIDGE__KAFKA__BROKERS", &brokers),
+        ("TAMIO_BRIDGE__KAFKA__TOPIC", topic),
+        ("TAMIO_BRIDGE__SIGNATURE__SECRETS", SECRET),
+        ("TAMIO_BRIDGE__SERVER__REQUEST_TIMEOUT_MS", "4000"),
+        ("TAMIO_BRIDGE__KAFKA__DELIVERY_TIMEOUT_MS", "3000"),
+    ]);
+    bridge.wait_ready().await;
+    let load = Load {
+        url: format!("http://{}/webhooks/tamio", bridge.addr),
+        tickets: 32,
+        per_ticket: 30,
+        max_attempts: 50,
+        retry_pause: Duration::from_millis(20),
+    };
+    let acked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let run = tokio::spawn({
+        let acked = acked.clone();
+        async move { load.run(acked).await }
+    });
+    while acked.load(std::sync::atomic::Ordering::SeqCst) < 300 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_PRODUCER_FENCED],
+    );
+    let report = run.await.unwrap();
+    assert_eq!(report.abandoned, 0, "{:?}", report.answers);
+
+    let metrics = get(bridge.admin, "/metrics").await.text();
+    assert_eq!(
+        sample(&metrics, "tamio_bridge_kafka_producer_restarts_total"),
+        1.0
+    );
+    let log = bridge.log_text();
+    assert_eq!(
+        log.matches("building a new one").count(),
+        1,
+        "concurrent deliveries built more than one producer"
+    );
+    // How long deliveries waited: the slowest 200 sent around the replacement, against the
+    // median of the run.
+    let mut ok: Vec<Duration> = report
+        .timings
+        .iter()
+        .filter(|(_, _, status)| *status == 200)
+        .map(|(_, took, _)| *took)
+        .collect();
+    ok.sort();
+    let median = ok[ok.len() / 2];
+    let slowest = ok.last().copied().unwrap_or_default();
+    let failed = report.timings.iter().filter(|t| t.2 != 200).count();
+    let built_ms = log
+        .lines()
+        .find(|l| l.contains("replaced the Kafka producer"))
+        .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .and_then(|v| v["fields"]["built_ms"].as_u64());
+    println!(
+        "fenced after 300 acknowledged: {failed} requests answered 503 and retried; producer \
+         built in {built_ms:?} ms; answers 200: median {median:?}, slowest {slowest:?}"
+    );
+    check_losses(&brokers, topic, &report)
+        .await
+        .assert_nothing_lost(&report);
+}
