@@ -269,3 +269,33 @@ async fn bridge_killed_mid_load_and_started_again_loses_nothing_acknowledged() {
         .assert_nothing_lost(&report);
     drop(restarted);
 }
+
+#[test]
+fn a_partitioner_that_could_split_a_ticket_is_refused_at_start() {
+    let brokers = ("TAMIO_BRIDGE__KAFKA__BROKERS", "127.0.0.1:9");
+    let secret = ("TAMIO_BRIDGE__SIGNATURE__SECRETS", SECRET);
+    let (code, _, stderr) = run_to_exit(
+        &[
+            brokers,
+            secret,
+            ("TAMIO_BRIDGE__KAFKA__LIBRDKAFKA__PARTITIONER", "random"),
+        ],
+        &["check-config"],
+    );
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("kafka.librdkafka") && stderr.contains("partitioner"),
+        "{stderr}"
+    );
+    // A key-consistent one is taken.
+    let (code, stdout, stderr) = run_to_exit(
+        &[
+            brokers,
+            secret,
+            ("TAMIO_BRIDGE__KAFKA__LIBRDKAFKA__PARTITIONER", "consistent_random"),
+        ],
+        &["check-config"],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("consistent_random"), "{stdout}");
+}
