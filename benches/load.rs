@@ -315,7 +315,7 @@ async fn drive_kafka(
     pace: Option<Duration>,
 ) -> RunResult {
     let settings = Settings::load_from(None, Vec::new()).unwrap();
-    let producer: FutureProducer = tamio_kafka_bridge::publish::producer_config(
+    let producer: FutureProducer = tamio_kafka_bridge::publish::producer::producer_config(
         &settings.kafka,
         brokers,
         settings.server.max_body_bytes,

@@ -82,7 +82,7 @@ fn schemes(c: &mut Criterion) {
             .map(|(k, v)| (k.to_owned(), v.to_owned())),
         )
         .unwrap();
-        let verifier = Verifier::new(&settings.signature);
+        let verifier = Verifier::build(&settings.signature).unwrap();
         let mut headers = HeaderMap::new();
         for (name, value) in &given {
             headers.insert(*name, value.parse().unwrap());

@@ -1,104 +1,169 @@
-//! The one error type of the request path, and the only place that picks HTTP status codes.
+//! How a request ends, and the only place that builds an HTTP answer for a refusal.
 //!
-//! Each stage has its own error enum beside its code; [`IngestError`] wraps them. `status()`
-//! picks the status code, `kind()` names the problem in the JSON body and the log, and
-//! `outcome()` is the label of the request counters.
+//! Each stage has its own error enum beside its code; the request pipeline sorts them into a
+//! [`Refusal`], the kind of answer the sender gets. [`Refusal::status`] picks the status
+//! code, [`Refusal::kind`] names the problem in the JSON body and the log,
+//! [`Refusal::outcome`] is the label of the request counters, and [`answer`] builds the whole
+//! response: status, JSON body, `Retry-After`, `Allow`.
 
 use std::time::Duration;
 
-use http::StatusCode;
-
-use crate::ingest::envelope::EnvelopeError;
-use crate::ingest::route::RouteError;
-use crate::ingest::verify::VerifyError;
-use crate::metrics::Outcome;
-use crate::publish::PublishError;
+use bytes::Bytes;
+use http::header::{ALLOW, CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderValue, Response, StatusCode};
+use http_body_util::Full;
 
 /// How long a sender is asked to wait before retrying after a 503.
-pub const RETRY_AFTER: Duration = Duration::from_secs(5);
+pub const RETRY_AFTER_SECS: u64 = 5;
 
-#[derive(Debug, thiserror::Error)]
-pub enum IngestError {
-    #[error("no such path; deliveries are accepted at {0}")]
-    NotFound(String),
-    #[error("method {0} is not allowed; deliveries are POST requests")]
-    MethodNotAllowed(http::Method),
-    #[error("{0}")]
-    UnsupportedMediaType(String),
-    #[error("the request body is larger than the limit of {limit} bytes")]
-    TooLarge { limit: usize },
-    #[error("the request body did not arrive within {0:?}")]
-    BodyTimeout(Duration),
-    #[error("the request body could not be read: {0}")]
-    BodyRead(String),
-    #[error("the bridge is at its limit of {0} requests in flight; retry later")]
-    Overloaded(usize),
-    #[error(transparent)]
-    Verify(#[from] VerifyError),
-    #[error(transparent)]
-    Envelope(#[from] EnvelopeError),
-    #[error(transparent)]
-    Route(#[from] RouteError),
-    #[error(transparent)]
-    Publish(#[from] PublishError),
+/// How a request ended: the `outcome` label of the request metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Accepted,
+    Duplicate,
+    Unauthorized,
+    Invalid,
+    TooLarge,
+    UnsupportedMediaType,
+    MethodNotAllowed,
+    NotFound,
+    Timeout,
+    Unavailable,
+    Internal,
 }
 
-impl IngestError {
-    pub fn status(&self) -> StatusCode {
+impl Outcome {
+    pub const ALL: [Outcome; 11] = [
+        Outcome::Accepted,
+        Outcome::Duplicate,
+        Outcome::Unauthorized,
+        Outcome::Invalid,
+        Outcome::TooLarge,
+        Outcome::UnsupportedMediaType,
+        Outcome::MethodNotAllowed,
+        Outcome::NotFound,
+        Outcome::Timeout,
+        Outcome::Unavailable,
+        Outcome::Internal,
+    ];
+
+    pub fn as_str(self) -> &'static str {
         match self {
-            IngestError::NotFound(_) => StatusCode::NOT_FOUND,
-            IngestError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            IngestError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            IngestError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            IngestError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            IngestError::BodyRead(_) => StatusCode::BAD_REQUEST,
-            IngestError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
-            IngestError::Verify(_) => StatusCode::UNAUTHORIZED,
-            IngestError::Envelope(_) | IngestError::Route(_) => StatusCode::BAD_REQUEST,
-            // Kafka will never take it: retrying would not help.
-            IngestError::Publish(PublishError::TooLarge(_)) => StatusCode::PAYLOAD_TOO_LARGE,
-            IngestError::Publish(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Outcome::Accepted => "accepted",
+            Outcome::Duplicate => "duplicate",
+            Outcome::Unauthorized => "unauthorized",
+            Outcome::Invalid => "invalid",
+            Outcome::TooLarge => "too_large",
+            Outcome::UnsupportedMediaType => "unsupported_media_type",
+            Outcome::MethodNotAllowed => "method_not_allowed",
+            Outcome::NotFound => "not_found",
+            Outcome::Timeout => "timeout",
+            Outcome::Unavailable => "unavailable",
+            Outcome::Internal => "internal",
+        }
+    }
+}
+
+/// The kinds of refusal a sender can get: one status code each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    NotFound,
+    MethodNotAllowed,
+    UnsupportedMediaType,
+    PayloadTooLarge,
+    RequestTimeout,
+    BadRequest,
+    Overloaded,
+    InvalidSignature,
+    InvalidJson,
+    InvalidEnvelope,
+    UnroutableEvent,
+    KafkaUnavailable,
+}
+
+impl Refusal {
+    pub fn status(self) -> StatusCode {
+        match self {
+            Refusal::NotFound => StatusCode::NOT_FOUND,
+            Refusal::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Refusal::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Refusal::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Refusal::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            Refusal::BadRequest
+            | Refusal::InvalidJson
+            | Refusal::InvalidEnvelope
+            | Refusal::UnroutableEvent => StatusCode::BAD_REQUEST,
+            Refusal::InvalidSignature => StatusCode::UNAUTHORIZED,
+            Refusal::Overloaded | Refusal::KafkaUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
     /// The `error` field of the JSON body.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(self) -> &'static str {
         match self {
-            IngestError::NotFound(_) => "not_found",
-            IngestError::MethodNotAllowed(_) => "method_not_allowed",
-            IngestError::UnsupportedMediaType(_) => "unsupported_media_type",
-            IngestError::TooLarge { .. } => "payload_too_large",
-            IngestError::BodyTimeout(_) => "request_timeout",
-            IngestError::BodyRead(_) => "bad_request",
-            IngestError::Overloaded(_) => "overloaded",
-            IngestError::Verify(_) => "invalid_signature",
-            IngestError::Envelope(EnvelopeError::Json(_)) => "invalid_json",
-            IngestError::Envelope(_) => "invalid_envelope",
-            IngestError::Route(_) => "unroutable_event",
-            IngestError::Publish(PublishError::TooLarge(_)) => "payload_too_large",
-            IngestError::Publish(_) => "kafka_unavailable",
+            Refusal::NotFound => "not_found",
+            Refusal::MethodNotAllowed => "method_not_allowed",
+            Refusal::UnsupportedMediaType => "unsupported_media_type",
+            Refusal::PayloadTooLarge => "payload_too_large",
+            Refusal::RequestTimeout => "request_timeout",
+            Refusal::BadRequest => "bad_request",
+            Refusal::Overloaded => "overloaded",
+            Refusal::InvalidSignature => "invalid_signature",
+            Refusal::InvalidJson => "invalid_json",
+            Refusal::InvalidEnvelope => "invalid_envelope",
+            Refusal::UnroutableEvent => "unroutable_event",
+            Refusal::KafkaUnavailable => "kafka_unavailable",
         }
     }
 
     /// The `outcome` label of the request metrics.
-    pub fn outcome(&self) -> Outcome {
+    pub fn outcome(self) -> Outcome {
         match self {
-            IngestError::NotFound(_) => Outcome::NotFound,
-            IngestError::MethodNotAllowed(_) => Outcome::MethodNotAllowed,
-            IngestError::UnsupportedMediaType(_) => Outcome::UnsupportedMediaType,
-            IngestError::TooLarge { .. } => Outcome::TooLarge,
-            IngestError::BodyTimeout(_) => Outcome::Timeout,
-            IngestError::BodyRead(_) => Outcome::Invalid,
-            IngestError::Overloaded(_) => Outcome::Unavailable,
-            IngestError::Verify(_) => Outcome::Unauthorized,
-            IngestError::Envelope(_) | IngestError::Route(_) => Outcome::Invalid,
-            IngestError::Publish(PublishError::TooLarge(_)) => Outcome::TooLarge,
-            IngestError::Publish(_) => Outcome::Unavailable,
+            Refusal::NotFound => Outcome::NotFound,
+            Refusal::MethodNotAllowed => Outcome::MethodNotAllowed,
+            Refusal::UnsupportedMediaType => Outcome::UnsupportedMediaType,
+            Refusal::PayloadTooLarge => Outcome::TooLarge,
+            Refusal::RequestTimeout => Outcome::Timeout,
+            Refusal::BadRequest
+            | Refusal::InvalidJson
+            | Refusal::InvalidEnvelope
+            | Refusal::UnroutableEvent => Outcome::Invalid,
+            Refusal::InvalidSignature => Outcome::Unauthorized,
+            Refusal::Overloaded | Refusal::KafkaUnavailable => Outcome::Unavailable,
         }
     }
 
     /// Whether the sender should be told when to retry.
-    pub fn retry_after(&self) -> Option<Duration> {
-        (self.status() == StatusCode::SERVICE_UNAVAILABLE).then_some(RETRY_AFTER)
+    pub fn retry_after(self) -> Option<Duration> {
+        (self.status() == StatusCode::SERVICE_UNAVAILABLE)
+            .then_some(Duration::from_secs(RETRY_AFTER_SECS))
     }
+}
+
+/// A JSON answer.
+pub fn json(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+/// The answer to a refused request: `{"error": kind, "message": ...}` with the status and
+/// headers the refusal calls for.
+pub fn answer(refusal: Refusal, message: &str) -> Response<Full<Bytes>> {
+    let body = serde_json::json!({ "error": refusal.kind(), "message": message });
+    let mut response = json(refusal.status(), body.to_string().into_bytes());
+    if let Some(after) = refusal.retry_after() {
+        response
+            .headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from(after.as_secs()));
+    }
+    if refusal == Refusal::MethodNotAllowed {
+        response
+            .headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("POST"));
+    }
+    response
 }

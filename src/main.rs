@@ -1,15 +1,18 @@
-//! The binary: loads settings, starts logging, starts the embedded broker when no Kafka is
-//! configured, binds the sockets and calls [`tamio_kafka_bridge::run`] until SIGTERM or SIGINT.
+//! The binary: the command line, and start-up: settings, logging, the embedded broker when
+//! no Kafka is configured, the sockets, signals, then [`tamio_kafka_bridge::run_with_reloads`]
+//! until SIGTERM or SIGINT. The subcommands are in `cli/`.
 
-use std::io::Read;
+mod cli;
+
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use rdkafka::mocking::MockCluster;
-use tamio_kafka_bridge::config::{LogFormat, MacEncoding, Scheme, Secret, Settings};
+use tamio_kafka_bridge::config::{LogFormat, Secret, Settings};
 use tamio_kafka_bridge::ingest::verify;
+use tamio_kafka_bridge::plan::Plan;
+use tamio_kafka_bridge::reload;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -24,58 +27,6 @@ struct Cli {
     command: Option<Command>,
 }
 
-/// How `sign` and `send` sign a body: the settings' `signature` options, as flags.
-#[derive(clap::Args)]
-struct Signing {
-    /// The signing secret (for `standard-webhooks`, the `whsec_...` secret). Prefer the
-    /// environment variable: arguments show in the process list.
-    #[arg(long, env = "TAMIO_SIGN_SECRET", hide_env_values = true)]
-    secret: String,
-    /// The scheme: tamio, standard-webhooks or hmac-sha256.
-    #[arg(long, default_value = "tamio")]
-    scheme: Scheme,
-    /// The signature header (schemes tamio and hmac-sha256).
-    #[arg(long, default_value = "Tamio-Signature")]
-    header: String,
-    /// hex or base64 (scheme hmac-sha256).
-    #[arg(long, default_value = "hex")]
-    encoding: MacEncoding,
-    /// The message id (scheme standard-webhooks; default: a random one).
-    #[arg(long)]
-    id: Option<String>,
-    /// Unix seconds to sign at (default: now).
-    #[arg(long)]
-    timestamp: Option<i64>,
-}
-
-impl Signing {
-    /// The signature headers of `body`, as (name, value).
-    fn headers(&self, body: &[u8]) -> anyhow::Result<Vec<(String, String)>> {
-        let secret = self.secret.as_bytes();
-        let t = self.timestamp.unwrap_or_else(now);
-        Ok(match self.scheme {
-            Scheme::Tamio => vec![(self.header.clone(), verify::header_value(secret, t, body))],
-            Scheme::HmacSha256 => vec![(
-                self.header.clone(),
-                verify::plain_mac(secret, body, self.encoding),
-            )],
-            Scheme::StandardWebhooks => {
-                let id = self
-                    .id
-                    .clone()
-                    .unwrap_or_else(|| format!("msg_{:024x}", rand::random::<u128>() >> 32));
-                let signature = verify::standard_webhooks_signature(secret, &id, t, body)
-                    .map_err(|reason| anyhow::anyhow!("--secret: {reason}"))?;
-                vec![
-                    ("webhook-id".into(), id),
-                    ("webhook-timestamp".into(), t.to_string()),
-                    ("webhook-signature".into(), signature),
-                ]
-            }
-        })
-    }
-}
-
 #[derive(Subcommand)]
 enum Command {
     /// Prints the signature of a body. Scheme tamio: the header value
@@ -83,7 +34,7 @@ enum Command {
     /// headers, one `name: value` a line.
     Sign {
         #[command(flatten)]
-        signing: Signing,
+        signing: cli::Signing,
         /// The body file; standard input when absent.
         file: Option<PathBuf>,
     },
@@ -94,7 +45,7 @@ enum Command {
         #[arg(long)]
         url: String,
         #[command(flatten)]
-        signing: Signing,
+        signing: cli::Signing,
         /// PEM CA certificates to check an https:// bridge's certificate against (default:
         /// the system's).
         #[arg(long, value_name = "FILE")]
@@ -102,159 +53,39 @@ enum Command {
         /// The body file; standard input when absent.
         file: Option<PathBuf>,
     },
-    /// Loads and checks the settings, prints them (secrets redacted) and exits.
+    /// Loads and checks the settings, prints them as TOML for a --config file (secrets left
+    /// out) and exits.
     CheckConfig,
 }
 
 /// An example delivery, printed ready to send in the embedded mode.
 const EXAMPLE_EVENT: &str = include_str!("../tests/fixtures/whitelabel_ticket_created.json");
 
-fn main() -> anyhow::Result<()> {
+fn main() {
     let cli = Cli::parse();
-    match cli.command {
-        Some(Command::Sign { signing, file }) => {
-            let body = read_body(file)?;
-            let headers = signing.headers(&body)?;
-            match signing.scheme {
-                Scheme::StandardWebhooks => {
-                    for (name, value) in headers {
-                        println!("{name}: {value}");
-                    }
-                }
-                _ => println!("{}", headers[0].1),
-            }
-            Ok(())
-        }
+    let result = match cli.command {
+        Some(Command::Sign { signing, file }) => cli::sign(&signing, file),
         Some(Command::Send {
             url,
             signing,
             ca_file,
             file,
-        }) => {
-            let body = read_body(file)?;
-            let headers = signing.headers(&body)?;
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let (status, answer) =
-                runtime.block_on(send(&url, &headers, ca_file.as_deref(), body))?;
-            println!("{status}\n{answer}");
-            if !status.is_success() {
-                std::process::exit(1);
-            }
-            Ok(())
-        }
-        Some(Command::CheckConfig) => {
-            let settings = Settings::load(cli.config.as_deref())?;
-            println!("{settings:#?}");
-            Ok(())
-        }
+        }) => cli::send::run(&url, &signing, ca_file.as_deref(), file),
+        Some(Command::CheckConfig) => cli::check_config::run(cli.config.as_deref()),
         None => serve(cli.config),
-    }
-}
-
-fn read_body(file: Option<PathBuf>) -> anyhow::Result<Vec<u8>> {
-    Ok(match file {
-        Some(path) => {
-            std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?
+    };
+    if let Err(err) = result {
+        // Each cause once: an error whose text already holds its cause's is not repeated.
+        let mut message = err.to_string();
+        for cause in err.chain().skip(1) {
+            let cause = cause.to_string();
+            if !message.contains(&cause) {
+                message = format!("{message}: {cause}");
+            }
         }
-        None => {
-            let mut buf = Vec::new();
-            std::io::stdin().read_to_end(&mut buf)?;
-            buf
-        }
-    })
-}
-
-/// POSTs `body` with its signature headers over HTTP/1.1, in cleartext or over TLS; returns
-/// the status and the body.
-async fn send(
-    url: &str,
-    headers: &[(String, String)],
-    ca_file: Option<&std::path::Path>,
-    body: Vec<u8>,
-) -> anyhow::Result<(http::StatusCode, String)> {
-    use http_body_util::BodyExt;
-    let uri: http::Uri = url
-        .parse()
-        .with_context(|| format!("`{url}` is not a URL"))?;
-    let tls = match uri.scheme_str() {
-        Some("http") => false,
-        Some("https") => true,
-        _ => bail!("`{url}`: only http:// and https:// URLs are supported"),
-    };
-    // An IPv6 address comes bracketed: `[::1]`.
-    let host = uri
-        .host()
-        .context("the URL has no host")?
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
-    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
-    let stream = tokio::net::TcpStream::connect((host.as_str(), port))
-        .await
-        .with_context(|| format!("connecting to {host}:{port}"))?;
-    let mut request = http::Request::post(uri.path_and_query().map_or("/", |p| p.as_str()))
-        .header(
-            http::header::HOST,
-            uri.authority().map_or(host.clone(), |a| a.to_string()),
-        )
-        .header(http::header::CONTENT_TYPE, "application/json");
-    for (name, value) in headers {
-        request = request.header(name, value);
+        eprintln!("Error: {message}");
+        std::process::exit(1);
     }
-    let request = request.body(http_body_util::Full::new(bytes::Bytes::from(body)))?;
-    let stream: Box<dyn tamio_kafka_bridge::server::Stream> = if tls {
-        Box::new(tls_connect(stream, &host, ca_file).await?)
-    } else {
-        Box::new(stream)
-    };
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-    tokio::spawn(connection);
-    let response = sender.send_request(request).await?;
-    let status = response.status();
-    let answer = response.into_body().collect().await?.to_bytes();
-    Ok((status, String::from_utf8_lossy(&answer).into_owned()))
-}
-
-/// A TLS client connection to `host`, checked against `ca_file` or the system's CAs.
-async fn tls_connect(
-    stream: tokio::net::TcpStream,
-    host: &str,
-    ca_file: Option<&std::path::Path>,
-) -> anyhow::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, ServerName};
-    let paths = [
-        "/etc/ssl/certs/ca-certificates.crt",
-        "/etc/pki/tls/certs/ca-bundle.crt",
-    ];
-    let file = match ca_file {
-        Some(file) => file.to_owned(),
-        None => paths
-            .iter()
-            .map(PathBuf::from)
-            .find(|p| p.exists())
-            .context("no system CA bundle found: give --ca-file")?,
-    };
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(&file)
-        .with_context(|| format!("reading {}", file.display()))?
-    {
-        roots.add(cert.with_context(|| format!("reading {}", file.display()))?)?;
-    }
-    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let name = ServerName::try_from(host.to_owned()).context("the URL's host")?;
-    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
-        .connect(name, stream)
-        .await
-        .with_context(|| format!("TLS handshake with {host}"))
 }
 
 fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
@@ -285,7 +116,7 @@ fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
             with_example_secret(&mut settings, &example_secret);
         }
     }
-    settings.check_signing()?;
+    let plan = Plan::compile(&settings)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -314,19 +145,19 @@ fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
         // Installed before serving: SIGHUP's default action would end the process.
         let hangups = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
         let (reload_tx, reloads) = tokio::sync::mpsc::channel(4);
-        let files = watched_files(config.as_deref(), &settings);
-        tokio::spawn(reload_on_change(
-            Reloader {
-                config,
-                example_secret,
-                brokers: settings.kafka.brokers.clone(),
-                watch_interval: Duration::from_millis(settings.reload.watch_interval_ms),
+        let brokers = settings.kafka.brokers.clone();
+        let source = reload::Source {
+            config,
+            // Reloaded settings get what start-up gave these: the brokers in use (the
+            // embedded broker's address is in no setting) and the one-time secret.
+            adjust: move |s: &mut Settings| {
+                with_example_secret(s, &example_secret);
+                s.kafka.brokers.clone_from(&brokers);
             },
-            files,
-            hangups,
-            reload_tx,
-        ));
-        tamio_kafka_bridge::run_with_reloads(settings, listener, admin, shutdown_signal(), reloads)
+        };
+        let started_with = settings.clone();
+        tokio::spawn(async move { reload::watch(source, &started_with, hangups, reload_tx).await });
+        tamio_kafka_bridge::run_with_reloads(plan, listener, admin, shutdown_signal(), reloads)
             .await?;
         Ok(())
     })
@@ -341,128 +172,12 @@ fn with_example_secret(settings: &mut Settings, example: &Option<Secret>) {
     }
 }
 
-/// How to load the settings again.
-#[derive(Clone)]
-struct Reloader {
-    config: Option<PathBuf>,
-    example_secret: Option<Secret>,
-    /// The brokers in use (the embedded broker's address is in no setting).
-    brokers: String,
-    watch_interval: Duration,
-}
-
-impl Reloader {
-    fn load(&self) -> Result<Settings, String> {
-        Settings::load(self.config.as_deref())
-            .map(|mut settings| {
-                with_example_secret(&mut settings, &self.example_secret);
-                settings.kafka.brokers.clone_from(&self.brokers);
-                settings
-            })
-            .map_err(|e| e.to_string())
-    }
-}
-
-/// The files whose content a reload depends on: the --config file, secret files, TLS files.
-fn watched_files(config: Option<&std::path::Path>, settings: &Settings) -> Vec<PathBuf> {
-    config
-        .map(std::path::Path::to_owned)
-        .into_iter()
-        .chain(settings.reloadable_files())
-        .collect()
-}
-
-/// A digest of each file's content (None when it cannot be read). Contents, not times: a
-/// Kubernetes Secret volume swaps a symlink, and editors may keep a file's modification time.
-fn fingerprint(files: &[PathBuf]) -> Vec<Option<[u8; 32]>> {
-    use sha2::Digest;
-    files
-        .iter()
-        .map(|f| {
-            std::fs::read(f)
-                .ok()
-                .map(|b| sha2::Sha256::digest(b).into())
-        })
-        .collect()
-}
-
-/// [`fingerprint`] on a blocking thread: reading files must not hold up a runtime thread.
-async fn fingerprint_off_runtime(files: &[PathBuf]) -> Vec<Option<[u8; 32]>> {
-    let files = files.to_vec();
-    tokio::task::spawn_blocking(move || fingerprint(&files))
-        .await
-        .unwrap_or_default()
-}
-
-/// Loads the settings again on each SIGHUP, and when a watched file's content changes, and
-/// hands them to the bridge, which applies what can change while it runs.
-async fn reload_on_change(
-    reloader: Reloader,
-    mut files: Vec<PathBuf>,
-    mut hangups: tokio::signal::unix::Signal,
-    reloads: tokio::sync::mpsc::Sender<tamio_kafka_bridge::Reload>,
-) {
-    let mut seen = fingerprint_off_runtime(&files).await;
-    // After a failed reload, try again at every tick until one applies: the files may be
-    // half-written, or name a file that does not exist yet.
-    let mut failing = false;
-    let watching = !reloader.watch_interval.is_zero();
-    let mut ticks = tokio::time::interval(if watching {
-        reloader.watch_interval
-    } else {
-        Duration::from_secs(3600)
-    });
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            signal = hangups.recv() => {
-                if signal.is_none() {
-                    return;
-                }
-                tracing::info!(
-                    "SIGHUP received: reloading signature settings, secret files and TLS certificate"
-                );
-            }
-            _ = ticks.tick(), if watching => {
-                if !failing && fingerprint_off_runtime(&files).await == seen {
-                    continue;
-                }
-                if !failing {
-                    tracing::info!(
-                        "a settings, secret or TLS file changed: reloading signature \
-                         settings, secret files and TLS certificate"
-                    );
-                }
-            }
-        }
-        // Taken before loading: a change made while loading shows at the next tick.
-        seen = fingerprint_off_runtime(&files).await;
-        let reload = {
-            let reloader = reloader.clone();
-            tokio::task::spawn_blocking(move || reloader.load())
-                .await
-                .unwrap_or_else(|e| Err(format!("loading the settings failed: {e}")))
-        };
-        failing = reload.is_err();
-        if let Ok(settings) = &reload {
-            let next = watched_files(reloader.config.as_deref(), settings);
-            if next != files {
-                files = next;
-                seen = fingerprint_off_runtime(&files).await;
-            }
-        }
-        if reloads.send(reload).await.is_err() {
-            return;
-        }
-    }
-}
-
 /// Prints the one-time secret of the embedded mode and a request signed with it.
 fn print_try_it(settings: &Settings, listener: &TcpListener, secret: &Secret) {
     let secret = String::from_utf8_lossy(secret.expose());
     let port = listener.local_addr().map(|a| a.port()).unwrap_or(8080);
     let body = EXAMPLE_EVENT.trim();
-    let header = verify::header_value(secret.as_bytes(), now(), body.as_bytes());
+    let header = verify::header_value(secret.as_bytes(), cli::now(), body.as_bytes());
     // Over TLS, curl must trust the certificate's CA.
     let (scheme, ca) = if settings.server.tls() {
         ("https", " --cacert <your CA's PEM file>")
@@ -502,16 +217,16 @@ fn init_logging(settings: &Settings) -> anyhow::Result<()> {
 }
 
 async fn shutdown_signal() {
-    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(err) => {
+            tracing::error!(%err, "cannot install the SIGTERM handler: only SIGINT stops the bridge");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
     }
-}
-
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or_default()
 }

@@ -6,72 +6,23 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::ingest::envelope::TICKET_EVENT_PREFIX;
-
-/// How a request ended: the `outcome` label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Accepted,
-    Duplicate,
-    Unauthorized,
-    Invalid,
-    TooLarge,
-    UnsupportedMediaType,
-    MethodNotAllowed,
-    NotFound,
-    Timeout,
-    Unavailable,
-    Internal,
+/// The label values each fixed label set takes, given by the stages that own them (their
+/// failure kinds' `ALL`). Every series of these sets exists from start-up, at 0.
+#[derive(Debug, Default, Clone)]
+pub struct Labels {
+    /// `outcome` of the request counters.
+    pub outcomes: Vec<&'static str>,
+    /// `event_type` of the delivered-events counter.
+    pub event_types: Vec<&'static str>,
+    /// `reason` of the delivery-failure counter.
+    pub delivery_failures: Vec<&'static str>,
+    /// `reason` of the signature-failure counter.
+    pub signature_failures: Vec<&'static str>,
+    /// `result` of the reload counter.
+    pub reload_results: Vec<&'static str>,
+    /// `reason` of the closed-connections counter.
+    pub connection_closes: Vec<&'static str>,
 }
-
-impl Outcome {
-    pub const ALL: [Outcome; 11] = [
-        Outcome::Accepted,
-        Outcome::Duplicate,
-        Outcome::Unauthorized,
-        Outcome::Invalid,
-        Outcome::TooLarge,
-        Outcome::UnsupportedMediaType,
-        Outcome::MethodNotAllowed,
-        Outcome::NotFound,
-        Outcome::Timeout,
-        Outcome::Unavailable,
-        Outcome::Internal,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Accepted => "accepted",
-            Outcome::Duplicate => "duplicate",
-            Outcome::Unauthorized => "unauthorized",
-            Outcome::Invalid => "invalid",
-            Outcome::TooLarge => "too_large",
-            Outcome::UnsupportedMediaType => "unsupported_media_type",
-            Outcome::MethodNotAllowed => "method_not_allowed",
-            Outcome::NotFound => "not_found",
-            Outcome::Timeout => "timeout",
-            Outcome::Unavailable => "unavailable",
-            Outcome::Internal => "internal",
-        }
-    }
-}
-
-/// The ticket event types counted by name; any other type counts as `other`.
-pub const KNOWN_EVENT_TYPES: &[&str] = &[
-    "whitelabel_ticket_created",
-    "whitelabel_ticket_updated",
-    "whitelabel_ticket_assigned",
-    "whitelabel_ticket_resolved",
-];
-
-/// Reasons of the signature-failure counter.
-pub const SIGNATURE_FAILURE_REASONS: &[&str] = &[
-    "missing",
-    "malformed",
-    "stale",
-    "mismatch",
-    "unknown_endpoint",
-];
 
 pub struct Metrics {
     registry: Registry,
@@ -107,7 +58,7 @@ const DELAY_BUCKETS: &[f64] = &[
 ];
 
 impl Metrics {
-    pub fn new() -> Metrics {
+    pub fn new(labels: &Labels) -> Metrics {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
             Opts::new(
@@ -281,24 +232,21 @@ impl Metrics {
 
         // Every series of a fixed label set exists from the start, so that rates and ratios
         // are defined before the first event of each kind.
-        for outcome in Outcome::ALL {
-            requests.with_label_values(&[outcome.as_str()]);
-            request_duration.with_label_values(&[outcome.as_str()]);
+        for outcome in &labels.outcomes {
+            requests.with_label_values(&[outcome]);
+            request_duration.with_label_values(&[outcome]);
         }
-        for t in KNOWN_EVENT_TYPES.iter().chain(&["other"]) {
-            events_delivered.with_label_values(&[t]);
-        }
-        for r in crate::publish::FAILURE_REASONS {
-            kafka_delivery_failures.with_label_values(&[r]);
-        }
-        for r in SIGNATURE_FAILURE_REASONS {
-            signature_failures.with_label_values(&[r]);
-        }
-        for r in ["applied", "restart_needed", "failed"] {
-            reloads.with_label_values(&[r]);
-        }
-        for r in crate::server::CloseReason::ALL {
-            connections_closed.with_label_values(&[r.as_str()]);
+        let families = [
+            (&events_delivered, &labels.event_types),
+            (&kafka_delivery_failures, &labels.delivery_failures),
+            (&signature_failures, &labels.signature_failures),
+            (&reloads, &labels.reload_results),
+            (&connections_closed, &labels.connection_closes),
+        ];
+        for (family, values) in families {
+            for value in values {
+                family.with_label_values(&[value]);
+            }
         }
 
         for c in [
@@ -363,23 +311,11 @@ impl Metrics {
     }
 
     /// Counts one answered request.
-    pub fn answered(&self, outcome: Outcome, seconds: f64) {
-        self.requests.with_label_values(&[outcome.as_str()]).inc();
+    pub fn answered(&self, outcome: &str, seconds: f64) {
+        self.requests.with_label_values(&[outcome]).inc();
         self.request_duration
-            .with_label_values(&[outcome.as_str()])
+            .with_label_values(&[outcome])
             .observe(seconds);
-    }
-
-    /// Counts one event Kafka acknowledged.
-    pub fn delivered(&self, event_type: &str) {
-        let label = if event_type.starts_with(TICKET_EVENT_PREFIX)
-            && KNOWN_EVENT_TYPES.contains(&event_type)
-        {
-            event_type
-        } else {
-            "other"
-        };
-        self.events_delivered.with_label_values(&[label]).inc();
     }
 
     /// The Prometheus text exposition of every metric.
@@ -393,7 +329,8 @@ impl Metrics {
 }
 
 impl Default for Metrics {
+    /// Metrics with no series pre-registered.
     fn default() -> Self {
-        Metrics::new()
+        Metrics::new(&Labels::default())
     }
 }

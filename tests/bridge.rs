@@ -589,12 +589,15 @@ async fn no_broker_means_503_with_retry_after_and_not_ready() {
         1.0
     );
     assert_eq!(sample(&metrics, "tamio_bridge_kafka_up"), 0.0);
-    let failures: f64 = tamio_kafka_bridge::publish::FAILURE_REASONS
+    let failures: f64 = tamio_kafka_bridge::publish::DeliveryFailure::ALL
         .iter()
         .map(|r| {
             sample(
                 &metrics,
-                &format!("tamio_bridge_kafka_delivery_failures_total{{reason=\"{r}\"}}"),
+                &format!(
+                    "tamio_bridge_kafka_delivery_failures_total{{reason=\"{}\"}}",
+                    r.as_str()
+                ),
             )
         })
         .sum();

@@ -53,9 +53,9 @@ async fn produce_errors_are_retried_or_reported_under_their_reason() {
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     let metrics = bridge.metrics().await;
     assert_eq!(
-        tamio_kafka_bridge::publish::FAILURE_REASONS
+        tamio_kafka_bridge::publish::DeliveryFailure::ALL
             .iter()
-            .map(|r| failures(&metrics, r))
+            .map(|r| failures(&metrics, r.as_str()))
             .sum::<f64>(),
         0.0
     );

@@ -292,7 +292,10 @@ fn a_partitioner_that_could_split_a_ticket_is_refused_at_start() {
         &[
             brokers,
             secret,
-            ("TAMIO_BRIDGE__KAFKA__LIBRDKAFKA__PARTITIONER", "consistent_random"),
+            (
+                "TAMIO_BRIDGE__KAFKA__LIBRDKAFKA__PARTITIONER",
+                "consistent_random",
+            ),
         ],
         &["check-config"],
     );

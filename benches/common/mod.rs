@@ -11,7 +11,6 @@ use tamio_kafka_bridge::config::Settings;
 use tamio_kafka_bridge::ingest::envelope::Envelope;
 use tamio_kafka_bridge::ingest::route::Routes;
 use tamio_kafka_bridge::ingest::verify::{header_value, VerifiedBody, Verifier};
-use tamio_kafka_bridge::publish::Record;
 
 pub const SECRET: &str = "bench-secret";
 const FIXTURE: &str = include_str!("../../tests/fixtures/whitelabel_ticket_updated.json");
@@ -58,8 +57,8 @@ impl Case {
             bytes: Bytes::from(body),
             headers,
             at: UNIX_EPOCH + Duration::from_secs(now),
-            verifier: Verifier::new(&settings.signature),
-            routes: Routes::new(&settings),
+            verifier: Verifier::build(&settings.signature).unwrap(),
+            routes: Routes::build(&settings.routes, &settings.kafka.topic, None).unwrap(),
         }
     }
 
@@ -72,21 +71,8 @@ impl Case {
     /// Routes `envelope` and builds its Kafka record, as the bridge does before sending.
     pub fn build(&self, verified: &VerifiedBody, envelope: &Envelope<'_>) {
         let d = self.routes.route(envelope, verified.bytes()).unwrap();
-        let record = Record {
-            topic: d.topic,
-            key: d.key.as_deref(),
-            value: verified.bytes(),
-            event_id: &envelope.event_id,
-            event_type: &envelope.event_type,
-            endpoint_id: &envelope.endpoint_id,
-            ticket_id: envelope.ticket_id.as_deref(),
-            signature: verified.proof(),
-            signed_at: verified.signed_at(),
-            received_at: self.at,
-            cloudevents: true,
-        };
-        let texts = record.texts();
-        black_box(record.to_kafka(&texts));
+        let record = tamio_kafka_bridge::ingest::record(verified, envelope, d, true);
+        black_box(record.to_kafka());
     }
 
     /// All four stages.

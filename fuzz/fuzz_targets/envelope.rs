@@ -10,7 +10,10 @@ use tamio_kafka_bridge::ingest::route::Routes;
 
 fn routes() -> &'static Routes {
     static ROUTES: OnceLock<Routes> = OnceLock::new();
-    ROUTES.get_or_init(|| Routes::new(&Settings::load_from(None, Vec::new()).unwrap()))
+    ROUTES.get_or_init(|| {
+        let settings = Settings::load_from(None, Vec::new()).unwrap();
+        Routes::build(&settings.routes, &settings.kafka.topic, None).unwrap()
+    })
 }
 
 fuzz_target!(|data: &[u8]| {

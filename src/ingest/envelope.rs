@@ -18,6 +18,27 @@ pub const API_VERSION: u64 = 2;
 /// Prefix of the ticket event types, whose `data.ticket.id` is required.
 pub const TICKET_EVENT_PREFIX: &str = "whitelabel_ticket_";
 
+/// The ticket event types counted by name in the delivered-events metric.
+pub const KNOWN_EVENT_TYPES: [&str; 4] = [
+    "whitelabel_ticket_created",
+    "whitelabel_ticket_updated",
+    "whitelabel_ticket_assigned",
+    "whitelabel_ticket_resolved",
+];
+
+/// The label for any other event type.
+pub const OTHER_EVENT_TYPE: &str = "other";
+
+/// The `event_type` label of the delivered-events counter: the known ticket types by name,
+/// any other as `other` (label values never come from request data).
+pub fn event_type_label(event_type: &str) -> &'static str {
+    KNOWN_EVENT_TYPES
+        .iter()
+        .find(|known| **known == event_type)
+        .copied()
+        .unwrap_or(OTHER_EVENT_TYPE)
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EnvelopeError {
     #[error("the body is not valid JSON: {0}")]

@@ -12,21 +12,71 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use http::header::{ALLOW, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Body;
 use tokio::sync::Semaphore;
 use tracing::{field, Instrument};
 
 use crate::config::Settings;
-use crate::error::IngestError;
-use crate::metrics::{Metrics, Outcome};
-use crate::publish::{DeadLetter, OwnedRecord, PublishError, Publisher};
+use crate::error::{Outcome, Refusal};
+use crate::metrics::Metrics;
+use crate::publish::record::{DeadLetter, Record};
+use crate::publish::{DeliveryFailure, PublishError, Publisher};
 use dedup::{Claim, Dedup, Original};
-use envelope::Envelope;
-use verify::VerifiedBody;
-use verify::Verifier;
+use envelope::{Envelope, EnvelopeError};
+use route::{Destination, RouteError, Routes};
+use verify::{VerifiedBody, Verifier, VerifyError};
+
+/// Why a request was refused: the errors of every stage, and the request's own.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("no such path; deliveries are accepted at {0}")]
+    NotFound(String),
+    #[error("method {0} is not allowed; deliveries are POST requests")]
+    MethodNotAllowed(http::Method),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("the request body is larger than the limit of {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("the request body did not arrive within {0:?}")]
+    BodyTimeout(Duration),
+    #[error("the request body could not be read: {0}")]
+    BodyRead(String),
+    #[error("the bridge is at its limit of {0} requests in flight; retry later")]
+    Overloaded(usize),
+    #[error(transparent)]
+    Verify(#[from] VerifyError),
+    #[error(transparent)]
+    Envelope(#[from] EnvelopeError),
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+}
+
+impl IngestError {
+    /// The kind of answer the sender gets (`crate::error` picks its status).
+    pub fn refusal(&self) -> Refusal {
+        match self {
+            IngestError::NotFound(_) => Refusal::NotFound,
+            IngestError::MethodNotAllowed(_) => Refusal::MethodNotAllowed,
+            IngestError::UnsupportedMediaType(_) => Refusal::UnsupportedMediaType,
+            IngestError::TooLarge { .. } => Refusal::PayloadTooLarge,
+            IngestError::BodyTimeout(_) => Refusal::RequestTimeout,
+            IngestError::BodyRead(_) => Refusal::BadRequest,
+            IngestError::Overloaded(_) => Refusal::Overloaded,
+            IngestError::Verify(_) => Refusal::InvalidSignature,
+            IngestError::Envelope(EnvelopeError::Json(_)) => Refusal::InvalidJson,
+            IngestError::Envelope(_) => Refusal::InvalidEnvelope,
+            IngestError::Route(_) => Refusal::UnroutableEvent,
+            // Kafka will never take it: retrying would not help.
+            IngestError::Publish(e) if !e.failure().is_retryable() => Refusal::PayloadTooLarge,
+            IngestError::Publish(_) => Refusal::KafkaUnavailable,
+        }
+    }
+}
 
 /// What the sender is told about an accepted event.
 #[derive(Debug, serde::Serialize)]
@@ -43,28 +93,35 @@ pub struct Ingest {
     path: String,
     max_body_bytes: usize,
     request_timeout: Duration,
-    routes: route::Routes,
+    routes: Routes,
     cloudevents: bool,
     dead_letter_topic: Option<String>,
     /// Replaced as a whole when the signature settings are reloaded.
     verifier: RwLock<Arc<Verifier>>,
     dedup: Arc<Dedup>,
-    publisher: Publisher,
+    publisher: Arc<Publisher>,
     metrics: Arc<Metrics>,
     in_flight: Arc<Semaphore>,
     max_in_flight: usize,
 }
 
 impl Ingest {
-    pub fn new(settings: &Settings, publisher: Publisher, metrics: Arc<Metrics>) -> Ingest {
+    /// The pipeline of `settings`, with its compiled routes and verifier.
+    pub fn new(
+        settings: &Settings,
+        routes: Routes,
+        verifier: Verifier,
+        publisher: Arc<Publisher>,
+        metrics: Arc<Metrics>,
+    ) -> Ingest {
         Ingest {
             path: settings.server.path.clone(),
             max_body_bytes: settings.server.max_body_bytes,
             request_timeout: settings.request_timeout(),
-            routes: route::Routes::new(settings),
+            routes,
             cloudevents: settings.kafka.cloudevents,
             dead_letter_topic: settings.dead_letter_topic().map(str::to_owned),
-            verifier: RwLock::new(Arc::new(Verifier::new(&settings.signature))),
+            verifier: RwLock::new(Arc::new(verifier)),
             dedup: Arc::new(Dedup::new(
                 Duration::from_secs(settings.dedup.window_secs),
                 settings.dedup.max_entries,
@@ -119,20 +176,25 @@ impl Ingest {
                     } else {
                         Outcome::Accepted
                     };
-                    (outcome, json(StatusCode::OK, &accepted))
+                    let body = serde_json::to_vec(&accepted).unwrap_or_default();
+                    (outcome, crate::error::json(StatusCode::OK, body))
                 }
                 Err(err) => {
-                    let status = err.status();
-                    if status.is_server_error() {
-                        tracing::warn!(status = status.as_u16(), kind = err.kind(), "{err}");
+                    let refusal = err.refusal();
+                    let status = refusal.status().as_u16();
+                    if refusal.status().is_server_error() {
+                        tracing::warn!(status, kind = refusal.kind(), "{err}");
                     } else {
-                        tracing::info!(status = status.as_u16(), kind = err.kind(), "{err}");
+                        tracing::info!(status, kind = refusal.kind(), "{err}");
                     }
-                    (err.outcome(), error_response(&err))
+                    (
+                        refusal.outcome(),
+                        crate::error::answer(refusal, &err.to_string()),
+                    )
                 }
             };
             self.metrics
-                .answered(outcome, started.elapsed().as_secs_f64());
+                .answered(outcome.as_str(), started.elapsed().as_secs_f64());
             response
         }
         .instrument(span)
@@ -184,7 +246,7 @@ impl Ingest {
             .inspect_err(|e| {
                 self.metrics
                     .signature_failures
-                    .with_label_values(&[e.reason()])
+                    .with_label_values(&[e.reason().as_str()])
                     .inc()
             })?;
         if let Some(delay) = verified.sender_delay_secs() {
@@ -232,22 +294,10 @@ impl Ingest {
         // claim until Kafka's verdict: if the request's deadline passes first (503) or the
         // client goes away, a record that still lands is remembered, and the sender's retry
         // is answered as a duplicate instead of writing it again.
-        let record = OwnedRecord {
-            topic: destination.topic.clone(),
-            key: destination.key.map(Cow::into_owned),
-            value: verified.bytes().clone(),
-            event_id: envelope.event_id.to_string(),
-            event_type: envelope.event_type.to_string(),
-            endpoint_id: envelope.endpoint_id.to_string(),
-            ticket_id: envelope.ticket_id.as_deref().map(str::to_owned),
-            signature: verified.proof().to_vec(),
-            signed_at: verified.signed_at(),
-            received_at: verified.received_at(),
-            cloudevents: self.cloudevents,
-        };
+        let record = record(&verified, &envelope, destination, self.cloudevents);
         let publisher = self.publisher.clone();
         let delivery = tokio::spawn(async move {
-            let result = publisher.publish(record.as_record(), None).await;
+            let result = publisher.publish(&record, None).await;
             if let (Ok(delivered), Some(guard)) = (&result, claim) {
                 guard.acknowledged(Original {
                     topic: record.topic.clone(),
@@ -260,7 +310,7 @@ impl Ingest {
             Err(_) => return Err(PublishError::Timeout(self.request_timeout).into()),
             Ok(Err(join)) => {
                 return Err(PublishError::Kafka {
-                    reason: "other",
+                    reason: DeliveryFailure::Other,
                     detail: join.to_string(),
                 }
                 .into())
@@ -294,7 +344,7 @@ impl Ingest {
         let letter = DeadLetter {
             topic,
             value: verified.bytes(),
-            error_kind: err.kind(),
+            error_kind: err.refusal().kind(),
             error: &message,
             signature: verified.proof(),
             received_at: verified.received_at(),
@@ -356,33 +406,38 @@ fn check_headers(headers: &HeaderMap, max_body_bytes: usize) -> Result<(), Inges
     Ok(())
 }
 
-fn json<T: serde::Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
-    let bytes = serde_json::to_vec(body).expect("response bodies serialise");
-    let mut response = Response::new(Full::new(Bytes::from(bytes)));
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    response
+/// The record of a verified, valid and routed delivery: the body byte for byte, and the
+/// identifiers as slices of its buffer.
+pub fn record(
+    verified: &VerifiedBody,
+    envelope: &Envelope<'_>,
+    destination: Destination<'_>,
+    cloudevents: bool,
+) -> Record {
+    let body = verified.bytes();
+    Record {
+        topic: destination.topic.clone(),
+        key: destination.key.map(|key| slice_or_own(body, key)),
+        value: body.clone(),
+        event_id: slice_or_own(body, envelope.event_id.clone()),
+        event_type: slice_or_own(body, envelope.event_type.clone()),
+        endpoint_id: slice_or_own(body, envelope.endpoint_id.clone()),
+        ticket_id: envelope.ticket_id.clone().map(|t| slice_or_own(body, t)),
+        signature: verified.proof().to_vec(),
+        signed_at: verified.signed_at(),
+        received_at: verified.received_at(),
+        cloudevents,
+        event_label: envelope::event_type_label(&envelope.event_type),
+    }
 }
 
-/// `{"error": kind, "message": ...}` with the status and headers the error calls for.
-pub fn error_response(err: &IngestError) -> Response<Full<Bytes>> {
-    let mut response = json(
-        err.status(),
-        &serde_json::json!({ "error": err.kind(), "message": err.to_string() }),
-    );
-    if let Some(after) = err.retry_after() {
-        response
-            .headers_mut()
-            .insert(RETRY_AFTER, HeaderValue::from(after.as_secs()));
+/// `text`, a part of `body`, as a slice of the body's buffer (no copy); its own copy when
+/// the JSON had to unescape it.
+fn slice_or_own(body: &Bytes, text: Cow<'_, str>) -> Bytes {
+    match text {
+        Cow::Borrowed(s) => body.slice_ref(s.as_bytes()),
+        Cow::Owned(s) => Bytes::from(s.into_bytes()),
     }
-    if matches!(err, IngestError::MethodNotAllowed(_)) {
-        response
-            .headers_mut()
-            .insert(ALLOW, HeaderValue::from_static("POST"));
-    }
-    response
 }
 
 /// Runs `f` when dropped: keeps a gauge right on every path out of a request, cancellation
@@ -426,20 +481,24 @@ mod tests {
         }
         for bad in ["text/plain", "application/x-www-form-urlencoded", ""] {
             let e = check_headers(&headers(&[("content-type", bad)]), 10).unwrap_err();
-            assert_eq!(e.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE, "{bad}");
+            assert_eq!(
+                e.refusal().status(),
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "{bad}"
+            );
         }
         let e = check_headers(&HeaderMap::new(), 10).unwrap_err();
-        assert_eq!(e.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        assert_eq!(e.refusal().status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
     }
 
     #[test]
     fn encodings_and_declared_lengths() {
         let json = ("content-type", "application/json");
         let e = check_headers(&headers(&[json, ("content-encoding", "gzip")]), 10).unwrap_err();
-        assert_eq!(e.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        assert_eq!(e.refusal().status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
         assert!(check_headers(&headers(&[json, ("content-encoding", "identity")]), 10).is_ok());
         let e = check_headers(&headers(&[json, ("content-length", "11")]), 10).unwrap_err();
-        assert_eq!(e.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(e.refusal().status(), StatusCode::PAYLOAD_TOO_LARGE);
         assert!(check_headers(&headers(&[json, ("content-length", "10")]), 10).is_ok());
     }
 }

@@ -13,7 +13,7 @@ use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
 use super::envelope::Envelope;
-use crate::config::{RouteSetting, Settings};
+use crate::config::{invalid, RouteSetting, SettingsError};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RouteError {
@@ -27,42 +27,55 @@ pub enum RouteError {
     },
 }
 
-/// An event-type pattern: `*` matches any run of characters.
+/// An event-type pattern: an exact name, `prefix*` (every type that starts with `prefix`),
+/// or `*` (every type). Nothing else is accepted, so that a route an earlier one always
+/// matches first is found for certain.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Pattern(String);
+pub enum Pattern {
+    Exact(String),
+    Prefix(String),
+}
 
 impl Pattern {
-    pub fn new(pattern: &str) -> Pattern {
-        Pattern(pattern.to_owned())
+    /// Parses a pattern; `Err` says why it is not one.
+    pub fn parse(pattern: &str) -> Result<Pattern, String> {
+        let pattern = pattern.trim();
+        if pattern.is_empty() {
+            return Err("`event_type` must not be empty (use `*` for every type)".into());
+        }
+        if !pattern
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | '*'))
+        {
+            return Err(format!(
+                "`event_type` `{pattern}` may hold only letters, digits, `_ . -` and `*`"
+            ));
+        }
+        match pattern.find('*') {
+            None => Ok(Pattern::Exact(pattern.to_owned())),
+            Some(at) if at == pattern.len() - 1 => Ok(Pattern::Prefix(pattern[..at].to_owned())),
+            Some(_) => Err(format!(
+                "`event_type` `{pattern}`: `*` may only end a pattern (`prefix*`, or `*` alone)"
+            )),
+        }
     }
 
     pub fn matches(&self, text: &str) -> bool {
-        glob(self.0.as_bytes(), text.as_bytes())
+        match self {
+            Pattern::Exact(name) => name == text,
+            Pattern::Prefix(prefix) => text.starts_with(prefix.as_str()),
+        }
     }
 
-    /// True when every event type `other` matches is matched by `self` too (decided for the
-    /// patterns routes use: exact names, `prefix*`, and `*`).
+    /// True when every event type `other` matches is matched by `self` too.
     pub fn covers(&self, other: &Pattern) -> bool {
-        if self.0 == "*" || self.0 == other.0 {
-            return true;
+        match (self, other) {
+            (Pattern::Exact(a), Pattern::Exact(b)) => a == b,
+            (Pattern::Exact(_), Pattern::Prefix(_)) => false,
+            (Pattern::Prefix(p), Pattern::Exact(b) | Pattern::Prefix(b)) => {
+                b.starts_with(p.as_str())
+            }
         }
-        match self.0.strip_suffix('*') {
-            // `prefix*` covers every pattern whose literal start begins with `prefix`.
-            Some(prefix) if !prefix.contains('*') => other
-                .0
-                .split('*')
-                .next()
-                .is_some_and(|literal| literal.starts_with(prefix)),
-            _ => false,
-        }
-    }
-}
-
-fn glob(pattern: &[u8], text: &[u8]) -> bool {
-    match pattern.split_first() {
-        None => text.is_empty(),
-        Some((b'*', rest)) => (0..=text.len()).any(|i| glob(rest, &text[i..])),
-        Some((c, rest)) => text.first() == Some(c) && glob(rest, &text[1..]),
     }
 }
 
@@ -123,10 +136,9 @@ impl Pointer {
                 return Ok(ticket_id.clone());
             }
         }
-        let (first, rest) = self
-            .segments
-            .split_first()
-            .expect("parse keeps one segment");
+        let Some((first, rest)) = self.segments.split_first() else {
+            return Err("missing or null");
+        };
         let value = match (first.as_str(), rest.is_empty()) {
             ("event_id", true) => return Ok(envelope.event_id.clone()),
             ("event_type", true) => return Ok(envelope.event_type.clone()),
@@ -249,6 +261,8 @@ impl<'de> de::Deserialize<'de> for Key<'de> {
 /// One configured route.
 #[derive(Debug, Clone)]
 pub struct Route {
+    /// Its place in the `routes` settings.
+    pub index: usize,
     pub pattern: Pattern,
     pub topic: Arc<str>,
     pub key: Pointer,
@@ -267,15 +281,54 @@ pub struct Destination<'a> {
 pub struct Routes(Vec<Route>);
 
 impl Routes {
-    /// Builds the routes; `Settings::validate` has checked them.
-    pub fn new(settings: &Settings) -> Routes {
-        Routes(
-            settings
-                .routes
+    /// The routes of the `routes` settings, with `default_topic` for those that name none;
+    /// or every reason they cannot work, each naming its route (`routes[1] (event_type ...)`).
+    pub fn build(
+        settings: &[RouteSetting],
+        default_topic: &str,
+        dead_letter_topic: Option<&str>,
+    ) -> Result<Routes, Vec<SettingsError>> {
+        let mut built: Vec<Route> = Vec::new();
+        let mut errors = Vec::new();
+        for (i, setting) in settings.iter().enumerate() {
+            let name = format!("routes[{i}] (event_type `{}`)", setting.event_type);
+            let route = match Route::from_setting(setting, default_topic) {
+                Ok(route) => route,
+                Err(reason) => {
+                    errors.push(invalid("routes", format!("{name}: {reason}")));
+                    continue;
+                }
+            };
+            let earlier = built
                 .iter()
-                .map(|r| Route::from_setting(r, &settings.kafka.topic).expect("validated"))
-                .collect(),
-        )
+                .enumerate()
+                .find(|(_, e)| e.pattern.covers(&route.pattern));
+            if let Some((j, _)) = earlier {
+                errors.push(invalid(
+                    "routes",
+                    format!(
+                        "{name} can never match: routes[{}] (event_type `{}`) comes first and \
+                         matches everything it would",
+                        built[j].index, settings[built[j].index].event_type
+                    ),
+                ));
+                continue;
+            }
+            built.push(Route { index: i, ..route });
+        }
+        if let Some(dlt) = dead_letter_topic {
+            if built.iter().any(|r| &*r.topic == dlt) {
+                errors.push(invalid(
+                    "kafka.dead_letter_topic",
+                    "must differ from every route's topic",
+                ));
+            }
+        }
+        if errors.is_empty() {
+            Ok(Routes(built))
+        } else {
+            Err(errors)
+        }
     }
 
     /// Every topic a route writes to, once each.
@@ -323,24 +376,14 @@ impl Routes {
 impl Route {
     /// Builds and checks one route; `default_topic` applies when it names none.
     pub fn from_setting(setting: &RouteSetting, default_topic: &str) -> Result<Route, String> {
-        let pattern = setting.event_type.trim();
-        if pattern.is_empty() {
-            return Err("`event_type` must not be empty (use `*` for every type)".into());
-        }
-        if !pattern
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | '*'))
-        {
-            return Err(format!(
-                "`event_type` `{pattern}` may hold only letters, digits, `_ . -` and `*`"
-            ));
-        }
+        let pattern = Pattern::parse(&setting.event_type)?;
         let topic = setting.topic.as_deref().unwrap_or(default_topic);
         if !crate::config::valid_topic(topic) {
             return Err(format!("`topic` `{topic}`: {}", crate::config::TOPIC_RULE));
         }
         Ok(Route {
-            pattern: Pattern::new(pattern),
+            index: 0,
+            pattern,
             topic: Arc::from(topic),
             key: Pointer::parse(&setting.key)?,
             key_required: setting.key_required,
@@ -374,23 +417,29 @@ mod tests {
     }
 
     #[test]
-    fn globs() {
-        let p = Pattern::new("whitelabel_ticket_*");
-        assert!(p.matches("whitelabel_ticket_created"));
-        assert!(!p.matches("whitelabel_order_created"));
-        assert!(Pattern::new("*").matches("anything"));
-        assert!(Pattern::new("a*c").matches("abbbc"));
-        assert!(!Pattern::new("a*c").matches("abbbd"));
-        assert!(Pattern::new("exact").matches("exact"));
-        assert!(!Pattern::new("exact").matches("exactly"));
+    fn patterns() {
+        let p = |s| Pattern::parse(s).unwrap();
+        assert!(p("whitelabel_ticket_*").matches("whitelabel_ticket_created"));
+        assert!(!p("whitelabel_ticket_*").matches("whitelabel_order_created"));
+        assert!(p("*").matches("anything"));
+        assert!(p("exact").matches("exact"));
+        assert!(!p("exact").matches("exactly"));
+        // A `*` anywhere but at the end is refused: the unreachable-route check could not
+        // judge such a pattern.
+        for bad in ["a*c", "*_created", "a**"] {
+            let err = Pattern::parse(bad).unwrap_err();
+            assert!(err.contains("may only end"), "{bad}: {err}");
+        }
     }
 
     #[test]
     fn covering_patterns_make_later_routes_unreachable() {
-        let p = |s| Pattern::new(s);
+        let p = |s| Pattern::parse(s).unwrap();
         assert!(p("*").covers(&p("x")));
         assert!(p("ticket_*").covers(&p("ticket_created")));
         assert!(p("ticket_*").covers(&p("ticket_c*")));
+        assert!(p("ticket_*").covers(&p("ticket_*")));
+        assert!(!p("ticket_c*").covers(&p("ticket_*")));
         assert!(p("a").covers(&p("a")));
         assert!(!p("ticket_*").covers(&p("order_*")));
         assert!(!p("ticket_created").covers(&p("ticket_*")));

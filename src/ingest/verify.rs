@@ -27,7 +27,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
-use crate::config::{MacEncoding, Scheme, Secret, Signature};
+use crate::config::{invalid, MacEncoding, Scheme, Secret, SettingsError, Signature};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -59,19 +59,49 @@ pub enum VerifyError {
         "the signature headers are missing or malformed, the timestamp is outside the \
          tolerance, or the signature does not match the body with any configured secret"
     )]
-    Undisclosed(&'static str),
+    Undisclosed(SignatureFailure),
+}
+
+/// Why a signature was refused: the `reason` label of the signature-failure counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignatureFailure {
+    Missing,
+    Malformed,
+    Stale,
+    Mismatch,
+    UnknownEndpoint,
+}
+
+impl SignatureFailure {
+    pub const ALL: [SignatureFailure; 5] = [
+        SignatureFailure::Missing,
+        SignatureFailure::Malformed,
+        SignatureFailure::Stale,
+        SignatureFailure::Mismatch,
+        SignatureFailure::UnknownEndpoint,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SignatureFailure::Missing => "missing",
+            SignatureFailure::Malformed => "malformed",
+            SignatureFailure::Stale => "stale",
+            SignatureFailure::Mismatch => "mismatch",
+            SignatureFailure::UnknownEndpoint => "unknown_endpoint",
+        }
+    }
 }
 
 impl VerifyError {
-    /// The `reason` label of the signature-failure counter.
-    pub fn reason(&self) -> &'static str {
+    /// What kind of failure this is, whatever the answer discloses.
+    pub fn reason(&self) -> SignatureFailure {
         match self {
-            VerifyError::Missing(_) => "missing",
-            VerifyError::Malformed { .. } => "malformed",
-            VerifyError::Stale { .. } => "stale",
-            VerifyError::Mismatch => "mismatch",
-            VerifyError::UnknownEndpoint => "unknown_endpoint",
-            VerifyError::Undisclosed(reason) => reason,
+            VerifyError::Missing(_) => SignatureFailure::Missing,
+            VerifyError::Malformed { .. } => SignatureFailure::Malformed,
+            VerifyError::Stale { .. } => SignatureFailure::Stale,
+            VerifyError::Mismatch => SignatureFailure::Mismatch,
+            VerifyError::UnknownEndpoint => SignatureFailure::UnknownEndpoint,
+            VerifyError::Undisclosed(reason) => *reason,
         }
     }
 
@@ -267,12 +297,31 @@ pub fn standard_webhooks_key(secret: &[u8]) -> Result<Vec<u8>, &'static str> {
     }
 }
 
-fn mac_of(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
-    let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes keys of any length");
+/// HMAC-SHA256 keyed with `key`, of any length: a key longer than SHA-256's 64-byte block
+/// is hashed first and a shorter one padded with zeros (RFC 2104), which is what makes every
+/// key valid.
+fn keyed(key: &[u8]) -> HmacSha256 {
+    use hmac::digest::KeyInit;
+    use sha2::Digest;
+    let mut block = [0u8; 64];
+    if key.len() > block.len() {
+        block[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        block[..key.len()].copy_from_slice(key);
+    }
+    <HmacSha256 as KeyInit>::new(&block.into())
+}
+
+fn mac_with(key: &HmacSha256, parts: &[&[u8]]) -> [u8; 32] {
+    let mut mac = key.clone();
     for part in parts {
         mac.update(part);
     }
     mac.finalize().into_bytes().into()
+}
+
+fn mac_of(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    mac_with(&keyed(key), parts)
 }
 
 /// Computes the hex signature of `body` at `timestamp` with `secret`: what the sender puts
@@ -319,8 +368,8 @@ pub fn plain_mac(secret: &[u8], body: &[u8], encoding: MacEncoding) -> String {
     }
 }
 
-/// HMAC key bytes; never shown.
-struct Key(Box<[u8]>);
+/// An HMAC keyed with one secret (its key schedule done once); never shown.
+struct Key(HmacSha256);
 
 /// One scheme with the secrets that may sign under it.
 struct Keyring {
@@ -345,30 +394,44 @@ enum Kind {
 type Matched = (Option<i64>, Vec<(&'static str, Bytes)>);
 
 impl Keyring {
-    fn new(scheme: Scheme, header: &str, encoding: MacEncoding, secrets: &[Secret]) -> Keyring {
-        let name = || HeaderName::try_from(header).expect("validated by Settings::validate");
+    /// The keyring of `secrets` under `scheme`; `Err` says why they cannot be used.
+    fn new(
+        scheme: Scheme,
+        header: &str,
+        encoding: MacEncoding,
+        secrets: &[Secret],
+    ) -> Result<Keyring, String> {
+        let name = || {
+            HeaderName::try_from(header)
+                .ok()
+                .filter(|_| !header.trim().is_empty())
+                .ok_or_else(|| "must be a valid HTTP header name".to_owned())
+        };
         let kind = match scheme {
             Scheme::Tamio => Kind::Tamio {
-                header: name(),
+                header: name()?,
                 label: header.to_owned(),
             },
             Scheme::StandardWebhooks => Kind::StandardWebhooks,
             Scheme::HmacSha256 => Kind::HmacSha256 {
-                header: name(),
+                header: name()?,
                 label: header.to_owned(),
                 encoding,
             },
         };
         let keys = secrets
             .iter()
-            .map(|s| match scheme {
-                Scheme::StandardWebhooks => Key(standard_webhooks_key(s.expose())
-                    .expect("validated by Settings::validate")
-                    .into_boxed_slice()),
-                _ => Key(s.expose().into()),
+            .enumerate()
+            .map(|(i, s)| match scheme {
+                Scheme::StandardWebhooks => standard_webhooks_key(s.expose())
+                    .map(|key| Key(keyed(&key)))
+                    .map_err(|reason| {
+                        format!("secret #{} (of {}): {reason}", i + 1, secrets.len())
+                    }),
+                _ => Ok(Key(keyed(s.expose()))),
             })
-            .collect();
-        Keyring { kind, keys }
+            .collect::<Result<Vec<Key>, String>>()?;
+        Ok(Keyring { kind, keys })
     }
 
     fn scheme(&self) -> Scheme {
@@ -384,7 +447,7 @@ impl Keyring {
     fn any_key(&self, parts: &[&[u8]], given: &[[u8; 32]]) -> bool {
         let mut matched = false;
         for key in &self.keys {
-            let expected = mac_of(&key.0, parts);
+            let expected = mac_with(&key.0, parts);
             for mac in given {
                 matched |= bool::from(expected.as_slice().ct_eq(mac));
             }
@@ -515,34 +578,76 @@ impl fmt::Debug for Verifier {
 }
 
 impl Verifier {
-    pub fn new(settings: &Signature) -> Self {
-        let global = (!settings.secrets.is_empty()).then(|| {
-            Keyring::new(
+    /// The verifier of the `signature` settings, or every reason it cannot be built, each
+    /// naming its setting.
+    pub fn build(settings: &Signature) -> Result<Verifier, Vec<SettingsError>> {
+        let mut errors = Vec::new();
+        let global = if settings.secrets.is_empty() {
+            // The header is still checked: an endpoint may fall back to it.
+            if HeaderName::try_from(&settings.header).is_err() || settings.header.trim().is_empty()
+            {
+                errors.push(invalid(
+                    "signature.header",
+                    "must be a valid HTTP header name",
+                ));
+            }
+            None
+        } else {
+            match Keyring::new(
                 settings.scheme,
                 &settings.header,
                 settings.encoding,
                 &settings.secrets,
-            )
-        });
-        let endpoints: HashMap<String, Keyring> = settings
-            .endpoints
-            .iter()
-            .map(|(id, e)| {
-                let ring = Keyring::new(
-                    e.scheme.unwrap_or(settings.scheme),
-                    e.header.as_deref().unwrap_or(&settings.header),
-                    e.encoding.unwrap_or(settings.encoding),
-                    &e.secrets,
-                );
-                (id.clone(), ring)
-            })
-            .collect();
-        Verifier {
+            ) {
+                Ok(ring) => Some(ring),
+                Err(reason) => {
+                    let key = if reason.starts_with("must be") {
+                        "signature.header"
+                    } else {
+                        "signature.secrets"
+                    };
+                    errors.push(invalid(key, reason));
+                    None
+                }
+            }
+        };
+        let mut endpoints = HashMap::new();
+        let mut ids: Vec<&String> = settings.endpoints.keys().collect();
+        ids.sort();
+        for id in ids {
+            let e = &settings.endpoints[id];
+            let ring = Keyring::new(
+                e.scheme.unwrap_or(settings.scheme),
+                e.header.as_deref().unwrap_or(&settings.header),
+                e.encoding.unwrap_or(settings.encoding),
+                &e.secrets,
+            );
+            match ring {
+                Ok(ring) => {
+                    endpoints.insert(id.clone(), ring);
+                }
+                Err(reason) => {
+                    let reason = if reason.starts_with("must be") {
+                        format!("header {reason}")
+                    } else {
+                        reason
+                    };
+                    errors.push(invalid(
+                        "signature.endpoints",
+                        format!("endpoint `{id}`: {reason}"),
+                    ));
+                }
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(Verifier {
             unsigned: settings.allow_unsigned && global.is_none() && endpoints.is_empty(),
             global,
             endpoints,
             tolerance_secs: settings.tolerance_secs,
-        }
+        })
     }
 
     /// True when deliveries are accepted without a signature.
@@ -654,7 +759,7 @@ mod tests {
     }
 
     fn verifier(global: &[&str], endpoints: &[(&str, &[&str])]) -> Verifier {
-        Verifier::new(&settings(global, endpoints))
+        Verifier::build(&settings(global, endpoints)).unwrap()
     }
 
     fn at(unix: i64) -> SystemTime {
@@ -740,7 +845,7 @@ mod tests {
         let err = v
             .verify(&HeaderMap::new(), Bytes::from_static(BODY), at(NOW))
             .err();
-        assert_eq!(err.map(|e| e.reason()), Some("missing"));
+        assert_eq!(err.map(|e| e.reason().as_str()), Some("missing"));
         for bad in [
             "",
             "garbage",
@@ -767,19 +872,19 @@ mod tests {
         assert_eq!(check(&v, &ok, BODY), Ok(NOW));
         let wrong_endpoint = header_value(b"ep2-secret", NOW, BODY);
         assert_eq!(
-            check(&v, &wrong_endpoint, BODY).map_err(|e| e.reason()),
+            check(&v, &wrong_endpoint, BODY).map_err(|e| e.reason().as_str()),
             Err("mismatch")
         );
         let unknown = br#"{"endpoint_id":"ep-9"}"#;
         let h = header_value(b"ep1-secret", NOW, unknown);
         let err = check(&v, &h, unknown).unwrap_err();
-        assert_eq!(err.reason(), "unknown_endpoint");
+        assert_eq!(err.reason().as_str(), "unknown_endpoint");
         // A known endpoint without a signature is told exactly what an unknown one is.
         let missing = v
             .verify(&HeaderMap::new(), Bytes::from_static(BODY), at(NOW))
             .err()
             .expect("refused");
-        assert_eq!(missing.reason(), "missing");
+        assert_eq!(missing.reason().as_str(), "missing");
         assert_eq!(missing.to_string(), err.to_string());
     }
 
@@ -819,7 +924,7 @@ mod tests {
     fn standard_webhooks_verifier() -> Verifier {
         let mut s = settings(&[SW_SECRET], &[]);
         s.scheme = Scheme::StandardWebhooks;
-        Verifier::new(&s)
+        Verifier::build(&s).unwrap()
     }
 
     #[test]
@@ -858,7 +963,7 @@ mod tests {
             let mut h = good;
             h[2].1 = bad;
             assert_eq!(
-                check_with(&v, &h, BODY).map_err(|e| e.reason()),
+                check_with(&v, &h, BODY).map_err(|e| e.reason().as_str()),
                 Err("malformed"),
                 "{bad}"
             );
@@ -872,7 +977,7 @@ mod tests {
             ("webhook-signature", sig_old.as_str()),
         ];
         assert_eq!(
-            check_with(&v, &h, BODY).map_err(|e| e.reason()),
+            check_with(&v, &h, BODY).map_err(|e| e.reason().as_str()),
             Err("stale")
         );
     }
@@ -897,7 +1002,7 @@ mod tests {
             s.scheme = Scheme::HmacSha256;
             s.header = "X-Hub-Signature-256".into();
             s.encoding = encoding;
-            let v = Verifier::new(&s);
+            let v = Verifier::build(&s).unwrap();
             let mac = plain_mac(b"plain-secret", BODY, encoding);
             let h = [("x-hub-signature-256", mac.as_str())];
             assert_eq!(check_with(&v, &h, BODY), Ok(-1), "no timestamp");
@@ -915,11 +1020,12 @@ mod tests {
                 Err(VerifyError::Mismatch)
             );
             assert_eq!(
-                check_with(&v, &[("x-hub-signature-256", "zz")], BODY).map_err(|e| e.reason()),
+                check_with(&v, &[("x-hub-signature-256", "zz")], BODY)
+                    .map_err(|e| e.reason().as_str()),
                 Err("malformed")
             );
             assert_eq!(
-                check_with(&v, &[("tamio-signature", &mac)], BODY).map_err(|e| e.reason()),
+                check_with(&v, &[("tamio-signature", &mac)], BODY).map_err(|e| e.reason().as_str()),
                 Err("missing")
             );
         }
@@ -929,7 +1035,7 @@ mod tests {
     fn each_endpoint_verifies_under_its_own_scheme() {
         let mut s = settings(&["global-secret"], &[("ep-1", &[SW_SECRET])]);
         s.endpoints.get_mut("ep-1").unwrap().scheme = Some(Scheme::StandardWebhooks);
-        let v = Verifier::new(&s);
+        let v = Verifier::build(&s).unwrap();
         let sig = standard_webhooks_signature(SW_SECRET.as_bytes(), SW_ID, NOW, BODY).unwrap();
         let ts = NOW.to_string();
         let sw = [
@@ -947,7 +1053,7 @@ mod tests {
         // The endpoint's secret in the global scheme is not accepted.
         let wrong = header_value(SW_SECRET.as_bytes(), NOW, BODY);
         assert_eq!(
-            check_with(&v, &[("tamio-signature", &wrong)], BODY).map_err(|e| e.reason()),
+            check_with(&v, &[("tamio-signature", &wrong)], BODY).map_err(|e| e.reason().as_str()),
             Err("mismatch")
         );
     }
@@ -974,7 +1080,7 @@ mod tests {
     fn allow_unsigned_applies_only_without_secrets() {
         let mut s = settings(&[], &[]);
         s.allow_unsigned = true;
-        let v = Verifier::new(&s);
+        let v = Verifier::build(&s).unwrap();
         assert!(v.accepts_unsigned());
         let body = v
             .verify(&HeaderMap::new(), Bytes::from_static(BODY), at(NOW))
@@ -983,10 +1089,10 @@ mod tests {
         assert!(body.proof().is_empty());
         let mut s = settings(&["s"], &[]);
         s.allow_unsigned = true;
-        let v = Verifier::new(&s);
+        let v = Verifier::build(&s).unwrap();
         assert!(!v.accepts_unsigned());
         assert_eq!(
-            check_with(&v, &[], BODY).map_err(|e| e.reason()),
+            check_with(&v, &[], BODY).map_err(|e| e.reason().as_str()),
             Err("missing")
         );
     }

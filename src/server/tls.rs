@@ -10,6 +10,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::ServerConfig;
 use tokio_rustls::TlsAcceptor;
 
+use crate::config::check_pem_file;
+
 /// Why a certificate or key could not be used. Names the file, never its content.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -23,17 +25,49 @@ pub enum TlsError {
     Config(String),
 }
 
+impl From<TlsError> for crate::config::SettingsError {
+    fn from(e: TlsError) -> Self {
+        let (key, reason) = match e {
+            TlsError::Certificate { path, reason } => (
+                "server.tls_cert_file",
+                format!(
+                    "cannot read a PEM certificate chain from {}: {reason}",
+                    path.display()
+                ),
+            ),
+            TlsError::Key { path, reason } => (
+                "server.tls_key_file",
+                format!(
+                    "cannot read a PEM private key from {}: {reason}",
+                    path.display()
+                ),
+            ),
+            TlsError::Config(reason) => ("server.tls_cert_file", reason),
+        };
+        crate::config::SettingsError::Invalid { key, reason }
+    }
+}
+
 /// The ingress's TLS acceptor, replaceable while the server runs.
 pub struct Tls {
     current: RwLock<(TlsAcceptor, i64)>,
 }
 
 impl Tls {
-    /// Loads the certificate chain and key.
-    pub fn load(cert: &Path, key: &Path) -> Result<Tls, TlsError> {
-        Ok(Tls {
-            current: RwLock::new(acceptor(cert, key)?),
-        })
+    /// Serves `certificate` until it is replaced.
+    pub fn new(certificate: Certificate) -> Tls {
+        Tls {
+            current: RwLock::new((certificate.acceptor, certificate.not_after)),
+        }
+    }
+
+    /// Serves new connections with `certificate`; open ones keep their session.
+    pub fn replace(&self, certificate: Certificate) {
+        *self
+            .current
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) =
+            (certificate.acceptor, certificate.not_after);
     }
 
     /// When the certificate in force expires: its `notAfter`, in unix seconds.
@@ -44,17 +78,6 @@ impl Tls {
             .1
     }
 
-    /// Loads the files again and, when they are usable, serves new connections with them.
-    /// On error the certificate in force stays.
-    pub fn reload(&self, cert: &Path, key: &Path) -> Result<(), TlsError> {
-        let next = acceptor(cert, key)?;
-        *self
-            .current
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = next;
-        Ok(())
-    }
-
     /// The acceptor for a new connection.
     pub fn acceptor(&self) -> TlsAcceptor {
         self.current
@@ -62,6 +85,32 @@ impl Tls {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .0
             .clone()
+    }
+}
+
+/// A certificate chain and key, ready to serve.
+pub struct Certificate {
+    acceptor: TlsAcceptor,
+    /// The first certificate's `notAfter`, unix seconds.
+    not_after: i64,
+}
+
+impl Certificate {
+    /// Loads the chain and key of `server.tls_cert_file` and `server.tls_key_file`.
+    pub fn load(cert: &Path, key: &Path) -> Result<Certificate, TlsError> {
+        check_pem_file(cert, "CERTIFICATE").map_err(|reason| TlsError::Certificate {
+            path: cert.to_owned(),
+            reason,
+        })?;
+        check_pem_file(key, "PRIVATE KEY").map_err(|reason| TlsError::Key {
+            path: key.to_owned(),
+            reason,
+        })?;
+        let (acceptor, not_after) = acceptor(cert, key)?;
+        Ok(Certificate {
+            acceptor,
+            not_after,
+        })
     }
 }
 

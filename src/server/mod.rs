@@ -14,6 +14,7 @@
 //!   `drain_timeout`.
 
 mod h2guard;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -35,7 +36,7 @@ use tokio::sync::{watch, Notify, Semaphore};
 use tokio::time::Instant;
 
 use crate::metrics::Metrics;
-use crate::tls::Tls;
+use tls::Tls;
 
 /// A connection's byte stream: TCP, or TLS over TCP, behind one type.
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}

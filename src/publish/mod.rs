@@ -1,0 +1,439 @@
+//! The Kafka producer: hands each record to librdkafka and waits for the delivery report, so
+//! that the sender is answered only once Kafka has the event.
+//!
+//! The producer is idempotent with `acks=all`: librdkafka keeps the order of the records of
+//! one partition across its own retries, and the record key (the ticket id) picks the
+//! partition with the Java client's murmur2 hash, so consumers and other producers agree on
+//! where a ticket lives.
+
+pub mod probe;
+pub mod producer;
+pub mod record;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureRecord, Producer};
+use rdkafka::util::Timeout;
+
+use crate::metrics::Metrics;
+use probe::{ProbeError, ProbeFailure};
+use producer::{BridgeProducer, StatsContext};
+use record::{DeadLetter, Record};
+
+/// Why Kafka did not take a record: the `reason` label of the delivery-failure counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryFailure {
+    Timeout,
+    QueueFull,
+    MessageTooLarge,
+    UnknownTopic,
+    Authorization,
+    BrokerUnavailable,
+    Other,
+}
+
+impl DeliveryFailure {
+    pub const ALL: [DeliveryFailure; 7] = [
+        DeliveryFailure::Timeout,
+        DeliveryFailure::QueueFull,
+        DeliveryFailure::MessageTooLarge,
+        DeliveryFailure::UnknownTopic,
+        DeliveryFailure::Authorization,
+        DeliveryFailure::BrokerUnavailable,
+        DeliveryFailure::Other,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryFailure::Timeout => "timeout",
+            DeliveryFailure::QueueFull => "queue_full",
+            DeliveryFailure::MessageTooLarge => "message_too_large",
+            DeliveryFailure::UnknownTopic => "unknown_topic",
+            DeliveryFailure::Authorization => "authorization",
+            DeliveryFailure::BrokerUnavailable => "broker_unavailable",
+            DeliveryFailure::Other => "other",
+        }
+    }
+
+    /// Whether the same record may be taken later. A record Kafka calls too large never
+    /// will be.
+    pub fn is_retryable(self) -> bool {
+        self != DeliveryFailure::MessageTooLarge
+    }
+}
+
+/// Why an event did not reach Kafka.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    #[error("Kafka did not acknowledge the event within {0:?}")]
+    Timeout(Duration),
+    #[error("the producer queue is full; Kafka is not keeping up")]
+    QueueFull,
+    #[error("Kafka is unreachable: {0}")]
+    Unreachable(String),
+    #[error("the record is larger than Kafka accepts ({0})")]
+    TooLarge(String),
+    #[error("Kafka refused the event ({}): {detail}", reason.as_str())]
+    Kafka {
+        reason: DeliveryFailure,
+        detail: String,
+    },
+}
+
+impl PublishError {
+    /// The kind of failure, for the metric and for choosing the answer.
+    pub fn failure(&self) -> DeliveryFailure {
+        match self {
+            PublishError::Timeout(_) => DeliveryFailure::Timeout,
+            PublishError::QueueFull => DeliveryFailure::QueueFull,
+            PublishError::Unreachable(_) => DeliveryFailure::BrokerUnavailable,
+            PublishError::TooLarge(_) => DeliveryFailure::MessageTooLarge,
+            PublishError::Kafka { reason, .. } => *reason,
+        }
+    }
+
+    fn from_kafka(err: &KafkaError) -> PublishError {
+        let code = err.rdkafka_error_code();
+        let reason = match code {
+            Some(RDKafkaErrorCode::QueueFull) => return PublishError::QueueFull,
+            Some(
+                RDKafkaErrorCode::MessageTimedOut
+                | RDKafkaErrorCode::RequestTimedOut
+                | RDKafkaErrorCode::OperationTimedOut,
+            ) => DeliveryFailure::Timeout,
+            Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize) => {
+                return PublishError::TooLarge(err.to_string());
+            }
+            Some(
+                RDKafkaErrorCode::UnknownTopicOrPartition
+                | RDKafkaErrorCode::UnknownTopic
+                | RDKafkaErrorCode::UnknownPartition,
+            ) => DeliveryFailure::UnknownTopic,
+            Some(
+                RDKafkaErrorCode::TopicAuthorizationFailed
+                | RDKafkaErrorCode::ClusterAuthorizationFailed
+                | RDKafkaErrorCode::SaslAuthenticationFailed
+                | RDKafkaErrorCode::Authentication,
+            ) => DeliveryFailure::Authorization,
+            Some(
+                RDKafkaErrorCode::AllBrokersDown
+                | RDKafkaErrorCode::BrokerTransportFailure
+                | RDKafkaErrorCode::NotEnoughReplicas
+                | RDKafkaErrorCode::NotEnoughReplicasAfterAppend
+                | RDKafkaErrorCode::LeaderNotAvailable
+                | RDKafkaErrorCode::NotLeaderForPartition,
+            ) => DeliveryFailure::BrokerUnavailable,
+            _ => DeliveryFailure::Other,
+        };
+        PublishError::Kafka {
+            reason,
+            detail: err.to_string(),
+        }
+    }
+}
+
+/// Where Kafka wrote a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivered {
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// The current producer and its fatal-error flag.
+#[derive(Clone)]
+struct Current {
+    producer: BridgeProducer,
+    fatal: Arc<AtomicBool>,
+}
+
+fn create(config: &ClientConfig, metrics: &Arc<Metrics>) -> Result<Current, KafkaError> {
+    let fatal = Arc::new(AtomicBool::new(false));
+    let context = StatsContext::new(metrics.clone(), fatal.clone());
+    Ok(Current {
+        producer: config.create_with_context(context)?,
+        fatal,
+    })
+}
+
+/// Shared by every request: the producer in force and what it takes to replace it.
+pub struct Publisher {
+    /// Replaced as a whole when librdkafka declares the producer dead (a fatal error, e.g. a
+    /// fenced idempotent producer): records then go to a fresh producer with a new id.
+    current: std::sync::RwLock<Current>,
+    /// Held while a dead producer is being replaced.
+    replacing: tokio::sync::Mutex<()>,
+    config: Arc<ClientConfig>,
+    metrics: Arc<Metrics>,
+    /// False while the readiness probe finds no broker answering: records are then refused
+    /// at once instead of waiting out the delivery timeout.
+    reachable: AtomicBool,
+}
+
+impl Publisher {
+    /// A producer with `config` (see [`producer::build`]).
+    pub fn new(config: ClientConfig, metrics: Arc<Metrics>) -> Result<Publisher, KafkaError> {
+        let current = create(&config, &metrics)?;
+        Ok(Publisher {
+            current: std::sync::RwLock::new(current),
+            replacing: tokio::sync::Mutex::new(()),
+            config: Arc::new(config),
+            metrics,
+            reachable: AtomicBool::new(true),
+        })
+    }
+
+    /// Hands the record to librdkafka and waits for Kafka to acknowledge it with `acks=all`:
+    /// until `deadline`, or with none until the delivery report (librdkafka reports within
+    /// `kafka.delivery_timeout_ms`).
+    pub async fn publish(
+        &self,
+        record: &Record,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<Delivered, PublishError> {
+        let result = self.deliver(record.to_kafka(), deadline).await;
+        match &result {
+            Ok(_) => self
+                .metrics
+                .events_delivered
+                .with_label_values(&[record.event_label])
+                .inc(),
+            Err(e) => self.count_failure(e),
+        }
+        result
+    }
+
+    /// Writes a refused delivery's raw body to the dead-letter topic, with the error in the
+    /// `error` and `error_kind` headers, and waits for Kafka's acknowledgement.
+    pub async fn dead_letter(
+        &self,
+        letter: DeadLetter<'_>,
+        deadline: tokio::time::Instant,
+    ) -> Result<Delivered, PublishError> {
+        let result = self.deliver(letter.to_kafka(), Some(deadline)).await;
+        match &result {
+            Ok(_) => self.metrics.dead_letters.inc(),
+            Err(e) => self.count_failure(e),
+        }
+        result
+    }
+
+    /// The producer in force (for probes and flushes, which never replace it).
+    fn producer(&self) -> BridgeProducer {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .producer
+            .clone()
+    }
+
+    async fn live_producer(
+        &self,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<Current, PublishError> {
+        let seen = self
+            .current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if !seen.fatal.load(Ordering::SeqCst) {
+            return Ok(seen);
+        }
+        let waited = tokio::time::Instant::now();
+        let Ok(_turn) = with_deadline(deadline, self.replacing.lock()).await else {
+            return Err(PublishError::Timeout(waited.elapsed()));
+        };
+        let now = self
+            .current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if !Arc::ptr_eq(&now.fatal, &seen.fatal) {
+            // Replaced while this delivery waited for its turn.
+            return Ok(now);
+        }
+        tracing::warn!("the Kafka producer is dead: building a new one");
+        let (config, metrics) = (self.config.clone(), self.metrics.clone());
+        let started = std::time::Instant::now();
+        let fresh = tokio::task::spawn_blocking(move || create(&config, &metrics)).await;
+        let fresh = match fresh {
+            Ok(Ok(fresh)) => fresh,
+            Ok(Err(err)) => {
+                tracing::error!(%err, "cannot create a new Kafka producer");
+                return Ok(now);
+            }
+            Err(err) => {
+                tracing::error!(%err, "creating a new Kafka producer failed");
+                return Ok(now);
+            }
+        };
+        let retired = std::mem::replace(
+            &mut *self.current.write().unwrap_or_else(|p| p.into_inner()),
+            fresh.clone(),
+        );
+        self.metrics.producer_restarts.inc();
+        tracing::warn!(
+            built_ms = started.elapsed().as_millis() as u64,
+            "replaced the Kafka producer after its fatal error"
+        );
+        // Dropping a producer purges, flushes and joins librdkafka's threads: not on the
+        // runtime's threads.
+        std::thread::spawn(move || drop(retired));
+        Ok(fresh)
+    }
+
+    fn count_failure(&self, err: &PublishError) {
+        self.metrics
+            .kafka_delivery_failures
+            .with_label_values(&[err.failure().as_str()])
+            .inc();
+    }
+
+    async fn deliver(
+        &self,
+        record: FutureRecord<'_, [u8], [u8]>,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<Delivered, PublishError> {
+        if !self.reachable.load(Ordering::Relaxed) {
+            return Err(PublishError::Unreachable(
+                "no broker answered the last readiness probe".into(),
+            ));
+        }
+        let started = tokio::time::Instant::now();
+        let current = self.live_producer(deadline).await?;
+        let result = match current.producer.send_result(record) {
+            Err((err, _)) => Err(PublishError::from_kafka(&err)),
+            Ok(delivery) => match with_deadline(deadline, delivery).await {
+                Err(_) => Err(PublishError::Timeout(
+                    deadline.map_or(Duration::ZERO, |d| d.saturating_duration_since(started)),
+                )),
+                Ok(Err(_canceled)) => Err(PublishError::Kafka {
+                    reason: DeliveryFailure::Other,
+                    detail: "the producer was shut down before the delivery report".into(),
+                }),
+                Ok(Ok(Err((err, _)))) => {
+                    if kills_the_producer(&err) {
+                        tracing::error!(%err, "the Kafka producer was fenced; it will be replaced");
+                        current.fatal.store(true, Ordering::SeqCst);
+                    }
+                    Err(PublishError::from_kafka(&err))
+                }
+                Ok(Ok(Ok(d))) => Ok(Delivered {
+                    partition: d.partition,
+                    offset: d.offset,
+                }),
+            },
+        };
+        self.metrics
+            .kafka_delivery_duration
+            .observe(started.elapsed().as_secs_f64());
+        result
+    }
+
+    /// Probes every topic the bridge writes to (see [`probe::probe_topic`]), and refuses
+    /// records at once while no broker answers.
+    pub async fn probe(&self, topics: &[String], timeout: Duration) -> Result<(), ProbeError> {
+        let producer = self.producer();
+        let topics = topics.to_vec();
+        let result = tokio::task::spawn_blocking(move || {
+            topics
+                .iter()
+                .try_for_each(|topic| probe::probe_topic(&producer, topic, timeout))
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(ProbeError::new(
+                ProbeFailure::Internal,
+                format!("readiness probe failed: {e}"),
+            ))
+        });
+        let unreachable = matches!(&result, Err(e) if e.failure.refuses_records());
+        self.reachable.store(!unreachable, Ordering::Relaxed);
+        result
+    }
+
+    /// Waits up to `timeout` for every queued record to be acknowledged; returns how many
+    /// were still outstanding when it gave up.
+    pub async fn flush(&self, timeout: Duration) -> i32 {
+        let producer = self.producer();
+        tokio::task::spawn_blocking(move || {
+            let _ = producer.flush(Timeout::After(timeout));
+            producer.in_flight_count()
+        })
+        .await
+        .unwrap_or(-1)
+    }
+
+    /// Records handed to librdkafka and not yet reported.
+    pub fn in_flight(&self) -> i32 {
+        self.producer().in_flight_count()
+    }
+
+    /// Options the producer was built with, for the start-up log, secrets redacted.
+    pub fn describe(&self) -> BTreeMap<String, String> {
+        self.config
+            .config_map()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), crate::config::shown_value(k, v).to_owned()))
+            .collect()
+    }
+}
+
+/// Awaits `future` until `deadline`, or without limit when there is none.
+async fn with_deadline<F: std::future::Future>(
+    deadline: Option<tokio::time::Instant>,
+    future: F,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    match deadline {
+        Some(deadline) => tokio::time::timeout_at(deadline, future).await,
+        None => Ok(future.await),
+    }
+}
+
+fn kills_the_producer(err: &KafkaError) -> bool {
+    matches!(
+        err.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::Fatal
+                | RDKafkaErrorCode::ProducerFenced
+                | RDKafkaErrorCode::InvalidProducerEpoch
+                | RDKafkaErrorCode::InvalidProducerIdMapping
+                | RDKafkaErrorCode::UnknownProducerId
+                | RDKafkaErrorCode::OutOfOrderSequenceNumber
+        )
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Settings;
+
+    #[test]
+    fn passwords_are_redacted_when_the_producer_is_described() {
+        let k = Settings::load_from(
+            None,
+            [
+                ("TAMIO_BRIDGE__KAFKA__BROKERS", "b:9092"),
+                ("TAMIO_BRIDGE__KAFKA__SASL__MECHANISM", "SCRAM-SHA-512"),
+                ("TAMIO_BRIDGE__KAFKA__SASL__USERNAME", "bridge"),
+                ("TAMIO_BRIDGE__KAFKA__SASL__PASSWORD", "hunter2-sasl"),
+            ]
+            .map(|(k, v)| (k.to_owned(), v.to_owned())),
+        )
+        .unwrap()
+        .kafka;
+        assert!(!format!("{k:?}").contains("hunter2"));
+        // Creating a producer connects to nothing yet.
+        let config = producer::build(&k, 1000).unwrap();
+        let publisher =
+            Publisher::new(config, Arc::new(crate::metrics::Metrics::default())).unwrap();
+        let described = format!("{:?}", publisher.describe());
+        assert!(described.contains("sasl.username"), "{described}");
+        assert!(!described.contains("hunter2"), "{described}");
+    }
+}

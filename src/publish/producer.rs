@@ -1,0 +1,340 @@
+//! The producer's librdkafka configuration: the options the bridge sets for its guarantees
+//! (idempotence, `acks=all`, a key-consistent partitioner, bounded queues), the security
+//! options from `kafka.tls` and `kafka.sasl`, and the `kafka.librdkafka` pass-through, which
+//! may not undo the former; and the context that turns librdkafka's statistics into metrics.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::FutureProducer;
+use rdkafka::statistics::Statistics;
+
+use crate::config::{check_pem_file, Kafka, SettingsError};
+use crate::metrics::Metrics;
+
+/// Options the bridge sets itself, each with the setting to use instead.
+const RESERVED: &[(&str, &str)] = &[
+    ("bootstrap.servers", "kafka.brokers"),
+    ("metadata.broker.list", "kafka.brokers"),
+    (
+        "enable.idempotence",
+        "nothing: the producer is always idempotent",
+    ),
+    ("acks", "nothing: the producer always uses acks=all"),
+    (
+        "request.required.acks",
+        "nothing: the producer always uses acks=all",
+    ),
+    ("message.timeout.ms", "kafka.delivery_timeout_ms"),
+    ("delivery.timeout.ms", "kafka.delivery_timeout_ms"),
+    ("queue.buffering.max.messages", "kafka.queue_max_messages"),
+    ("queue.buffering.max.kbytes", "kafka.queue_max_kbytes"),
+];
+
+/// librdkafka's partitioners that send every record of one key to one partition (the
+/// default, `murmur2_random`, places keys as the Java client does).
+pub const KEY_CONSISTENT_PARTITIONERS: &[&str] = &[
+    "murmur2_random",
+    "murmur2",
+    "consistent_random",
+    "consistent",
+    "fnv1a_random",
+    "fnv1a",
+];
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> SettingsError {
+    SettingsError::Invalid {
+        key,
+        reason: reason.into(),
+    }
+}
+
+/// Every reason the `kafka` settings cannot make a producer, each naming its setting.
+pub fn check(k: &Kafka) -> Vec<SettingsError> {
+    let mut errors = Vec::new();
+    for (key, instead) in RESERVED {
+        if k.librdkafka.contains_key(*key) {
+            errors.push(invalid(
+                "kafka.librdkafka",
+                format!("`{key}` is the bridge's own; set {instead}"),
+            ));
+        }
+    }
+    if let Some(partitioner) = k.librdkafka.get("partitioner") {
+        if !KEY_CONSISTENT_PARTITIONERS.contains(&partitioner.as_str()) {
+            errors.push(invalid(
+                "kafka.librdkafka",
+                format!(
+                    "`partitioner` = `{}` would not send every record of a ticket to one \
+                     partition, which per-ticket order needs; use one of {}",
+                    partitioner.chars().take(40).collect::<String>(),
+                    KEY_CONSISTENT_PARTITIONERS.join(", ")
+                ),
+            ));
+        }
+    }
+    if let Err(e) = check_security(k) {
+        errors.push(e);
+    }
+    errors
+}
+
+/// The producer's configuration, or every reason it cannot be made.
+pub fn build(kafka: &Kafka, max_body_bytes: usize) -> Result<ClientConfig, Vec<SettingsError>> {
+    let errors = check(kafka);
+    if errors.is_empty() {
+        Ok(producer_config(kafka, &kafka.brokers, max_body_bytes))
+    } else {
+        Err(errors)
+    }
+}
+
+pub fn producer_config(kafka: &Kafka, brokers: &str, max_body_bytes: usize) -> ClientConfig {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("partitioner", "murmur2_random")
+        .set("message.timeout.ms", kafka.delivery_timeout_ms.to_string())
+        .set(
+            "queue.buffering.max.messages",
+            kafka.queue_max_messages.to_string(),
+        )
+        .set(
+            "queue.buffering.max.kbytes",
+            kafka.queue_max_kbytes.to_string(),
+        )
+        // Room for the largest accepted body plus its key and headers.
+        .set("message.max.bytes", (max_body_bytes + 65_536).to_string())
+        .set("linger.ms", "5")
+        .set("allow.auto.create.topics", "false")
+        .set("statistics.interval.ms", "5000")
+        // Reconnect promptly after a broker returns, so readiness recovers within seconds.
+        .set("reconnect.backoff.max.ms", "1000")
+        .set("client.id", "tamio-kafka-bridge")
+        .set("security.protocol", kafka.security_protocol());
+    let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+    let tls = &kafka.tls;
+    if tls.enabled {
+        if !tls.ca_file.as_os_str().is_empty() {
+            cfg.set("ssl.ca.location", path(&tls.ca_file));
+        }
+        if !tls.cert_file.as_os_str().is_empty() {
+            cfg.set("ssl.certificate.location", path(&tls.cert_file))
+                .set("ssl.key.location", path(&tls.key_file));
+        }
+        if !tls.key_password.expose().is_empty() {
+            cfg.set(
+                "ssl.key.password",
+                String::from_utf8_lossy(tls.key_password.expose()),
+            );
+        }
+    }
+    if let Some(mechanism) = kafka.sasl.mechanism {
+        cfg.set("sasl.mechanisms", mechanism.as_str())
+            .set("sasl.username", &kafka.sasl.username)
+            .set(
+                "sasl.password",
+                String::from_utf8_lossy(kafka.sasl.password.expose()),
+            );
+    }
+    for (k, v) in &kafka.librdkafka {
+        cfg.set(k, v);
+    }
+    cfg
+}
+
+/// Checks the `kafka.tls` and `kafka.sasl` settings and their files.
+fn check_security(k: &Kafka) -> Result<(), SettingsError> {
+    let tls = &k.tls;
+    let set = |p: &PathBuf| !p.as_os_str().is_empty();
+    if !tls.enabled && (set(&tls.ca_file) || set(&tls.cert_file) || set(&tls.key_file)) {
+        return Err(invalid(
+            "kafka.tls.enabled",
+            "kafka.tls files are set but TLS is off: set kafka.tls.enabled = true",
+        ));
+    }
+    if set(&tls.ca_file) {
+        check_pem_file(&tls.ca_file, "CERTIFICATE").map_err(|r| invalid("kafka.tls.ca_file", r))?;
+    }
+    if set(&tls.cert_file) != set(&tls.key_file) {
+        return Err(invalid(
+            "kafka.tls.key_file",
+            "kafka.tls.cert_file and kafka.tls.key_file are set together or not at all",
+        ));
+    }
+    if !tls.key_password.expose().is_empty() && !set(&tls.key_file) {
+        return Err(invalid(
+            "kafka.tls.key_password",
+            "is for an encrypted kafka.tls.key_file, and none is set",
+        ));
+    }
+    if set(&tls.cert_file) {
+        check_pem_file(&tls.cert_file, "CERTIFICATE")
+            .map_err(|r| invalid("kafka.tls.cert_file", r))?;
+        check_pem_file(&tls.key_file, "PRIVATE KEY")
+            .map_err(|r| invalid("kafka.tls.key_file", r))?;
+    }
+    let sasl = &k.sasl;
+    match sasl.mechanism {
+        Some(_) => {
+            if sasl.username.is_empty() {
+                return Err(invalid(
+                    "kafka.sasl.username",
+                    "must be set with kafka.sasl.mechanism",
+                ));
+            }
+            if sasl.password.expose().is_empty() {
+                return Err(invalid(
+                    "kafka.sasl.password",
+                    "must be set (or kafka.sasl.password_file) with kafka.sasl.mechanism",
+                ));
+            }
+        }
+        None if !sasl.username.is_empty() || !sasl.password.expose().is_empty() => {
+            return Err(invalid(
+                "kafka.sasl.mechanism",
+                "a SASL username or password is set but no mechanism: set PLAIN, \
+                 SCRAM-SHA-256 or SCRAM-SHA-512",
+            ));
+        }
+        None => {}
+    }
+    if tls.enabled || sasl.mechanism.is_some() {
+        for key in k.librdkafka.keys() {
+            if key == "security.protocol" || key.starts_with("ssl.") || key.starts_with("sasl.") {
+                return Err(invalid(
+                    "kafka.librdkafka",
+                    format!("`{key}` conflicts with kafka.tls / kafka.sasl: use one or the other"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The producer's context: turns librdkafka's statistics into metrics and notices fatal
+/// errors. librdkafka's own log lines reach `tracing` through rdkafka's `tracing` feature.
+pub struct StatsContext {
+    metrics: Arc<Metrics>,
+    /// Last cumulative (errors, retries) seen per broker, to count the increase.
+    last: std::sync::Mutex<std::collections::HashMap<String, (u64, u64)>>,
+    /// Set when librdkafka reports a fatal error: this producer can deliver nothing more.
+    fatal: Arc<AtomicBool>,
+}
+
+impl StatsContext {
+    /// A context counting into `metrics` that sets `fatal` when librdkafka reports a fatal
+    /// error.
+    pub fn new(metrics: Arc<Metrics>, fatal: Arc<AtomicBool>) -> StatsContext {
+        StatsContext {
+            metrics,
+            last: Default::default(),
+            fatal,
+        }
+    }
+}
+
+impl ClientContext for StatsContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) {
+            tracing::error!(%reason, "the Kafka producer hit a fatal error; it will be replaced");
+            self.fatal.store(true, Ordering::SeqCst);
+        } else {
+            tracing::warn!(%error, %reason, "Kafka client error");
+        }
+    }
+
+    fn stats(&self, stats: Statistics) {
+        let m = &self.metrics;
+        m.producer_queue_messages.set(stats.msg_cnt as i64);
+        m.producer_queue_bytes.set(stats.msg_size as i64);
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        for broker in stats.brokers.values() {
+            // Bootstrap entries (nodeid -1) stand for the configured addresses, not brokers.
+            if broker.nodeid < 0 {
+                continue;
+            }
+            let label = [broker.nodename.as_str()];
+            m.broker_up
+                .with_label_values(&label)
+                .set(i64::from(broker.state == "UP"));
+            if let Some(rtt) = &broker.rtt {
+                m.broker_rtt
+                    .with_label_values(&label)
+                    .set(rtt.avg as f64 / 1_000_000.0);
+            }
+            let errors = broker.txerrs + broker.rxerrs + broker.req_timeouts;
+            let retries = broker.txretries;
+            let (prev_errors, prev_retries) = last
+                .insert(broker.nodename.clone(), (errors, retries))
+                .unwrap_or((0, 0));
+            m.broker_request_errors
+                .with_label_values(&label)
+                .inc_by(errors.saturating_sub(prev_errors));
+            m.broker_retries
+                .with_label_values(&label)
+                .inc_by(retries.saturating_sub(prev_retries));
+        }
+    }
+}
+
+pub type BridgeProducer = FutureProducer<StatsContext>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Settings;
+
+    fn kafka(env: &[(&str, &str)]) -> Kafka {
+        let mut all = vec![(
+            "TAMIO_BRIDGE__KAFKA__BROKERS".to_owned(),
+            "b:9092".to_owned(),
+        )];
+        all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        Settings::load_from(None, all).unwrap().kafka
+    }
+
+    fn get<'a>(cfg: &'a ClientConfig, key: &str) -> Option<&'a str> {
+        cfg.get(key)
+    }
+
+    #[test]
+    fn security_settings_become_librdkafka_options() {
+        let plain = producer_config(&kafka(&[]), "b:9092", 1000);
+        assert_eq!(get(&plain, "security.protocol"), Some("plaintext"));
+        assert_eq!(get(&plain, "sasl.mechanisms"), None);
+
+        let sasl = producer_config(
+            &kafka(&[
+                ("TAMIO_BRIDGE__KAFKA__SASL__MECHANISM", "PLAIN"),
+                ("TAMIO_BRIDGE__KAFKA__SASL__USERNAME", "bridge"),
+                ("TAMIO_BRIDGE__KAFKA__SASL__PASSWORD", "pw-1"),
+            ]),
+            "b:9092",
+            1000,
+        );
+        assert_eq!(get(&sasl, "security.protocol"), Some("sasl_plaintext"));
+        assert_eq!(get(&sasl, "sasl.mechanisms"), Some("PLAIN"));
+        assert_eq!(get(&sasl, "sasl.username"), Some("bridge"));
+        assert_eq!(get(&sasl, "sasl.password"), Some("pw-1"));
+
+        let tls = producer_config(
+            &kafka(&[
+                ("TAMIO_BRIDGE__KAFKA__TLS__ENABLED", "true"),
+                ("TAMIO_BRIDGE__KAFKA__SASL__MECHANISM", "SCRAM-SHA-256"),
+                ("TAMIO_BRIDGE__KAFKA__SASL__USERNAME", "bridge"),
+                ("TAMIO_BRIDGE__KAFKA__SASL__PASSWORD", "pw-2"),
+            ]),
+            "b:9092",
+            1000,
+        );
+        assert_eq!(get(&tls, "security.protocol"), Some("sasl_ssl"));
+        assert_eq!(get(&tls, "sasl.mechanisms"), Some("SCRAM-SHA-256"));
+        assert_eq!(get(&tls, "ssl.ca.location"), None, "the system's CAs");
+    }
+}
