@@ -2,16 +2,29 @@
 //!
 //! Starts tansu (in-memory storage) and the release bridge binary, drives signed ticket
 //! events at fixed concurrency levels over keep-alive HTTP/1.1 for a fixed time, and prints
-//! per level: throughput, latency percentiles, answers by status, the bridge's peak resident
-//! memory and CPU seconds per 1,000 events, and the records found in Kafka afterwards. In the
-//! same run it measures two ceilings, so the result is a ratio that holds on a noisy machine:
-//! - HTTP: the same load against a minimal hyper server (this binary, re-executed) that reads
-//!   the body and answers 200;
-//! - Kafka: an rdkafka producer with the bridge's producer settings sending the same records
-//!   with the same number of outstanding sends, each awaited.
+//! per run: acknowledged events a second, latency percentiles (hdrhistogram), answers by
+//! status, the bridge's peak resident memory and CPU per acknowledged event (procfs), and
+//! the records found in Kafka afterwards, which must hold every acknowledged event.
 //!
-//! Environment: `BENCH_SECONDS` (per run, default 5), `BENCH_LEVELS` (default 1,16,64,256),
-//! `TANSU_BIN` (default: `tansu` on the PATH).
+//! With `BENCH_BASELINE_BIN` set to another build of the bridge (an earlier commit built in a
+//! separate target directory, see `benches/baseline.sh`), each level runs that baseline and
+//! this build in turn, `BENCH_ROUNDS` times, interleaved so that the machine's noise hits
+//! both, and a last table gives the ratios and whether each performance goal holds.
+//!
+//! In the same run it measures two ceilings (`BENCH_CEILINGS=0` skips them): HTTP (a minimal
+//! hyper server, this binary re-executed, that reads the body and answers 200) and Kafka (an
+//! rdkafka producer with the bridge's producer settings, the same records, the same number
+//! of outstanding sends).
+//!
+//! Environment: `BENCH_SECONDS` (per run, default 5), `BENCH_LEVELS` (default 1,64,256),
+//! `BENCH_ROUNDS` (default 2), `BENCH_EXTRA` (`tls`, `scrape`: the extra rows at 64
+//! connections), `BENCH_CONFIG` (a `--config` file for this build, not the baseline),
+//! `TANSU_BIN` (default: `tansu` on the PATH). Both builds run with the default settings,
+//! logging at `info` included.
+
+#[path = "../tests/common/tls.rs"]
+#[allow(dead_code)]
+mod tls;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -21,6 +34,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -47,18 +61,32 @@ fn main() {
         println!("load benchmark: run it with `cargo bench --bench load`");
         return;
     }
-    let seconds: u64 = env_or("BENCH_SECONDS", 5);
     let levels: Vec<usize> = std::env::var("BENCH_LEVELS")
-        .unwrap_or_else(|_| "1,16,64,256".into())
+        .unwrap_or_else(|_| "1,64,256".into())
         .split(',')
         .map(|l| l.trim().parse().expect("BENCH_LEVELS: numbers"))
         .collect();
+    let options = Options {
+        duration: Duration::from_secs(env_or("BENCH_SECONDS", 5)),
+        rounds: env_or("BENCH_ROUNDS", 2),
+        ceilings: env_or("BENCH_CEILINGS", 1) != 0,
+        extra: std::env::var("BENCH_EXTRA").unwrap_or_default(),
+        baseline: std::env::var("BENCH_BASELINE_BIN").ok(),
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    runtime.block_on(bench(Duration::from_secs(seconds), levels));
+    runtime.block_on(bench(options, levels));
+}
+
+struct Options {
+    duration: Duration,
+    rounds: usize,
+    ceilings: bool,
+    extra: String,
+    baseline: Option<String>,
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -112,10 +140,15 @@ fn body(n: u64) -> String {
         .replacen("fbaddbf8-e290-4fa4-a3ed-fbb4837dabe1", &ticket, 1)
 }
 
-#[derive(Default)]
+fn histogram() -> Histogram<u64> {
+    // Microseconds, from 1 µs to 60 s, 3 significant digits.
+    Histogram::new_with_bounds(1, 60_000_000, 3).unwrap()
+}
+
+/// What one run of the load saw.
 struct RunResult {
     acked: u64,
-    latencies_us: Vec<u64>,
+    latencies_us: Histogram<u64>,
     answers: BTreeMap<String, u64>,
     elapsed: Duration,
     driver_cpu: f64,
@@ -125,36 +158,41 @@ impl RunResult {
     fn throughput(&self) -> f64 {
         self.acked as f64 / self.elapsed.as_secs_f64()
     }
+
     fn pct(&self, p: f64) -> f64 {
         if self.latencies_us.is_empty() {
             return f64::NAN;
         }
-        let i = ((self.latencies_us.len() as f64 - 1.0) * p).round() as usize;
-        self.latencies_us[i] as f64 / 1000.0
+        self.latencies_us.value_at_quantile(p) as f64 / 1000.0
+    }
+
+    fn absorb(&mut self, other: RunResult) {
+        self.acked += other.acked;
+        self.latencies_us.add(&other.latencies_us).unwrap();
+        for (k, v) in other.answers {
+            *self.answers.entry(k).or_default() += v;
+        }
+        self.elapsed += other.elapsed;
+        self.driver_cpu += other.driver_cpu;
     }
 }
 
+/// CPU seconds (user and system) a process has used.
 fn process_cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the command.
-    (ticks(11) + ticks(12)) / 100.0
+    let ticks = procfs::ticks_per_second() as f64;
+    procfs::process::Process::new(pid as i32)
+        .and_then(|p| p.stat())
+        .map(|s| (s.utime + s.stime) as f64 / ticks)
+        .unwrap_or(f64::NAN)
 }
 
+/// A process's peak resident memory, in MB.
 fn peak_rss_mb(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map(|kb| kb / 1024.0)
+    procfs::process::Process::new(pid as i32)
+        .and_then(|p| p.status())
+        .ok()
+        .and_then(|s| s.vmhwm)
+        .map(|kb| kb as f64 / 1024.0)
         .unwrap_or(f64::NAN)
 }
 
@@ -166,6 +204,16 @@ struct Run {
     started: Instant,
     cpu_before: f64,
     duration: Duration,
+}
+
+fn new_result() -> Arc<Mutex<RunResult>> {
+    Arc::new(Mutex::new(RunResult {
+        acked: 0,
+        latencies_us: histogram(),
+        answers: BTreeMap::new(),
+        elapsed: Duration::ZERO,
+        driver_cpu: 0.0,
+    }))
 }
 
 /// Lets the workers run for the run's duration, stops them and gathers their results.
@@ -182,7 +230,6 @@ async fn finish_run(run: Run) -> RunResult {
         .unwrap();
     r.elapsed = run.started.elapsed();
     r.driver_cpu = process_cpu_seconds(std::process::id()) - run.cpu_before;
-    r.latencies_us.sort_unstable();
     r
 }
 
@@ -200,7 +247,6 @@ fn pacer(pace: Option<Duration>) -> Option<tokio::time::Interval> {
 /// another for `duration`.
 async fn drive_http(
     addr: SocketAddr,
-    path: &str,
     concurrency: usize,
     duration: Duration,
     pace: Option<Duration>,
@@ -214,20 +260,15 @@ async fn drive_http(
             * 1000,
     ));
     let stop = Arc::new(AtomicBool::new(false));
-    let result = Arc::new(Mutex::new(RunResult::default()));
+    let result = new_result();
     let cpu_before = process_cpu_seconds(std::process::id());
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
-        let (counter, stop, result, path, tls) = (
-            counter.clone(),
-            stop.clone(),
-            result.clone(),
-            path.to_owned(),
-            tls.clone(),
-        );
+        let (counter, stop, result, tls) =
+            (counter.clone(), stop.clone(), result.clone(), tls.clone());
         tasks.push(tokio::spawn(async move {
-            let mut latencies = Vec::new();
+            let mut latencies = histogram();
             let mut answers: BTreeMap<String, u64> = BTreeMap::new();
             let mut acked = 0;
             let mut ticker = pacer(pace);
@@ -262,7 +303,7 @@ async fn drive_http(
                     let n = counter.fetch_add(1, Ordering::Relaxed);
                     let body = body(n);
                     let sig = verify::header_value(SECRET.as_bytes(), now(), body.as_bytes());
-                    let req = http::Request::post(path.as_str())
+                    let req = http::Request::post("/webhooks/tamio")
                         .header("host", "bench")
                         .header("content-type", "application/json")
                         .header("tamio-signature", sig)
@@ -273,7 +314,7 @@ async fn drive_http(
                         Ok(resp) => {
                             let status = resp.status();
                             let _ = resp.into_body().collect().await;
-                            latencies.push(sent.elapsed().as_micros() as u64);
+                            let _ = latencies.record(sent.elapsed().as_micros().max(1) as u64);
                             *answers.entry(status.as_u16().to_string()).or_default() += 1;
                             if status.is_success() {
                                 acked += 1;
@@ -287,7 +328,7 @@ async fn drive_http(
                 }
             }
             let mut r = result.lock().unwrap();
-            r.latencies_us.extend(latencies);
+            r.latencies_us.add(&latencies).unwrap();
             r.acked += acked;
             for (k, v) in answers {
                 *r.answers.entry(k).or_default() += v;
@@ -324,7 +365,7 @@ async fn drive_kafka(
     .unwrap();
     let counter = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
-    let result = Arc::new(Mutex::new(RunResult::default()));
+    let result = new_result();
     let cpu_before = process_cpu_seconds(std::process::id());
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -337,7 +378,7 @@ async fn drive_kafka(
             topic.to_owned(),
         );
         tasks.push(tokio::spawn(async move {
-            let mut latencies = Vec::new();
+            let mut latencies = histogram();
             let mut acked = 0;
             let mut failed = 0;
             let mut ticker = pacer(pace);
@@ -378,13 +419,13 @@ async fn drive_kafka(
                 match producer.send(record, Timeout::After(Duration::ZERO)).await {
                     Ok(_) => {
                         acked += 1;
-                        latencies.push(sent.elapsed().as_micros() as u64);
+                        let _ = latencies.record(sent.elapsed().as_micros().max(1) as u64);
                     }
                     Err(_) => failed += 1,
                 }
             }
             let mut r = result.lock().unwrap();
-            r.latencies_us.extend(latencies);
+            r.latencies_us.add(&latencies).unwrap();
             r.acked += acked;
             *r.answers.entry("ok".into()).or_default() += acked;
             if failed > 0 {
@@ -456,33 +497,46 @@ async fn count_records(brokers: &str, topic: &str, at_least: u64) -> u64 {
     .unwrap()
 }
 
+/// A bridge process under load.
 struct Bridge {
     child: Guard,
     addr: SocketAddr,
-    started_in: Duration,
+    admin_port: u16,
 }
 
-async fn start_bridge(brokers: &str, topic: &str) -> Bridge {
-    start_bridge_with(brokers, topic, &[]).await
+impl Bridge {
+    fn pid(&self) -> u32 {
+        self.child.0.id()
+    }
 }
 
-async fn start_bridge_with(brokers: &str, topic: &str, env: &[(&str, String)]) -> Bridge {
-    let (port, admin) = (free_port(), free_port());
+async fn start_bridge(bin: &str, brokers: &str, topic: &str, env: &[(&str, String)]) -> Bridge {
+    let (port, admin_port) = (free_port(), free_port());
     let started = Instant::now();
-    let child = Command::new(env!("CARGO_BIN_EXE_tamio-kafka-bridge"))
+    let mut command = Command::new(bin);
+    // A --config file for this build alone, to compare settings (e.g. `linger.ms`).
+    if let Ok(file) = std::env::var("BENCH_CONFIG") {
+        if bin == env!("CARGO_BIN_EXE_tamio-kafka-bridge") {
+            command.args(["--config", &file]);
+        }
+    }
+    let child = command
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .env("TAMIO_BRIDGE__KAFKA__BROKERS", brokers)
         .env("TAMIO_BRIDGE__KAFKA__TOPIC", topic)
         .env("TAMIO_BRIDGE__SIGNATURE__SECRETS", SECRET)
         .env("TAMIO_BRIDGE__SERVER__LISTEN", format!("127.0.0.1:{port}"))
-        .env("TAMIO_BRIDGE__ADMIN__LISTEN", format!("127.0.0.1:{admin}"))
-        .env("TAMIO_BRIDGE__LOG__LEVEL", "warn")
+        .env(
+            "TAMIO_BRIDGE__ADMIN__LISTEN",
+            format!("127.0.0.1:{admin_port}"),
+        )
         .stdout(Stdio::null())
+        .stderr(Stdio::null())
         .spawn()
-        .unwrap();
+        .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
     let child = Guard(child);
     loop {
-        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", admin)).await {
+        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", admin_port)).await {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let _ = s
                 .write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -502,7 +556,7 @@ async fn start_bridge_with(brokers: &str, topic: &str, env: &[(&str, String)]) -
     Bridge {
         child,
         addr: format!("127.0.0.1:{port}").parse().unwrap(),
-        started_in: started.elapsed(),
+        admin_port,
     }
 }
 
@@ -550,7 +604,127 @@ fn http_ceiling_server() {
     });
 }
 
-async fn bench(duration: Duration, levels: Vec<usize>) {
+/// What a bridge build did at one level, over its rounds.
+struct Measured {
+    run: RunResult,
+    cpu_secs: f64,
+    peak_rss_mb: f64,
+    in_kafka: u64,
+}
+
+impl Measured {
+    fn cpu_us_per_event(&self) -> f64 {
+        self.cpu_secs * 1e6 / self.run.acked.max(1) as f64
+    }
+}
+
+/// One run of `bin` at `concurrency`, on a topic of its own, read back afterwards.
+async fn measure_once(
+    bin: &str,
+    brokers: &str,
+    concurrency: usize,
+    duration: Duration,
+    env: &[(&str, String)],
+    tls: Option<tokio_rustls::TlsConnector>,
+) -> Measured {
+    let topic = format!(
+        "bench-{concurrency}-{}",
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    create_topic(brokers, &topic).await;
+    let bridge = start_bridge(bin, brokers, &topic, env).await;
+    let cpu0 = process_cpu_seconds(bridge.pid());
+    let run = drive_http(bridge.addr, concurrency, duration, None, tls).await;
+    let cpu = process_cpu_seconds(bridge.pid()) - cpu0;
+    let rss = peak_rss_mb(bridge.pid());
+    drop(bridge);
+    let in_kafka = count_records(brokers, &topic, run.acked).await;
+    assert!(
+        in_kafka >= run.acked,
+        "Kafka holds {in_kafka} records but {} were acknowledged",
+        run.acked
+    );
+    Measured {
+        run,
+        cpu_secs: cpu,
+        peak_rss_mb: rss,
+        in_kafka,
+    }
+}
+
+fn absorb(into: &mut Option<Measured>, m: Measured) {
+    match into {
+        None => *into = Some(m),
+        Some(total) => {
+            total.run.absorb(m.run);
+            total.cpu_secs += m.cpu_secs;
+            total.peak_rss_mb = total.peak_rss_mb.max(m.peak_rss_mb);
+            total.in_kafka += m.in_kafka;
+        }
+    }
+}
+
+fn header() {
+    println!(
+        "{:<14} {:>5} {:>9} {:>7} {:>7} {:>7} {:>8} {:>8} {:>9} {:>8} {:>9}  answers",
+        "run",
+        "conc",
+        "events/s",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "max ms",
+        "peak MB",
+        "cpu µs/ev",
+        "gen cpu",
+        "in kafka"
+    );
+}
+
+fn row(
+    name: &str,
+    c: usize,
+    r: &RunResult,
+    rss: Option<f64>,
+    cpu_us: Option<f64>,
+    found: Option<u64>,
+) {
+    let opt = |v: Option<f64>, prec: usize| {
+        v.map(|v| format!("{v:.prec$}"))
+            .unwrap_or_else(|| "-".into())
+    };
+    println!(
+        "{:<14} {:>5} {:>9.0} {:>7.2} {:>7.2} {:>7.2} {:>8.2} {:>8} {:>9} {:>8.2} {:>9}  {:?}",
+        name,
+        c,
+        r.throughput(),
+        r.pct(0.5),
+        r.pct(0.9),
+        r.pct(0.99),
+        r.latencies_us.max() as f64 / 1000.0,
+        opt(rss, 1),
+        opt(cpu_us, 1),
+        r.driver_cpu,
+        found.map(|f| f.to_string()).unwrap_or_else(|| "-".into()),
+        r.answers
+    );
+}
+
+fn measured_row(name: &str, c: usize, m: &Measured) {
+    row(
+        name,
+        c,
+        &m.run,
+        Some(m.peak_rss_mb),
+        Some(m.cpu_us_per_event()),
+        Some(m.in_kafka),
+    );
+}
+
+async fn bench(options: Options, levels: Vec<usize>) {
     let tansu = std::env::var("TANSU_BIN").unwrap_or_else(|_| "tansu".into());
     let kafka_port = free_port();
     let url = format!("tcp://127.0.0.1:{kafka_port}");
@@ -586,253 +760,161 @@ async fn bench(duration: Duration, levels: Vec<usize>) {
     wait_port(&format!("127.0.0.1:{http_port}")).await;
     let http_addr: SocketAddr = format!("127.0.0.1:{http_port}").parse().unwrap();
 
-    println!("tamio-kafka-bridge load benchmark: {} s per run, 2 cores, tansu 0.6 (memory storage), 3 partitions", duration.as_secs());
-    println!("load generator: this binary, Rust/tokio (2 threads), one keep-alive HTTP/1.1 connection per concurrent sender; its own CPU is reported as `gen cpu`\n");
+    let new_bin = env!("CARGO_BIN_EXE_tamio-kafka-bridge");
+    let duration = options.duration;
     println!(
-        "{:<12} {:>5} {:>9} {:>7} {:>7} {:>7} {:>8} {:>8} {:>9} {:>8} {:>9}  answers",
-        "run",
-        "conc",
-        "events/s",
-        "p50 ms",
-        "p90 ms",
-        "p99 ms",
-        "max ms",
-        "peak MB",
-        "cpu s/1k",
-        "gen cpu",
-        "in kafka"
+        "tamio-kafka-bridge load benchmark: {} s per run, {} round(s) per build and level, \
+         2 cores, tansu 0.6 (memory storage), 3 partitions",
+        duration.as_secs(),
+        options.rounds
     );
+    println!(
+        "load generator: this binary, Rust/tokio (2 threads), one keep-alive HTTP/1.1 \
+         connection per concurrent sender; its own CPU is `gen cpu`"
+    );
+    match &options.baseline {
+        Some(b) => println!("baseline: {b}\nnew:      {new_bin}\n"),
+        None => println!("(BENCH_BASELINE_BIN unset: this build only)\n"),
+    }
+    header();
     let mut summary = Vec::new();
     for &c in &levels {
-        let http = drive_http(http_addr, "/webhooks/tamio", c, duration, None, None).await;
-        row("http-ceiling", c, &http, None, None, None);
-
-        let topic = format!("bench-kafka-{c}-{}", now());
-        create_topic(&brokers, &topic).await;
-        let kafka = drive_kafka(&brokers, &topic, c, duration, None).await;
-        row("kafka-ceiling", c, &kafka, None, None, None);
-
-        let topic = format!("bench-bridge-{c}-{}", now());
-        create_topic(&brokers, &topic).await;
-        let bridge = start_bridge(&brokers, &topic).await;
-        let pid = bridge.child.0.id();
-        let cpu0 = process_cpu_seconds(pid);
-        let run = drive_http(bridge.addr, "/webhooks/tamio", c, duration, None, None).await;
-        let cpu = process_cpu_seconds(pid) - cpu0;
-        let rss = peak_rss_mb(pid);
-        let found = count_records(&brokers, &topic, run.acked).await;
-        row(
-            "bridge",
-            c,
-            &run,
-            Some(rss),
-            Some(cpu * 1000.0 / run.acked.max(1) as f64),
-            Some(found),
-        );
-        assert!(
-            found >= run.acked,
-            "Kafka holds {found} records but {} were acknowledged",
-            run.acked
-        );
-        summary.push((
-            c,
-            http.throughput(),
-            kafka.throughput(),
-            run.throughput(),
-            kafka.pct(0.99),
-            run.pct(0.99),
-            bridge.started_in,
-        ));
-        drop(bridge);
+        if options.ceilings {
+            let http = drive_http(http_addr, c, duration, None, None).await;
+            row("http-ceiling", c, &http, None, None, None);
+            let topic = format!("bench-kafka-{c}-{}", now());
+            create_topic(&brokers, &topic).await;
+            let kafka = drive_kafka(&brokers, &topic, c, duration, None).await;
+            row("kafka-ceiling", c, &kafka, None, None, None);
+        }
+        let (mut base, mut new) = (None, None);
+        for _ in 0..options.rounds {
+            if let Some(bin) = &options.baseline {
+                absorb(
+                    &mut base,
+                    measure_once(bin, &brokers, c, duration, &[], None).await,
+                );
+            }
+            absorb(
+                &mut new,
+                measure_once(new_bin, &brokers, c, duration, &[], None).await,
+            );
+        }
+        if let Some(base) = &base {
+            measured_row("baseline", c, base);
+        }
+        let new = new.unwrap();
+        measured_row("bridge", c, &new);
         println!();
+        summary.push((c, base, new));
     }
 
-    if levels.contains(&64) {
+    if levels.contains(&64) && options.extra.contains("scrape") {
         let topic = format!("bench-scrape-{}", now());
         create_topic(&brokers, &topic).await;
-        let bridge = start_bridge(&brokers, &topic).await;
-        let admin_port = free_port_of_admin(&bridge);
+        let bridge = start_bridge(new_bin, &brokers, &topic, &[]).await;
         let stop = Arc::new(AtomicBool::new(false));
-        let scraper = tokio::spawn(scrape_every_second(admin_port, stop.clone()));
-        let run = drive_http(bridge.addr, "/webhooks/tamio", 64, duration, None, None).await;
+        let scraper = tokio::spawn(scrape_every_second(bridge.admin_port, stop.clone()));
+        let run = drive_http(bridge.addr, 64, duration, None, None).await;
         stop.store(true, Ordering::Relaxed);
         let _ = scraper.await;
         row(
             "bridge+scrape",
             64,
             &run,
-            Some(peak_rss_mb(bridge.child.0.id())),
+            Some(peak_rss_mb(bridge.pid())),
             None,
             None,
         );
         println!();
     }
 
-    // The same load over TLS (rustls on the ingress; a new certificate from a test CA).
-    if levels.contains(&64) {
-        let (dir, connector) = test_tls();
-        let topic = format!("bench-tls-{}", now());
-        create_topic(&brokers, &topic).await;
-        let cert = dir.path().join("server.crt").display().to_string();
-        let key = dir.path().join("server.key").display().to_string();
-        let bridge = start_bridge_with(
-            &brokers,
-            &topic,
-            &[
-                ("TAMIO_BRIDGE__SERVER__TLS_CERT_FILE", cert),
-                ("TAMIO_BRIDGE__SERVER__TLS_KEY_FILE", key),
-            ],
-        )
-        .await;
-        let pid = bridge.child.0.id();
-        let cpu0 = process_cpu_seconds(pid);
-        let run = drive_http(
-            bridge.addr,
-            "/webhooks/tamio",
-            64,
-            duration,
-            None,
-            Some(connector),
-        )
-        .await;
-        let cpu = process_cpu_seconds(pid) - cpu0;
-        row(
-            "bridge-tls",
-            64,
-            &run,
-            Some(peak_rss_mb(pid)),
-            Some(cpu * 1000.0 / run.acked.max(1) as f64),
-            Some(count_records(&brokers, &topic, run.acked).await),
-        );
+    // The same load over TLS (rustls on the ingress; a certificate from a test CA).
+    if levels.contains(&64) && options.extra.contains("tls") {
+        let pki = tls::Pki::new();
+        pki.issue("server");
+        let cert = pki.path("server.crt").display().to_string();
+        let key = pki.path("server.key").display().to_string();
+        let env = [
+            ("TAMIO_BRIDGE__SERVER__TLS_CERT_FILE", cert),
+            ("TAMIO_BRIDGE__SERVER__TLS_KEY_FILE", key),
+        ];
+        let connector = tls::tls_connector(&pki.ca_pem(), false);
+        let m = measure_once(new_bin, &brokers, 64, duration, &env, Some(connector)).await;
+        measured_row("bridge-tls", 64, &m);
         println!();
     }
 
-    // Latency at half the highest throughput the bridge reached, paced (open loop) over 64
-    // connections, against the Kafka ceiling paced the same way.
-    let max = summary.iter().map(|s| s.3).fold(0.0, f64::max);
-    let half = max / 2.0;
-    let pace = Duration::from_secs_f64(64.0 / half);
-    let topic = format!("bench-half-kafka-{}", now());
-    create_topic(&brokers, &topic).await;
-    let kafka = drive_kafka(&brokers, &topic, 64, duration, Some(pace)).await;
-    row("kafka@half", 64, &kafka, None, None, None);
-    let topic = format!("bench-half-bridge-{}", now());
-    create_topic(&brokers, &topic).await;
-    let bridge = start_bridge(&brokers, &topic).await;
-    let run = drive_http(
-        bridge.addr,
-        "/webhooks/tamio",
-        64,
-        duration,
-        Some(pace),
-        None,
-    )
-    .await;
-    row(
-        "bridge@half",
-        64,
-        &run,
-        Some(peak_rss_mb(bridge.child.0.id())),
-        None,
-        None,
-    );
-    drop(bridge);
-    println!(
-        "\nat half the bridge's peak ({half:.0} events/s offered): p99 bridge {:.1} ms, Kafka ceiling {:.1} ms, ratio {:.2}\n",
-        run.pct(0.99),
-        kafka.pct(0.99),
-        run.pct(0.99) / kafka.pct(0.99)
-    );
-
-    println!(
-        "{:<6} {:>12} {:>12} {:>10} {:>15} {:>14} {:>13} {:>10}",
-        "conc",
-        "http ceil/s",
-        "kafka ceil/s",
-        "bridge/s",
-        "bridge/min ceil",
-        "kafka p99 ms",
-        "bridge p99 ms",
-        "start ms"
-    );
-    for (c, h, k, b, kp99, bp99, start) in summary {
+    if options.baseline.is_some() {
+        println!("new against baseline, each level over the same rounds (ratio = new / baseline):");
         println!(
-            "{:<6} {:>12.0} {:>12.0} {:>10.0} {:>14.0}% {:>14.1} {:>13.1} {:>10}",
-            c,
-            h,
-            k,
-            b,
-            100.0 * b / h.min(k),
-            kp99,
-            bp99,
-            start.as_millis()
+            "{:<5} {:>11} {:>11} {:>7} {:>11} {:>11} {:>7} {:>9} {:>9} {:>7} {:>10} {:>10}  goals",
+            "conc",
+            "base ev/s",
+            "new ev/s",
+            "ratio",
+            "base µs/ev",
+            "new µs/ev",
+            "ratio",
+            "base p99",
+            "new p99",
+            "ratio",
+            "base MB",
+            "new MB",
+        );
+        for (c, base, new) in &summary {
+            let Some(base) = base else { continue };
+            let thr = new.run.throughput() / base.run.throughput();
+            let cpu = new.cpu_us_per_event() / base.cpu_us_per_event();
+            let p99 = new.run.pct(0.99) / base.run.pct(0.99);
+            let mut goals = Vec::new();
+            let mut goal = |name: &str, holds: bool| {
+                goals.push(format!("{name} {}", if holds { "holds" } else { "MISSED" }))
+            };
+            match c {
+                1 => goal("p50 <= 1.5 ms", new.run.pct(0.5) <= 1.5),
+                64 => {
+                    goal("events/s >= 2.5x", thr >= 2.5);
+                    goal("cpu <= 0.75x", cpu <= 0.75);
+                    goal("p99 <= 0.6x", p99 <= 0.6);
+                }
+                256 => {
+                    goal("events/s >= 2x", thr >= 2.0);
+                    goal(
+                        "peak RSS <= 20 MB and <= baseline",
+                        new.peak_rss_mb <= 20.0 && new.peak_rss_mb <= base.peak_rss_mb,
+                    );
+                }
+                _ => {}
+            }
+            println!(
+                "{:<5} {:>11.0} {:>11.0} {:>6.2}x {:>11.1} {:>11.1} {:>6.2}x {:>9.2} {:>9.2} {:>6.2}x {:>10.1} {:>10.1}  {}",
+                c,
+                base.run.throughput(),
+                new.run.throughput(),
+                thr,
+                base.cpu_us_per_event(),
+                new.cpu_us_per_event(),
+                cpu,
+                base.run.pct(0.99),
+                new.run.pct(0.99),
+                p99,
+                base.peak_rss_mb,
+                new.peak_rss_mb,
+                goals.join(", ")
+            );
+        }
+        println!(
+            "\n1 connection: p50 {:.2} ms (new), {:.2} ms (baseline)",
+            summary
+                .iter()
+                .find(|s| s.0 == 1)
+                .map_or(f64::NAN, |s| s.2.run.pct(0.5)),
+            summary
+                .iter()
+                .find(|s| s.0 == 1)
+                .and_then(|s| s.1.as_ref())
+                .map_or(f64::NAN, |b| b.run.pct(0.5)),
         );
     }
-}
-
-fn free_port_of_admin(bridge: &Bridge) -> u16 {
-    // The admin port was given through the environment at start.
-    let environ =
-        std::fs::read(format!("/proc/{}/environ", bridge.child.0.id())).unwrap_or_default();
-    String::from_utf8_lossy(&environ)
-        .split('\0')
-        .find_map(|kv| kv.strip_prefix("TAMIO_BRIDGE__ADMIN__LISTEN=127.0.0.1:"))
-        .and_then(|p| p.parse().ok())
-        .expect("admin port")
-}
-
-fn row(
-    name: &str,
-    c: usize,
-    r: &RunResult,
-    rss: Option<f64>,
-    cpu_per_1k: Option<f64>,
-    found: Option<u64>,
-) {
-    let opt = |v: Option<f64>, prec: usize| {
-        v.map(|v| format!("{v:.prec$}"))
-            .unwrap_or_else(|| "-".into())
-    };
-    println!(
-        "{:<12} {:>5} {:>9.0} {:>7.2} {:>7.2} {:>7.2} {:>8.2} {:>8} {:>9} {:>8.2} {:>9}  {:?}",
-        name,
-        c,
-        r.throughput(),
-        r.pct(0.5),
-        r.pct(0.9),
-        r.pct(0.99),
-        r.latencies_us.last().copied().unwrap_or(0) as f64 / 1000.0,
-        opt(rss, 1),
-        opt(cpu_per_1k, 3),
-        r.driver_cpu,
-        found.map(|f| f.to_string()).unwrap_or_else(|| "-".into()),
-        r.answers
-    );
-}
-
-/// A test CA, a server certificate for 127.0.0.1 in `server.crt`/`server.key`, and a client
-/// connector that trusts only that CA.
-fn test_tls() -> (tempfile::TempDir, tokio_rustls::TlsConnector) {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = ca.self_signed(&ca_key).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
-        .unwrap()
-        .signed_by(&key, &ca, &ca_key)
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("server.crt"), cert.pem()).unwrap();
-    std::fs::write(dir.path().join("server.key"), key.serialize_pem()).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca.der().clone()).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    (dir, tokio_rustls::TlsConnector::from(Arc::new(config)))
 }

@@ -33,7 +33,7 @@ fn pipeline(c: &mut Criterion) {
         });
         group.bench_function(
             BenchmarkId::new("route_and_build_record", &case.label),
-            |b| b.iter(|| case.build(&verified, &envelope)),
+            |b| b.iter(|| case.build(&verified, case.headers.clone(), &envelope)),
         );
         group.bench_function(BenchmarkId::new("all", &case.label), |b| {
             b.iter(|| case.all())

@@ -166,3 +166,90 @@ async fn over_the_in_flight_bound_the_answer_is_503_at_once() {
     assert_eq!(bridge.send(FIXTURES[0]).await.status, StatusCode::OK);
     bridge.stop().await;
 }
+
+/// The duplicate claim lasts until Kafka's verdict, not until the request's answer: a record
+/// that lands after its request ended — answered 503 at its deadline, or left by its client —
+/// is remembered, and the sender's retry is answered as a duplicate instead of written again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_that_lands_after_its_request_ended_is_remembered() {
+    use tokio::io::AsyncReadExt;
+    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+    let topic = "tamio.tickets.late";
+    cluster.create_topic(topic, 1, 1).unwrap();
+    let mut s = settings(
+        topic,
+        &[
+            ("TAMIO_BRIDGE__SERVER__REQUEST_TIMEOUT_MS", "2000"),
+            ("TAMIO_BRIDGE__KAFKA__DELIVERY_TIMEOUT_MS", "1900"),
+        ],
+    );
+    s.kafka.brokers = cluster.bootstrap_servers();
+    let bridge = Bridge::start_ready(s).await;
+    // A first delivery sets the producer up before the broker turns slow.
+    let warm = bridge
+        .send(&ticket_event("whev_late_warm", "t-late", 0))
+        .await;
+    assert_eq!(warm.status, StatusCode::OK, "{}", warm.text());
+    // Every answer of the broker now takes 1.5 s: a record sent 1 s into its request (the
+    // body trickles in) lands after the request's 2 s deadline.
+    cluster
+        .broker_round_trip_time(1, Duration::from_millis(1500))
+        .unwrap();
+    for (id, client_leaves) in [("whev_late_deadline", false), ("whev_late_gone", true)] {
+        let body = ticket_event(id, "t-late", 1);
+        let sig = tamio_kafka_bridge::ingest::verify::header_value(
+            SECRET.as_bytes(),
+            now(),
+            body.as_bytes(),
+        );
+        let mut conn = tokio::net::TcpStream::connect(bridge.addr).await.unwrap();
+        let head = format!(
+            "POST {} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Tamio-Signature: {sig}\r\nContent-Length: {}\r\n\r\n",
+            bridge.path,
+            body.len()
+        );
+        let (first, rest) = body.split_at(body.len() / 2);
+        conn.write_all(head.as_bytes()).await.unwrap();
+        conn.write_all(first.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        conn.write_all(rest.as_bytes()).await.unwrap();
+        if client_leaves {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            drop(conn);
+        } else {
+            let mut answer = vec![0u8; 4096];
+            let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut answer))
+                .await
+                .unwrap()
+                .unwrap();
+            let answer = String::from_utf8_lossy(&answer[..n]).into_owned();
+            assert!(answer.starts_with("HTTP/1.1 503"), "{id}: {answer}");
+        }
+        // The record lands meanwhile; the sender retries once it has.
+        tokio::time::sleep(Duration::from_millis(2000)).await;
+        let retry = bridge.send(&body).await;
+        assert_eq!(retry.status, StatusCode::OK, "{id}: {}", retry.text());
+        assert_eq!(retry.json()["duplicate"], true, "{id}: {}", retry.text());
+    }
+    cluster
+        .broker_round_trip_time(1, Duration::from_millis(0))
+        .unwrap();
+    let records = read_topic_from(
+        &cluster.bootstrap_servers(),
+        topic,
+        3,
+        Duration::from_millis(1500),
+        Duration::from_secs(20),
+    )
+    .await;
+    let ids: Vec<&str> = records
+        .iter()
+        .map(|r| r.headers["event_id"].as_str())
+        .collect();
+    assert_eq!(
+        ids,
+        ["whev_late_warm", "whev_late_deadline", "whev_late_gone"]
+    );
+    bridge.stop().await;
+}

@@ -69,9 +69,9 @@ impl Case {
     }
 
     /// Routes `envelope` and builds its Kafka record, as the bridge does before sending.
-    pub fn build(&self, verified: &VerifiedBody, envelope: &Envelope<'_>) {
+    pub fn build(&self, verified: &VerifiedBody, headers: HeaderMap, envelope: &Envelope<'_>) {
         let d = self.routes.route(envelope, verified.bytes()).unwrap();
-        let record = tamio_kafka_bridge::ingest::record(verified, envelope, d, true);
+        let record = tamio_kafka_bridge::ingest::record(verified, headers, envelope, d, true);
         black_box(record.to_kafka());
     }
 
@@ -79,6 +79,6 @@ impl Case {
     pub fn all(&self) {
         let verified = self.verify();
         let envelope = Envelope::parse(&verified).unwrap();
-        self.build(&verified, &envelope);
+        self.build(&verified, self.headers.clone(), &envelope);
     }
 }

@@ -121,6 +121,28 @@ macro_rules! not_an_object {
     };
 }
 
+/// An object key, borrowed unless it has escapes (serde's own `Cow<str>` always copies).
+pub struct Key<'de>(pub Cow<'de, str>);
+
+impl<'de> de::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> de::Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v.to_owned())))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
 impl<'de: 'a, 'a> Deserialize<'de> for Data<'a> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
@@ -131,7 +153,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Data<'a> {
             }
             fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Data<'de>, A::Error> {
                 let mut ticket = None;
-                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
                     if key == "ticket" {
                         if ticket.is_some() {
                             return Err(de::Error::custom("`data` has a repeated `ticket` key"));
@@ -161,7 +183,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Ticket<'a> {
             }
             fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Ticket<'de>, A::Error> {
                 let mut id = None;
-                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
                     if key == "id" {
                         if id.is_some() {
                             return Err(de::Error::custom("`data.ticket` has a repeated `id` key"));

@@ -8,7 +8,10 @@ pub mod route;
 pub mod verify;
 
 use std::borrow::Cow;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -23,7 +26,7 @@ use crate::config::Settings;
 use crate::error::{Outcome, Refusal};
 use crate::metrics::Metrics;
 use crate::publish::record::{DeadLetter, Record};
-use crate::publish::{DeliveryFailure, PublishError, Publisher};
+use crate::publish::{PublishError, Publisher};
 use dedup::{Claim, Dedup, Original};
 use envelope::{Envelope, EnvelopeError};
 use route::{Destination, RouteError, Routes};
@@ -78,14 +81,120 @@ impl IngestError {
     }
 }
 
+/// The identifiers of the request's event, once its envelope has been read: the log line of
+/// a refusal names them.
+#[derive(Default)]
+struct Seen {
+    event_id: Option<Bytes>,
+    event_type: Option<Bytes>,
+}
+
+impl Seen {
+    fn event_id(&self) -> Option<&str> {
+        self.event_id
+            .as_deref()
+            .and_then(|b| std::str::from_utf8(b).ok())
+    }
+
+    fn event_type(&self) -> Option<&str> {
+        self.event_type
+            .as_deref()
+            .and_then(|b| std::str::from_utf8(b).ok())
+    }
+}
+
 /// What the sender is told about an accepted event.
 #[derive(Debug, serde::Serialize)]
 struct Accepted {
-    event_id: String,
-    topic: String,
+    /// A slice of the body: the envelope's `event_id`, valid UTF-8.
+    #[serde(serialize_with = "as_text")]
+    event_id: Bytes,
+    #[serde(serialize_with = "as_str")]
+    topic: Arc<str>,
     partition: i32,
     offset: i64,
     duplicate: bool,
+}
+
+fn as_str<S: serde::Serializer>(text: &Arc<str>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(text)
+}
+
+fn as_text<S: serde::Serializer>(bytes: &Bytes, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(std::str::from_utf8(bytes).unwrap_or_default())
+}
+
+/// Publishes `record`, and records Kafka's verdict in the duplicate claim.
+async fn deliver(
+    publisher: Arc<Publisher>,
+    record: Record,
+    claim: Option<dedup::ClaimGuard>,
+) -> Result<(crate::publish::Delivered, Arc<str>), PublishError> {
+    let delivered = publisher.publish(&record, None).await?;
+    if let Some(guard) = claim {
+        guard.acknowledged(Original {
+            topic: record.topic.clone(),
+            delivered,
+        });
+    }
+    Ok((delivered, record.topic))
+}
+
+/// A future awaited in place which, dropped before it is done, is finished by a task of its
+/// own.
+struct Finish<F: Future + Send + 'static>(Option<Pin<Box<F>>>)
+where
+    F::Output: Send + 'static;
+
+impl<F: Future + Send + 'static> Finish<F>
+where
+    F::Output: Send + 'static,
+{
+    fn new(future: F) -> Self {
+        Finish(Some(Box::pin(future)))
+    }
+}
+
+impl<F: Future + Send + 'static> Future for Finish<F>
+where
+    F::Output: Send + 'static,
+{
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let Some(future) = self.0.as_mut() else {
+            return Poll::Pending;
+        };
+        let output = std::task::ready!(future.as_mut().poll(cx));
+        self.0 = None;
+        Poll::Ready(output)
+    }
+}
+
+impl<F: Future + Send + 'static> Drop for Finish<F>
+where
+    F::Output: Send + 'static,
+{
+    fn drop(&mut self) {
+        if let Some(future) = self.0.take() {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(future);
+            }
+        }
+    }
+}
+
+/// `<endpoint_id>\x1f<event_id>` in `buf` (each id is at most 256 bytes, by the envelope
+/// rules): the duplicate filter's key, made without an allocation.
+fn dedup_id<'b>(buf: &'b mut [u8], endpoint_id: &str, event_id: &str) -> &'b str {
+    let (a, b) = (endpoint_id.len(), event_id.len());
+    if a + 1 + b > buf.len() {
+        return "";
+    }
+    buf[..a].copy_from_slice(endpoint_id.as_bytes());
+    buf[a] = 0x1f;
+    buf[a + 1..a + 1 + b].copy_from_slice(event_id.as_bytes());
+    std::str::from_utf8(&buf[..a + 1 + b]).unwrap_or_default()
 }
 
 /// Everything a request needs, shared by all connections.
@@ -155,53 +264,65 @@ impl Ingest {
         B: Body + Send,
         B::Error: std::error::Error + Send + Sync + 'static,
     {
-        let started = Instant::now();
-        let span = tracing::info_span!(
+        // A span per request only where it is logged (debug): building one and recording
+        // its fields costs allocations on every request.
+        let span = tracing::debug_span!(
             "request",
             method = %req.method(),
             event_id = field::Empty,
             event_type = field::Empty,
         );
-        async move {
-            let (outcome, response) = match self.process(req).await {
-                Ok(accepted) => {
-                    tracing::debug!(
-                        partition = accepted.partition,
-                        offset = accepted.offset,
-                        duplicate = accepted.duplicate,
-                        "accepted"
-                    );
-                    let outcome = if accepted.duplicate {
-                        Outcome::Duplicate
-                    } else {
-                        Outcome::Accepted
-                    };
-                    let body = serde_json::to_vec(&accepted).unwrap_or_default();
-                    (outcome, crate::error::json(StatusCode::OK, body))
-                }
-                Err(err) => {
-                    let refusal = err.refusal();
-                    let status = refusal.status().as_u16();
-                    if refusal.status().is_server_error() {
-                        tracing::warn!(status, kind = refusal.kind(), "{err}");
-                    } else {
-                        tracing::info!(status, kind = refusal.kind(), "{err}");
-                    }
-                    (
-                        refusal.outcome(),
-                        crate::error::answer(refusal, &err.to_string()),
-                    )
-                }
-            };
-            self.metrics
-                .answered(outcome.as_str(), started.elapsed().as_secs_f64());
-            response
+        if span.is_disabled() {
+            self.answer(req).await
+        } else {
+            self.answer(req).instrument(span).await
         }
-        .instrument(span)
-        .await
     }
 
-    async fn process<B>(&self, req: Request<B>) -> Result<Accepted, IngestError>
+    async fn answer<B>(&self, req: Request<B>) -> Response<Full<Bytes>>
+    where
+        B: Body,
+        B::Error: std::error::Error + Send + Sync + 'static,
+    {
+        let started = Instant::now();
+        let mut seen = Seen::default();
+        let (outcome, response) = match self.process(req, &mut seen).await {
+            Ok(accepted) => {
+                tracing::debug!(
+                    partition = accepted.partition,
+                    offset = accepted.offset,
+                    duplicate = accepted.duplicate,
+                    "accepted"
+                );
+                let outcome = if accepted.duplicate {
+                    Outcome::Duplicate
+                } else {
+                    Outcome::Accepted
+                };
+                let body = serde_json::to_vec(&accepted).unwrap_or_default();
+                (outcome, crate::error::json(StatusCode::OK, body))
+            }
+            Err(err) => {
+                let refusal = err.refusal();
+                let status = refusal.status().as_u16();
+                let (event_id, event_type) = (seen.event_id(), seen.event_type());
+                if refusal.status().is_server_error() {
+                    tracing::warn!(status, kind = refusal.kind(), event_id, event_type, "{err}");
+                } else {
+                    tracing::info!(status, kind = refusal.kind(), event_id, event_type, "{err}");
+                }
+                (
+                    refusal.outcome(),
+                    crate::error::answer(refusal, &err.to_string()),
+                )
+            }
+        };
+        self.metrics
+            .answered(outcome.as_str(), started.elapsed().as_secs_f64());
+        response
+    }
+
+    async fn process<B>(&self, req: Request<B>, seen: &mut Seen) -> Result<Accepted, IngestError>
     where
         B: Body,
         B::Error: std::error::Error + Send + Sync + 'static,
@@ -255,30 +376,43 @@ impl Ingest {
 
         let envelope = match Envelope::parse(&verified) {
             Ok(envelope) => envelope,
-            Err(e) => return Err(self.refuse_signed(e.into(), &verified, deadline).await),
+            Err(e) => {
+                return Err(self
+                    .refuse_signed(e.into(), &verified, &parts.headers, deadline)
+                    .await)
+            }
         };
+        seen.event_id = Some(slice_or_own(verified.bytes(), envelope.event_id.clone()));
+        seen.event_type = Some(slice_or_own(verified.bytes(), envelope.event_type.clone()));
         let span = tracing::Span::current();
-        span.record("event_id", envelope.event_id.as_ref());
-        span.record("event_type", envelope.event_type.as_ref());
+        if !span.is_disabled() {
+            span.record("event_id", envelope.event_id.as_ref());
+            span.record("event_type", envelope.event_type.as_ref());
+        }
 
         let destination = match self.routes.route(&envelope, verified.bytes()) {
             Ok(destination) => destination,
-            Err(e) => return Err(self.refuse_signed(e.into(), &verified, deadline).await),
+            Err(e) => {
+                return Err(self
+                    .refuse_signed(e.into(), &verified, &parts.headers, deadline)
+                    .await)
+            }
         };
 
         // A delivery of an event already acknowledged writes nothing; one of an event being
         // published right now waits for that outcome. Ids are scoped by endpoint, so one
         // endpoint's ids cannot shadow another's.
         let claim = if self.dedup.enabled() {
-            let id = format!("{}\u{1f}{}", envelope.endpoint_id, envelope.event_id);
-            let claim = tokio::time::timeout_at(deadline, self.dedup.claim(&id)).await;
+            let mut buf = [0u8; 2 * envelope::MAX_ID_BYTES + 1];
+            let id = dedup_id(&mut buf, &envelope.endpoint_id, &envelope.event_id);
+            let claim = tokio::time::timeout_at(deadline, self.dedup.claim(id)).await;
             self.metrics.dedup_entries.set(self.dedup.len() as i64);
             match claim {
                 Err(_) => return Err(PublishError::Timeout(self.request_timeout).into()),
                 Ok(Claim::Duplicate(original)) => {
                     return Ok(Accepted {
-                        event_id: envelope.event_id.to_string(),
-                        topic: original.topic.to_string(),
+                        event_id: slice_or_own(verified.bytes(), envelope.event_id.clone()),
+                        topic: original.topic,
                         partition: original.delivered.partition,
                         offset: original.delivered.offset,
                         duplicate: true,
@@ -290,38 +424,28 @@ impl Ingest {
             None
         };
 
-        // The delivery report is awaited by a task of its own, which holds the duplicate
-        // claim until Kafka's verdict: if the request's deadline passes first (503) or the
-        // client goes away, a record that still lands is remembered, and the sender's retry
-        // is answered as a duplicate instead of writing it again.
-        let record = record(&verified, &envelope, destination, self.cloudevents);
-        let publisher = self.publisher.clone();
-        let delivery = tokio::spawn(async move {
-            let result = publisher.publish(&record, None).await;
-            if let (Ok(delivered), Some(guard)) = (&result, claim) {
-                guard.acknowledged(Original {
-                    topic: record.topic.clone(),
-                    delivered: *delivered,
-                });
-            }
-            result.map(|delivered| (delivered, record.topic))
-        });
-        let (delivered, topic) = match tokio::time::timeout_at(deadline, delivery).await {
+        // The delivery holds the duplicate claim until Kafka's verdict. It is awaited here;
+        // if the request ends first (its deadline passes: 503, or the client goes away), a
+        // task of its own finishes it, so that a record that still lands is remembered and
+        // the sender's retry is answered as a duplicate instead of written again.
+        let record = record(
+            &verified,
+            parts.headers,
+            &envelope,
+            destination,
+            self.cloudevents,
+        );
+        let event_id = record.event_id.clone();
+        let mut delivery = Finish::new(deliver(self.publisher.clone(), record, claim));
+        let (delivered, topic) = match tokio::time::timeout_at(deadline, &mut delivery).await {
             Err(_) => return Err(PublishError::Timeout(self.request_timeout).into()),
-            Ok(Err(join)) => {
-                return Err(PublishError::Kafka {
-                    reason: DeliveryFailure::Other,
-                    detail: join.to_string(),
-                }
-                .into())
-            }
-            Ok(Ok(result)) => result?,
+            Ok(result) => result?,
         };
         self.metrics.dedup_entries.set(self.dedup.len() as i64);
 
         Ok(Accepted {
-            event_id: envelope.event_id.to_string(),
-            topic: topic.to_string(),
+            event_id,
+            topic,
             partition: delivered.partition,
             offset: delivered.offset,
             duplicate: false,
@@ -335,6 +459,7 @@ impl Ingest {
         &self,
         err: IngestError,
         verified: &VerifiedBody,
+        headers: &HeaderMap,
         deadline: tokio::time::Instant,
     ) -> IngestError {
         let Some(topic) = &self.dead_letter_topic else {
@@ -346,7 +471,8 @@ impl Ingest {
             value: verified.bytes(),
             error_kind: err.refusal().kind(),
             error: &message,
-            signature: verified.proof(),
+            headers,
+            proof: verified.proof(),
             received_at: verified.received_at(),
         };
         match self.publisher.dead_letter(letter, deadline).await {
@@ -410,6 +536,7 @@ fn check_headers(headers: &HeaderMap, max_body_bytes: usize) -> Result<(), Inges
 /// identifiers as slices of its buffer.
 pub fn record(
     verified: &VerifiedBody,
+    headers: HeaderMap,
     envelope: &Envelope<'_>,
     destination: Destination<'_>,
     cloudevents: bool,
@@ -423,7 +550,8 @@ pub fn record(
         event_type: slice_or_own(body, envelope.event_type.clone()),
         endpoint_id: slice_or_own(body, envelope.endpoint_id.clone()),
         ticket_id: envelope.ticket_id.clone().map(|t| slice_or_own(body, t)),
-        signature: verified.proof().to_vec(),
+        headers,
+        proof: verified.proof().clone(),
         signed_at: verified.signed_at(),
         received_at: verified.received_at(),
         cloudevents,

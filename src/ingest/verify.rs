@@ -23,17 +23,15 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::{HeaderMap, HeaderName};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
 use crate::config::{invalid, MacEncoding, Scheme, Secret, SettingsError, Signature};
+pub use crate::publish::record::Proof;
+use crate::publish::record::{WEBHOOK_ID, WEBHOOK_SIGNATURE, WEBHOOK_TIMESTAMP};
 
 type HmacSha256 = Hmac<Sha256>;
-
-const WEBHOOK_ID: HeaderName = HeaderName::from_static("webhook-id");
-const WEBHOOK_TIMESTAMP: HeaderName = HeaderName::from_static("webhook-timestamp");
-const WEBHOOK_SIGNATURE: HeaderName = HeaderName::from_static("webhook-signature");
 
 /// Why a delivery's signature was refused. Never carries a secret or a MAC.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -124,7 +122,50 @@ pub struct VerifiedBody {
     signed_at: Option<i64>,
     received_at: SystemTime,
     scheme: Option<Scheme>,
-    proof: Vec<(&'static str, Bytes)>,
+    proof: Proof,
+}
+
+/// The most MACs one signature header may offer (one per secret the sender signs with).
+pub const MAX_MACS: usize = 16;
+
+/// The candidate MACs of a signature header, without a heap allocation.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Macs {
+    macs: [[u8; 32]; MAX_MACS],
+    len: usize,
+}
+
+impl Macs {
+    fn new() -> Macs {
+        Macs {
+            macs: [[0; 32]; MAX_MACS],
+            len: 0,
+        }
+    }
+
+    fn push(&mut self, mac: [u8; 32]) -> Result<(), &'static str> {
+        let slot = self
+            .macs
+            .get_mut(self.len)
+            .ok_or("more than 16 signatures")?;
+        *slot = mac;
+        self.len += 1;
+        Ok(())
+    }
+}
+
+impl std::ops::Deref for Macs {
+    type Target = [[u8; 32]];
+
+    fn deref(&self) -> &[[u8; 32]] {
+        &self.macs[..self.len]
+    }
+}
+
+impl fmt::Debug for Macs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Macs({})", self.len)
+    }
 }
 
 impl VerifiedBody {
@@ -147,9 +188,8 @@ impl VerifiedBody {
         self.scheme
     }
 
-    /// The signature headers as received, under the names a record carries them by, so that
-    /// a consumer can verify the record again.
-    pub fn proof(&self) -> &[(&'static str, Bytes)] {
+    /// Which request headers carried the signature, for the record to carry them.
+    pub fn proof(&self) -> &Proof {
         &self.proof
     }
 
@@ -165,7 +205,7 @@ impl VerifiedBody {
 pub struct SignatureHeader<'a> {
     pub timestamp_text: &'a str,
     pub timestamp: i64,
-    pub macs: Vec<[u8; 32]>,
+    pub macs: Macs,
 }
 
 /// Parses unix seconds: 1 to 12 ASCII digits.
@@ -180,7 +220,7 @@ fn parse_unix_secs(text: &str) -> Option<i64> {
 /// with an old and a new secret at once), unknown keys are ignored.
 pub fn parse_header(value: &str) -> Result<SignatureHeader<'_>, &'static str> {
     let mut timestamp = None;
-    let mut macs = Vec::new();
+    let mut macs = Macs::new();
     let mut skipped = false;
     for part in value.split(',') {
         let part = part.trim();
@@ -201,7 +241,7 @@ pub fn parse_header(value: &str) -> Result<SignatureHeader<'_>, &'static str> {
                 // skipped, and only a header without any usable entry is malformed.
                 let mut mac = [0u8; 32];
                 if hex::decode_to_slice(val.trim(), &mut mac).is_ok() {
-                    macs.push(mac);
+                    macs.push(mac)?;
                 } else {
                     skipped = true;
                 }
@@ -226,8 +266,8 @@ pub fn parse_header(value: &str) -> Result<SignatureHeader<'_>, &'static str> {
 
 /// Parses a `webhook-signature` value: space-separated `<version>,<base64>` entries, of which
 /// the `v1` ones (HMAC-SHA256) count; other versions are ignored.
-pub fn parse_standard_signatures(value: &str) -> Result<Vec<[u8; 32]>, &'static str> {
-    let mut macs = Vec::new();
+pub fn parse_standard_signatures(value: &str) -> Result<Macs, &'static str> {
+    let mut macs = Macs::new();
     let mut skipped = false;
     for entry in value.split(' ').filter(|e| !e.is_empty()) {
         let Some((version, mac)) = entry.split_once(',') else {
@@ -239,7 +279,7 @@ pub fn parse_standard_signatures(value: &str) -> Result<Vec<[u8; 32]>, &'static 
         // As the reference libraries do, an entry that cannot be a MAC cannot match; only a
         // header without any usable one is malformed.
         match decode_base64_mac(mac) {
-            Some(mac) => macs.push(mac),
+            Some(mac) => macs.push(mac)?,
             None => skipped = true,
         }
     }
@@ -391,7 +431,7 @@ enum Kind {
 }
 
 /// What a matching signature said: its timestamp and the headers that carry it.
-type Matched = (Option<i64>, Vec<(&'static str, Bytes)>);
+type Matched = (Option<i64>, Proof);
 
 impl Keyring {
     /// The keyring of `secrets` under `scheme`; `Err` says why they cannot be used.
@@ -475,19 +515,19 @@ impl Keyring {
         };
         match &self.kind {
             Kind::Tamio { header, label } => {
-                let (raw, text) = header_text(headers, header, label)?;
+                let text = header_text(headers, header, label)?;
                 let parsed = parse_header(text).map_err(|r| malformed(label, r))?;
                 fresh(parsed.timestamp)?;
                 let parts: [&[u8]; 3] = [parsed.timestamp_text.as_bytes(), b".", body];
                 if !self.any_key(&parts, &parsed.macs) {
                     return Err(VerifyError::Mismatch);
                 }
-                Ok((Some(parsed.timestamp), vec![("signature", copy(raw))]))
+                Ok((Some(parsed.timestamp), Proof::Header(header.clone())))
             }
             Kind::StandardWebhooks => {
-                let (raw_id, id) = header_text(headers, &WEBHOOK_ID, "webhook-id")?;
-                let (raw_ts, ts) = header_text(headers, &WEBHOOK_TIMESTAMP, "webhook-timestamp")?;
-                let (raw_sig, sig) = header_text(headers, &WEBHOOK_SIGNATURE, "webhook-signature")?;
+                let id = header_text(headers, &WEBHOOK_ID, "webhook-id")?;
+                let ts = header_text(headers, &WEBHOOK_TIMESTAMP, "webhook-timestamp")?;
+                let sig = header_text(headers, &WEBHOOK_SIGNATURE, "webhook-signature")?;
                 if id.is_empty() {
                     return Err(malformed("webhook-id", "empty"));
                 }
@@ -500,33 +540,22 @@ impl Keyring {
                 if !self.any_key(&parts, &macs) {
                     return Err(VerifyError::Mismatch);
                 }
-                Ok((
-                    Some(timestamp),
-                    vec![
-                        ("webhook-id", copy(raw_id)),
-                        ("webhook-timestamp", copy(raw_ts)),
-                        ("webhook-signature", copy(raw_sig)),
-                    ],
-                ))
+                Ok((Some(timestamp), Proof::StandardWebhooks))
             }
             Kind::HmacSha256 {
                 header,
                 label,
                 encoding,
             } => {
-                let (raw, text) = header_text(headers, header, label)?;
+                let text = header_text(headers, header, label)?;
                 let mac = parse_plain_mac(text, *encoding).map_err(|r| malformed(label, r))?;
                 if !self.any_key(&[body], &[mac]) {
                     return Err(VerifyError::Mismatch);
                 }
-                Ok((None, vec![("signature", copy(raw))]))
+                Ok((None, Proof::Header(header.clone())))
             }
         }
     }
-}
-
-fn copy(value: &HeaderValue) -> Bytes {
-    Bytes::copy_from_slice(value.as_bytes())
 }
 
 fn malformed(header: &str, reason: &'static str) -> VerifyError {
@@ -536,19 +565,17 @@ fn malformed(header: &str, reason: &'static str) -> VerifyError {
     }
 }
 
-/// The header's value and its text; missing, or not visible ASCII, is an error.
+/// The header's text; missing, or not visible ASCII, is an error.
 fn header_text<'h>(
     headers: &'h HeaderMap,
     name: &HeaderName,
     label: &str,
-) -> Result<(&'h HeaderValue, &'h str), VerifyError> {
-    let value = headers
+) -> Result<&'h str, VerifyError> {
+    headers
         .get(name)
-        .ok_or_else(|| VerifyError::Missing(label.to_owned()))?;
-    let text = value
+        .ok_or_else(|| VerifyError::Missing(label.to_owned()))?
         .to_str()
-        .map_err(|_| malformed(label, "not visible ASCII"))?;
-    Ok((value, text))
+        .map_err(|_| malformed(label, "not visible ASCII"))
 }
 
 /// Checks signatures with the configured secrets.
@@ -670,7 +697,7 @@ impl Verifier {
                 signed_at: None,
                 received_at,
                 scheme: None,
-                proof: Vec::new(),
+                proof: Proof::Unsigned,
             });
         }
         let now = unix_secs(received_at);

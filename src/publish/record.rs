@@ -2,12 +2,54 @@
 //! identifiers are slices of the body's buffer, not copies), so it can outlive the request
 //! that made it while its delivery report is awaited.
 
+use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use http::{HeaderMap, HeaderName};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
+
+pub static WEBHOOK_ID: HeaderName = HeaderName::from_static("webhook-id");
+pub static WEBHOOK_TIMESTAMP: HeaderName = HeaderName::from_static("webhook-timestamp");
+pub static WEBHOOK_SIGNATURE: HeaderName = HeaderName::from_static("webhook-signature");
+
+/// Which request headers carried the signature that matched: a record carries them, as
+/// received, so that a consumer can verify it again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Proof {
+    /// Accepted unsigned (`allow_unsigned`).
+    Unsigned,
+    /// The header of the `tamio` or `hmac-sha256` scheme, carried as `signature`.
+    Header(HeaderName),
+    /// `webhook-id`, `webhook-timestamp` and `webhook-signature`, under their own names.
+    StandardWebhooks,
+}
+
+impl Proof {
+    /// The headers, as (record header name, request header name).
+    pub fn headers(&self) -> impl Iterator<Item = (&'static str, &HeaderName)> {
+        let (one, three): (Option<&HeaderName>, bool) = match self {
+            Proof::Unsigned => (None, false),
+            Proof::Header(name) => (Some(name), false),
+            Proof::StandardWebhooks => (None, true),
+        };
+        let standard = [
+            ("webhook-id", &WEBHOOK_ID),
+            ("webhook-timestamp", &WEBHOOK_TIMESTAMP),
+            ("webhook-signature", &WEBHOOK_SIGNATURE),
+        ];
+        one.map(|name| ("signature", name))
+            .into_iter()
+            .chain(standard.into_iter().filter(move |_| three))
+    }
+
+    /// True when no signature was checked.
+    pub fn is_empty(&self) -> bool {
+        *self == Proof::Unsigned
+    }
+}
 
 /// CloudEvents `specversion` the headers follow.
 pub const CLOUDEVENTS_SPEC_VERSION: &str = "1.0";
@@ -23,8 +65,10 @@ pub struct Record {
     pub event_type: Bytes,
     pub endpoint_id: Bytes,
     pub ticket_id: Option<Bytes>,
-    /// The signature headers as received, each under its record header name.
-    pub signature: Vec<(&'static str, Bytes)>,
+    /// The request's headers (moved, not copied), of which the record carries those of the
+    /// signature as received.
+    pub headers: HeaderMap,
+    pub proof: Proof,
     /// Unix seconds of the signature's timestamp (when the sender sent the event), for
     /// schemes that sign one.
     pub signed_at: Option<i64>,
@@ -43,21 +87,21 @@ fn header<'a>(key: &'a str, value: &'a [u8]) -> Header<'a, &'a [u8]> {
 }
 
 /// Adds the signature headers as received.
-pub fn with_signature(
-    mut headers: OwnedHeaders,
-    signature: &[(&'static str, Bytes)],
-) -> OwnedHeaders {
-    for (name, value) in signature {
-        headers = headers.insert(header(name, value));
+fn with_signature(mut out: OwnedHeaders, received: &HeaderMap, proof: &Proof) -> OwnedHeaders {
+    for (record_name, name) in proof.headers() {
+        if let Some(value) = received.get(name) {
+            out = out.insert(header(record_name, value.as_bytes()));
+        }
     }
-    headers
+    out
 }
 
 impl Record {
     /// The librdkafka record: key, value, headers and timestamp. librdkafka copies the
     /// headers as they are added, so the texts made here need not outlive it.
     pub fn to_kafka(&self) -> FutureRecord<'_, [u8], [u8]> {
-        let received_at = rfc3339(self.received_at);
+        let mut received_at = Text::<32>::new();
+        write_rfc3339_millis(&mut received_at, self.received_at);
         let mut headers = OwnedHeaders::new_with_capacity(14)
             .insert(header("event_id", &self.event_id))
             .insert(header("event_type", &self.event_type))
@@ -73,10 +117,12 @@ impl Record {
                 }
                 None => self.received_at,
             };
-            let ce_time = rfc3339_secs(signed_at);
-            let mut ce_source = Vec::with_capacity(17 + self.endpoint_id.len());
-            ce_source.extend_from_slice(b"/tamio/endpoints/");
-            ce_source.extend_from_slice(&self.endpoint_id);
+            let mut ce_time = Text::<32>::new();
+            let _ = write!(ce_time, "{}", humantime::format_rfc3339_seconds(signed_at));
+            // The endpoint id is at most 256 bytes (envelope rules).
+            let mut ce_source = Text::<{ 17 + 256 }>::new();
+            ce_source.push(b"/tamio/endpoints/");
+            ce_source.push(&self.endpoint_id);
             // The CloudEvents Kafka protocol binding, binary content mode.
             headers = headers
                 .insert(header(
@@ -84,7 +130,7 @@ impl Record {
                     CLOUDEVENTS_SPEC_VERSION.as_bytes(),
                 ))
                 .insert(header("ce_id", &self.event_id))
-                .insert(header("ce_source", &ce_source))
+                .insert(header("ce_source", ce_source.as_bytes()))
                 .insert(header("ce_type", &self.event_type))
                 .insert(header("ce_time", ce_time.as_bytes()))
                 .insert(header("content-type", b"application/json"));
@@ -94,7 +140,7 @@ impl Record {
         }
         let record = FutureRecord::to(&self.topic)
             .payload(&self.value[..])
-            .headers(with_signature(headers, &self.signature))
+            .headers(with_signature(headers, &self.headers, &self.proof))
             .timestamp(unix_millis(self.received_at));
         match &self.key {
             Some(key) => record.key(&key[..]),
@@ -109,32 +155,63 @@ pub struct DeadLetter<'a> {
     pub value: &'a [u8],
     pub error_kind: &'a str,
     pub error: &'a str,
-    pub signature: &'a [(&'static str, Bytes)],
+    pub headers: &'a HeaderMap,
+    pub proof: &'a Proof,
     pub received_at: SystemTime,
 }
 
 impl DeadLetter<'_> {
     /// The raw body with the error in the `error` and `error_kind` headers.
     pub fn to_kafka(&self) -> FutureRecord<'_, [u8], [u8]> {
-        let received_at = rfc3339(self.received_at);
+        let mut received_at = Text::<32>::new();
+        write_rfc3339_millis(&mut received_at, self.received_at);
         let headers = OwnedHeaders::new_with_capacity(4)
             .insert(header("error_kind", self.error_kind.as_bytes()))
             .insert(header("error", self.error.as_bytes()))
             .insert(header("received_at", received_at.as_bytes()));
         FutureRecord::to(self.topic)
             .payload(self.value)
-            .headers(with_signature(headers, self.signature))
+            .headers(with_signature(headers, self.headers, self.proof))
             .timestamp(unix_millis(self.received_at))
     }
 }
 
-/// RFC 3339 UTC with milliseconds, as in the `received_at` header.
-pub fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_millis(t).to_string()
+/// A header value made on the stack (librdkafka copies it as the header is added); what
+/// does not fit is cut off.
+struct Text<const N: usize> {
+    buf: [u8; N],
+    len: usize,
 }
 
-fn rfc3339_secs(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
+impl<const N: usize> Text<N> {
+    fn new() -> Self {
+        Text {
+            buf: [0; N],
+            len: 0,
+        }
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        let n = bytes.len().min(N - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&bytes[..n]);
+        self.len += n;
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl<const N: usize> std::fmt::Write for Text<N> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.push(s.as_bytes());
+        Ok(())
+    }
+}
+
+/// RFC 3339 UTC with milliseconds, as in the `received_at` header.
+fn write_rfc3339_millis<const N: usize>(out: &mut Text<N>, t: SystemTime) {
+    let _ = write!(out, "{}", humantime::format_rfc3339_millis(t));
 }
 
 fn unix_millis(t: SystemTime) -> i64 {
