@@ -5,9 +5,13 @@
 //! original record's place and writes nothing. Concurrent deliveries of one id are serialised:
 //! the first publishes, the others wait for its outcome, and publish themselves only if it
 //! failed. Memory is bounded: at most `dedup.max_entries` acknowledged ids are kept, the
-//! oldest forgotten first.
+//! oldest forgotten first. An id is kept as a 128-bit keyed hash of it (SipHash-1-3 under two
+//! random keys of this process), about 100 bytes an entry with its place: two distinct ids
+//! share one with a probability of about 10^-29 over a full table.
 
+use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,15 +33,42 @@ enum Entry {
     Done(Original),
 }
 
+/// A 128-bit keyed hash of an id.
+type Key = u128;
+
+/// Keys are already uniform: their low 64 bits are the table's hash.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 ^= u64::from_le_bytes(word);
+        }
+    }
+
+    fn write_u128(&mut self, key: u128) {
+        self.0 = key as u64;
+    }
+}
+
 struct State {
-    entries: HashMap<Arc<str>, Entry>,
+    entries: HashMap<Key, Entry, BuildHasherDefault<KeyHasher>>,
     /// Acknowledged ids in the order they were acknowledged, for expiry and the size bound.
-    order: VecDeque<(Arc<str>, Instant)>,
+    order: VecDeque<(Key, Instant)>,
 }
 
 pub struct Dedup {
     window: Duration,
     max_entries: usize,
+    /// The two keys of the id hash.
+    hash: (RandomState, RandomState),
     state: Mutex<State>,
 }
 
@@ -54,7 +85,7 @@ pub enum Claim {
 /// [`ClaimGuard::acknowledged`] releases the id, so a retry may publish it.
 pub struct ClaimGuard {
     dedup: Arc<Dedup>,
-    id: Arc<str>,
+    id: Key,
     tx: Option<watch::Sender<Option<Original>>>,
 }
 
@@ -64,8 +95,9 @@ impl Dedup {
         Dedup {
             window,
             max_entries,
+            hash: (RandomState::new(), RandomState::new()),
             state: Mutex::new(State {
-                entries: HashMap::new(),
+                entries: HashMap::default(),
                 order: VecDeque::new(),
             }),
         }
@@ -77,7 +109,22 @@ impl Dedup {
 
     /// Acknowledged ids currently remembered.
     pub fn len(&self) -> usize {
-        self.state.lock().expect("dedup lock").order.len()
+        self.lock().order.len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn key(&self, event_id: &str) -> Key {
+        let half = |state: &RandomState| {
+            let mut h = state.build_hasher();
+            h.write(event_id.as_bytes());
+            h.finish()
+        };
+        u128::from(half(&self.hash.0)) << 64 | u128::from(half(&self.hash.1))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -87,17 +134,17 @@ impl Dedup {
     /// Claims `event_id` for publishing, or reports that it was already acknowledged. Waits
     /// while another delivery of the same id is being published.
     pub async fn claim(self: &Arc<Self>, event_id: &str) -> Claim {
+        let id = self.key(event_id);
         loop {
             let mut rx = {
-                let mut state = self.state.lock().expect("dedup lock");
+                let mut state = self.lock();
                 self.expire(&mut state, Instant::now());
-                match state.entries.get(event_id) {
+                match state.entries.get(&id) {
                     Some(Entry::Done(original)) => return Claim::Duplicate(original.clone()),
                     Some(Entry::InFlight(rx)) => rx.clone(),
                     None => {
                         let (tx, rx) = watch::channel(None);
-                        let id: Arc<str> = Arc::from(event_id);
-                        state.entries.insert(id.clone(), Entry::InFlight(rx));
+                        state.entries.insert(id, Entry::InFlight(rx));
                         return Claim::First(ClaimGuard {
                             dedup: self.clone(),
                             id,
@@ -128,7 +175,9 @@ impl Dedup {
             if !expired && state.order.len() <= self.max_entries {
                 break;
             }
-            let (id, _) = state.order.pop_front().expect("front exists");
+            let Some((id, _)) = state.order.pop_front() else {
+                break;
+            };
             if matches!(state.entries.get(&id), Some(Entry::Done { .. })) {
                 state.entries.remove(&id);
             }
@@ -140,11 +189,9 @@ impl ClaimGuard {
     /// Records that Kafka acknowledged the event, and tells any concurrent delivery.
     pub fn acknowledged(mut self, original: Original) {
         let now = Instant::now();
-        let mut state = self.dedup.state.lock().expect("dedup lock");
-        state
-            .entries
-            .insert(self.id.clone(), Entry::Done(original.clone()));
-        state.order.push_back((self.id.clone(), now));
+        let mut state = self.dedup.lock();
+        state.entries.insert(self.id, Entry::Done(original.clone()));
+        state.order.push_back((self.id, now));
         self.dedup.expire(&mut state, now);
         drop(state);
         if let Some(tx) = self.tx.take() {
@@ -156,7 +203,7 @@ impl ClaimGuard {
 impl Drop for ClaimGuard {
     fn drop(&mut self) {
         if self.tx.is_some() {
-            let mut state = self.dedup.state.lock().expect("dedup lock");
+            let mut state = self.dedup.lock();
             if matches!(state.entries.get(&self.id), Some(Entry::InFlight(_))) {
                 state.entries.remove(&self.id);
             }

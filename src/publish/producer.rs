@@ -110,7 +110,13 @@ pub fn producer_config(kafka: &Kafka, brokers: &str, max_body_bytes: usize) -> C
         )
         // Room for the largest accepted body plus its key and headers.
         .set("message.max.bytes", (max_body_bytes + 65_536).to_string())
-        .set("linger.ms", "5")
+        // Batching without a timer: a record goes out at once when no produce request is in
+        // flight to its broker, and the records that arrive while one is travel together in
+        // the next. A lone sender waits for no linger; under load the batches grow by
+        // themselves (benches/load.rs, README Performance).
+        .set("linger.ms", "0")
+        .set("max.in.flight.requests.per.connection", "1")
+        .set("socket.nagle.disable", "true")
         .set("allow.auto.create.topics", "false")
         .set("statistics.interval.ms", "5000")
         // Reconnect promptly after a broker returns, so readiness recovers within seconds.
