@@ -17,14 +17,19 @@
 //! of outstanding sends).
 //!
 //! Environment: `BENCH_SECONDS` (per run, default 5), `BENCH_LEVELS` (default 1,64,256),
-//! `BENCH_ROUNDS` (default 2), `BENCH_EXTRA` (`tls`, `scrape`: the extra rows at 64
-//! connections), `BENCH_CONFIG` (a `--config` file for this build, not the baseline),
+//! `BENCH_ROUNDS` (default 2), `BENCH_EXTRA` (the extra rows at 64 connections, default
+//! `redis`: the shared duplicate store on, beside a run with it off, on a `redis-server` the
+//! benchmark starts; also `tls`, `scrape`), `BENCH_CONFIG` (a `--config` file for this build, not the baseline),
 //! `TANSU_BIN` (default: `tansu` on the PATH). Both builds run with the default settings,
 //! logging at `info` included.
 
 #[path = "../tests/common/tls.rs"]
 #[allow(dead_code)]
 mod tls;
+
+#[path = "../tests/common/redis_server.rs"]
+#[allow(dead_code)]
+mod redis_server;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -70,7 +75,7 @@ fn main() {
         duration: Duration::from_secs(env_or("BENCH_SECONDS", 5)),
         rounds: env_or("BENCH_ROUNDS", 2),
         ceilings: env_or("BENCH_CEILINGS", 1) != 0,
-        extra: std::env::var("BENCH_EXTRA").unwrap_or_default(),
+        extra: std::env::var("BENCH_EXTRA").unwrap_or_else(|_| "redis".into()),
         baseline: std::env::var("BENCH_BASELINE_BIN").ok(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -827,6 +832,37 @@ async fn bench(options: Options, levels: Vec<usize>) {
             None,
         );
         println!();
+    }
+
+    // The shared duplicate store: Redis on, beside a run with it off, interleaved.
+    if levels.contains(&64) && options.extra.contains("redis") {
+        let redis = redis_server::OwnRedis::start().await;
+        let on = [
+            ("TAMIO_BRIDGE__DEDUP__STORE", "redis".to_owned()),
+            ("TAMIO_BRIDGE__DEDUP__REDIS_URL", redis.url()),
+        ];
+        let (mut off_total, mut on_total) = (None, None);
+        for _ in 0..options.rounds {
+            absorb(
+                &mut off_total,
+                measure_once(new_bin, &brokers, 64, duration, &[], None).await,
+            );
+            absorb(
+                &mut on_total,
+                measure_once(new_bin, &brokers, 64, duration, &on, None).await,
+            );
+        }
+        let (off, on) = (off_total.unwrap(), on_total.unwrap());
+        measured_row("dedup memory", 64, &off);
+        measured_row("dedup redis", 64, &on);
+        println!(
+            "shared store: {:+.1} µs of bridge CPU per event, p99 {:.2} -> {:.2} ms, \
+             events/s {:.2}x\n",
+            on.cpu_us_per_event() - off.cpu_us_per_event(),
+            off.run.pct(0.99),
+            on.run.pct(0.99),
+            on.run.throughput() / off.run.throughput()
+        );
     }
 
     // The same load over TLS (rustls on the ingress; a certificate from a test CA).

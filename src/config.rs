@@ -220,8 +220,103 @@ pub struct ReloadSettings {
 pub struct Dedup {
     /// How long an acknowledged event id is remembered; 0 is off.
     pub window_secs: u64,
-    /// Most event ids remembered at once.
+    /// Most event ids remembered at once in this process.
     pub max_entries: usize,
+    /// Where claims on ids live: this process's memory, or a Redis every replica shares.
+    pub store: DedupStore,
+    /// The shared store: `redis://` or `rediss://` (TLS), `[user[:password]@]host[:port][/db]`.
+    pub redis_url: RedisUrl,
+    /// The Redis password, when it is not in the URL.
+    pub redis_password: Secret,
+    /// A file holding the Redis password (one line), instead of `redis_password`.
+    pub redis_password_file: PathBuf,
+    /// Prefix of the keys the bridge writes in Redis.
+    pub key_prefix: String,
+    /// Longest a Redis command may take before it counts as a store error.
+    pub redis_timeout_ms: u64,
+    /// What a delivery gets while the shared store cannot be used: `local` (claims in this
+    /// process's memory only) or `refuse` (503).
+    pub on_store_error: OnStoreError,
+}
+
+/// Where duplicate claims live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DedupStore {
+    Memory,
+    Redis,
+}
+
+/// What a delivery gets while the shared store cannot be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnStoreError {
+    /// Claims in this process's memory only: nothing refused, duplicates across replicas
+    /// possible meanwhile.
+    Local,
+    /// Answer 503: no delivery without the shared claim.
+    Refuse,
+}
+
+/// A Redis URL. Its password, if it holds one, never appears in `Debug` output, logs or the
+/// settings `check-config` prints.
+#[derive(Clone, PartialEq, Eq, Deserialize, Default)]
+#[serde(transparent)]
+pub struct RedisUrl(String);
+
+impl RedisUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        RedisUrl(url.into())
+    }
+
+    /// The URL, password included.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// True when the URL carries a password.
+    pub fn has_password(&self) -> bool {
+        self.shown() != self.0
+    }
+
+    /// The URL without its password: `redis://user@host`.
+    pub fn shown(&self) -> String {
+        let Some((scheme, rest)) = self.0.split_once("://") else {
+            return self.0.clone();
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(at) => rest.split_at(at),
+            None => (rest, ""),
+        };
+        match authority.rsplit_once('@') {
+            Some((userinfo, host)) => {
+                let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+                let user = if user.is_empty() {
+                    String::new()
+                } else {
+                    format!("{user}@")
+                };
+                format!("{scheme}://{user}{host}{path}")
+            }
+            None => self.0.clone(),
+        }
+    }
+}
+
+impl fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.shown())
+    }
+}
+
+impl Serialize for RedisUrl {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.shown())
+    }
 }
 
 /// How a delivery is signed.
@@ -655,6 +750,24 @@ impl Settings {
                 endpoint.secrets.extend(read);
             }
         }
+        let dedup = &mut self.dedup;
+        if !dedup.redis_password_file.as_os_str().is_empty() {
+            if !dedup.redis_password.expose().is_empty() {
+                return Err(invalid(
+                    "dedup.redis_password_file",
+                    "set either dedup.redis_password or dedup.redis_password_file, not both",
+                ));
+            }
+            let mut read = read_secrets(&dedup.redis_password_file)
+                .map_err(|r| invalid("dedup.redis_password_file", r))?;
+            if read.len() != 1 {
+                return Err(invalid(
+                    "dedup.redis_password_file",
+                    format!("{} must hold one line", dedup.redis_password_file.display()),
+                ));
+            }
+            dedup.redis_password = read.remove(0);
+        }
         let sasl = &mut self.kafka.sasl;
         if !sasl.password_file.as_os_str().is_empty() {
             if !sasl.password.expose().is_empty() {
@@ -797,6 +910,42 @@ impl Settings {
             }
             if scheme != Scheme::HmacSha256 && endpoint.encoding.is_some() {
                 return Err(bad("encoding applies to scheme hmac-sha256 only".into()));
+            }
+        }
+        let d = &self.dedup;
+        if d.redis_timeout_ms == 0 {
+            return Err(invalid("dedup.redis_timeout_ms", "must be above 0"));
+        }
+        match d.store {
+            DedupStore::Redis => {
+                let url = d.redis_url.expose();
+                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                    return Err(invalid(
+                        "dedup.redis_url",
+                        "must be a redis:// or rediss:// URL with dedup.store = \"redis\"",
+                    ));
+                }
+                if d.window_secs == 0 || d.max_entries == 0 {
+                    return Err(invalid(
+                        "dedup.store",
+                        "\"redis\" needs duplicate suppression on: dedup.window_secs and \
+                         dedup.max_entries above 0",
+                    ));
+                }
+                if d.redis_url.has_password() && !d.redis_password.expose().is_empty() {
+                    return Err(invalid(
+                        "dedup.redis_password",
+                        "the password is in dedup.redis_url already: give it once",
+                    ));
+                }
+            }
+            DedupStore::Memory => {
+                if !d.redis_url.is_empty() || !d.redis_password.expose().is_empty() {
+                    return Err(invalid(
+                        "dedup.store",
+                        "dedup.redis_url is set but the store is \"memory\": set dedup.store = \"redis\"",
+                    ));
+                }
             }
         }
         if self.log.level.trim().is_empty() {

@@ -79,6 +79,7 @@ pub enum Refusal {
     InvalidEnvelope,
     UnroutableEvent,
     KafkaUnavailable,
+    DedupStoreUnavailable,
 }
 
 impl Refusal {
@@ -94,7 +95,9 @@ impl Refusal {
             | Refusal::InvalidEnvelope
             | Refusal::UnroutableEvent => StatusCode::BAD_REQUEST,
             Refusal::InvalidSignature => StatusCode::UNAUTHORIZED,
-            Refusal::Overloaded | Refusal::KafkaUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::Overloaded | Refusal::KafkaUnavailable | Refusal::DedupStoreUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -113,6 +116,7 @@ impl Refusal {
             Refusal::InvalidEnvelope => "invalid_envelope",
             Refusal::UnroutableEvent => "unroutable_event",
             Refusal::KafkaUnavailable => "kafka_unavailable",
+            Refusal::DedupStoreUnavailable => "dedup_store_unavailable",
         }
     }
 
@@ -129,7 +133,9 @@ impl Refusal {
             | Refusal::InvalidEnvelope
             | Refusal::UnroutableEvent => Outcome::Invalid,
             Refusal::InvalidSignature => Outcome::Unauthorized,
-            Refusal::Overloaded | Refusal::KafkaUnavailable => Outcome::Unavailable,
+            Refusal::Overloaded | Refusal::KafkaUnavailable | Refusal::DedupStoreUnavailable => {
+                Outcome::Unavailable
+            }
         }
     }
 

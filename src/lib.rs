@@ -50,6 +50,8 @@ pub enum RunError {
     Producer(#[from] rdkafka::error::KafkaError),
     #[error(transparent)]
     Plan(#[from] PlanError),
+    #[error("{0}")]
+    Dedup(String),
 }
 
 /// The bridge's metrics, every fixed label set taken from the stage that owns it.
@@ -97,6 +99,7 @@ pub async fn run_with_reloads(
         settings,
         routes,
         verifier,
+        dedup,
         producer,
         certificate,
         limits: ingress_limits,
@@ -148,16 +151,21 @@ pub async fn run_with_reloads(
     ));
 
     reload::announce_signing(&settings, &verifier, &metrics);
-    let ingest = Arc::new(Ingest::new(
-        &settings,
-        routes,
-        verifier,
-        publisher.clone(),
-        metrics.clone(),
-    ));
+    let ingest = Arc::new(
+        Ingest::new(
+            &settings,
+            routes,
+            verifier,
+            dedup,
+            publisher.clone(),
+            metrics.clone(),
+        )
+        .map_err(RunError::Dedup)?,
+    );
     if let Some(tls) = &tls {
         metrics.tls_certificate_expiry.set(tls.not_after());
     }
+    let ingest_after_drain = ingest.clone();
     warn_about_weak_settings(&settings);
     let reload_task = tokio::spawn(reload::apply(
         reload::Running {
@@ -210,6 +218,10 @@ pub async fn run_with_reloads(
             "records still unacknowledged at the flush deadline (their senders were answered 503)"
         );
     }
+    // The acknowledgements of the last records, for the shared duplicate store.
+    ingest_after_drain
+        .flush_dedup(Duration::from_millis(settings.dedup.redis_timeout_ms * 4))
+        .await;
     let _ = admin_stop.send(());
     let _ = admin_task.await;
     tracing::info!("stopped");

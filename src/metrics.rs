@@ -38,6 +38,8 @@ pub struct Metrics {
     pub dead_letters: IntCounter,
     pub producer_restarts: IntCounter,
     pub dedup_entries: IntGauge,
+    pub dedup_store_up: IntGauge,
+    pub dedup_store_errors: IntCounter,
     pub unsigned_allowed: IntGauge,
     pub tls_certificate_expiry: IntGauge,
     pub reloads: IntCounterVec,
@@ -176,6 +178,19 @@ impl Metrics {
             "Acknowledged event ids remembered for duplicate suppression.",
         )
         .unwrap();
+        let dedup_store_up = IntGauge::new(
+            "tamio_bridge_dedup_store_up",
+            "1 while the store of duplicate claims answers (always 1 with dedup.store = memory); \
+             0 while the shared store cannot be used and claims fall back to this process's \
+             memory (or deliveries are refused).",
+        )
+        .unwrap();
+        let dedup_store_errors = IntCounter::new(
+            "tamio_bridge_dedup_store_errors_total",
+            "Commands to the shared duplicate store that failed or did not answer in time, and \
+             writes to it dropped while it was down.",
+        )
+        .unwrap();
         let producer_queue_messages = IntGauge::new(
             "tamio_bridge_kafka_producer_queue_messages",
             "Records waiting in the producer for Kafka's acknowledgement (librdkafka msg_cnt).",
@@ -263,6 +278,8 @@ impl Metrics {
             Box::new(dead_letters.clone()),
             Box::new(producer_restarts.clone()),
             Box::new(dedup_entries.clone()),
+            Box::new(dedup_store_up.clone()),
+            Box::new(dedup_store_errors.clone()),
             Box::new(unsigned_allowed.clone()),
             Box::new(tls_certificate_expiry.clone()),
             Box::new(reloads.clone()),
@@ -297,6 +314,8 @@ impl Metrics {
             dead_letters,
             producer_restarts,
             dedup_entries,
+            dedup_store_up,
+            dedup_store_errors,
             unsigned_allowed,
             tls_certificate_expiry,
             reloads,

@@ -10,6 +10,7 @@ use std::fmt;
 use rdkafka::config::ClientConfig;
 
 use crate::config::{Settings, SettingsError};
+use crate::ingest::dedup;
 use crate::ingest::route::Routes;
 use crate::ingest::verify::Verifier;
 use crate::publish::producer;
@@ -21,6 +22,7 @@ pub struct Plan {
     pub settings: Settings,
     pub routes: Routes,
     pub verifier: Verifier,
+    pub dedup: dedup::Plan,
     /// The producer's librdkafka options.
     pub producer: ClientConfig,
     /// The ingress certificate, when it serves TLS.
@@ -65,6 +67,9 @@ impl Plan {
         let verifier = Verifier::build(&settings.signature)
             .map_err(|e| errors.extend(e))
             .ok();
+        let dedup = dedup::Plan::build(settings)
+            .map_err(|e| errors.push(e))
+            .ok();
         let producer = producer::build(&settings.kafka, settings.server.max_body_bytes)
             .map_err(|e| errors.extend(e))
             .ok();
@@ -79,8 +84,8 @@ impl Plan {
         } else {
             Some(None)
         };
-        match (routes, verifier, producer, certificate) {
-            (Some(routes), Some(verifier), Some(producer), Some(certificate))
+        match (routes, verifier, dedup, producer, certificate) {
+            (Some(routes), Some(verifier), Some(dedup), Some(producer), Some(certificate))
                 if errors.is_empty() =>
             {
                 let mut topics = routes.topics();
@@ -89,6 +94,7 @@ impl Plan {
                     settings: settings.clone(),
                     routes,
                     verifier,
+                    dedup,
                     producer,
                     certificate,
                     limits: Limits::of(&settings.server),

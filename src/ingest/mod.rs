@@ -27,7 +27,7 @@ use crate::error::{Outcome, Refusal};
 use crate::metrics::Metrics;
 use crate::publish::record::{DeadLetter, Record};
 use crate::publish::{PublishError, Publisher};
-use dedup::{Claim, Dedup, Original};
+use dedup::{Claim, Dedup, Original, Unclaimed};
 use envelope::{Envelope, EnvelopeError};
 use route::{Destination, RouteError, Routes};
 use verify::{VerifiedBody, Verifier, VerifyError};
@@ -49,6 +49,11 @@ pub enum IngestError {
     BodyRead(String),
     #[error("the bridge is at its limit of {0} requests in flight; retry later")]
     Overloaded(usize),
+    #[error(
+        "the shared store of delivered event ids cannot be used, and the bridge is set to \
+         refuse deliveries meanwhile (dedup.on_store_error = \"refuse\"); retry later"
+    )]
+    DedupUnavailable,
     #[error(transparent)]
     Verify(#[from] VerifyError),
     #[error(transparent)]
@@ -70,6 +75,7 @@ impl IngestError {
             IngestError::BodyTimeout(_) => Refusal::RequestTimeout,
             IngestError::BodyRead(_) => Refusal::BadRequest,
             IngestError::Overloaded(_) => Refusal::Overloaded,
+            IngestError::DedupUnavailable => Refusal::DedupStoreUnavailable,
             IngestError::Verify(_) => Refusal::InvalidSignature,
             IngestError::Envelope(EnvelopeError::Json(_)) => Refusal::InvalidJson,
             IngestError::Envelope(_) => Refusal::InvalidEnvelope,
@@ -220,10 +226,11 @@ impl Ingest {
         settings: &Settings,
         routes: Routes,
         verifier: Verifier,
+        dedup: dedup::Plan,
         publisher: Arc<Publisher>,
         metrics: Arc<Metrics>,
-    ) -> Ingest {
-        Ingest {
+    ) -> Result<Ingest, String> {
+        Ok(Ingest {
             path: settings.server.path.clone(),
             max_body_bytes: settings.server.max_body_bytes,
             request_timeout: settings.request_timeout(),
@@ -231,15 +238,17 @@ impl Ingest {
             cloudevents: settings.kafka.cloudevents,
             dead_letter_topic: settings.dead_letter_topic().map(str::to_owned),
             verifier: RwLock::new(Arc::new(verifier)),
-            dedup: Arc::new(Dedup::new(
-                Duration::from_secs(settings.dedup.window_secs),
-                settings.dedup.max_entries,
-            )),
+            dedup: Arc::new(Dedup::start(dedup, metrics.clone())?),
             publisher,
             metrics,
             in_flight: Arc::new(Semaphore::new(settings.server.max_in_flight)),
             max_in_flight: settings.server.max_in_flight,
-        }
+        })
+    }
+
+    /// Waits up to `timeout` for the writes to the shared duplicate store (on shutdown).
+    pub async fn flush_dedup(&self, timeout: Duration) {
+        self.dedup.flush(timeout).await;
     }
 
     /// The verifier in force; a request keeps the one it started with.
@@ -405,10 +414,16 @@ impl Ingest {
         let claim = if self.dedup.enabled() {
             let mut buf = [0u8; 2 * envelope::MAX_ID_BYTES + 1];
             let id = dedup_id(&mut buf, &envelope.endpoint_id, &envelope.event_id);
-            let claim = tokio::time::timeout_at(deadline, self.dedup.claim(id)).await;
+            let claim = self
+                .dedup
+                .claim(id, &envelope.endpoint_id, &envelope.event_id, deadline)
+                .await;
             self.metrics.dedup_entries.set(self.dedup.len() as i64);
             match claim {
-                Err(_) => return Err(PublishError::Timeout(self.request_timeout).into()),
+                Err(Unclaimed::Timeout) => {
+                    return Err(PublishError::Timeout(self.request_timeout).into())
+                }
+                Err(Unclaimed::StoreUnavailable) => return Err(IngestError::DedupUnavailable),
                 Ok(Claim::Duplicate(original)) => {
                     return Ok(Accepted {
                         event_id: slice_or_own(verified.bytes(), envelope.event_id.clone()),

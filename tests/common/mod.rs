@@ -1,6 +1,6 @@
 //! The test kit, by concern: the broker (`broker`), the bridge in process (`bridge`) or as
 //! the real binary (`process`), an HTTP client (`client`), a reader of whole topics (`topic`),
-//! the loss checker's load (`load`), TLS (`tls`) and a raw HTTP/2 peer (`h2raw`). Each test
+//! the loss checker's load (`load`), a Redis server (`redis_server`), TLS (`tls`) and a raw HTTP/2 peer (`h2raw`). Each test
 //! file takes what it needs with `use common::*`.
 #![allow(dead_code, unused_imports)]
 
@@ -10,6 +10,7 @@ pub mod client;
 pub mod h2raw;
 pub mod load;
 pub mod process;
+pub mod redis_server;
 pub mod signing;
 pub mod tls;
 pub mod topic;
@@ -19,6 +20,7 @@ pub use self::broker::*;
 pub use self::client::*;
 pub use self::load::*;
 pub use self::process::*;
+pub use self::redis_server::*;
 pub use self::topic::*;
 
 use std::sync::atomic::{AtomicU32, Ordering};

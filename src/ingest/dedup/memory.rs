@@ -1,4 +1,5 @@
-//! Duplicate suppression by `event_id`, per bridge process.
+//! The in-memory claims of this process (the only ones with `dedup.store = "memory"`, and
+//! the first level in front of the shared store).
 //!
 //! The sender retries with the same `event_id`. Once an event is acknowledged by Kafka its id
 //! is remembered for `dedup.window_secs`; a later delivery of it is answered with the
@@ -18,14 +19,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::publish::Delivered;
-
-/// Where an already-acknowledged event was written.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Original {
-    pub topic: Arc<str>,
-    pub delivered: Delivered,
-}
+use super::Original;
 
 enum Entry {
     /// Being published; waiters watch for the outcome.
@@ -64,7 +58,7 @@ struct State {
     order: VecDeque<(Key, Instant)>,
 }
 
-pub struct Dedup {
+pub struct Memory {
     window: Duration,
     max_entries: usize,
     /// The two keys of the id hash.
@@ -72,7 +66,7 @@ pub struct Dedup {
     state: Mutex<State>,
 }
 
-/// The outcome of [`Dedup::claim`].
+/// The outcome of [`Memory::claim`].
 pub enum Claim {
     /// This delivery publishes; report the outcome through the guard.
     First(ClaimGuard),
@@ -84,15 +78,15 @@ pub enum Claim {
 /// request that started it has already been answered. Dropping it without
 /// [`ClaimGuard::acknowledged`] releases the id, so a retry may publish it.
 pub struct ClaimGuard {
-    dedup: Arc<Dedup>,
+    dedup: Arc<Memory>,
     id: Key,
     tx: Option<watch::Sender<Option<Original>>>,
 }
 
-impl Dedup {
+impl Memory {
     /// `window` zero turns suppression off.
-    pub fn new(window: Duration, max_entries: usize) -> Dedup {
-        Dedup {
+    pub fn new(window: Duration, max_entries: usize) -> Memory {
+        Memory {
             window,
             max_entries,
             hash: (RandomState::new(), RandomState::new()),
@@ -215,6 +209,7 @@ impl Drop for ClaimGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::publish::Delivered;
 
     fn original(offset: i64) -> Original {
         Original {
@@ -228,7 +223,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn acknowledged_ids_are_duplicates_until_the_window_passes() {
-        let dedup = Arc::new(Dedup::new(Duration::from_secs(60), 100));
+        let dedup = Arc::new(Memory::new(Duration::from_secs(60), 100));
         let Claim::First(guard) = dedup.claim("e1").await else {
             panic!("first claim")
         };
@@ -243,7 +238,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_failed_publish_releases_the_id() {
-        let dedup = Arc::new(Dedup::new(Duration::from_secs(60), 100));
+        let dedup = Arc::new(Memory::new(Duration::from_secs(60), 100));
         let Claim::First(guard) = dedup.claim("e1").await else {
             panic!()
         };
@@ -253,7 +248,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_oldest_ids_go_first_beyond_the_bound() {
-        let dedup = Arc::new(Dedup::new(Duration::from_secs(3600), 3));
+        let dedup = Arc::new(Memory::new(Duration::from_secs(3600), 3));
         for (i, id) in ["a", "b", "c", "d"].iter().enumerate() {
             let Claim::First(g) = dedup.claim(id).await else {
                 panic!()
@@ -270,7 +265,7 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_deliveries_wait_for_the_first() {
-        let dedup = Arc::new(Dedup::new(Duration::from_secs(60), 100));
+        let dedup = Arc::new(Memory::new(Duration::from_secs(60), 100));
         let Claim::First(guard) = dedup.claim("e1").await else {
             panic!()
         };

@@ -1,0 +1,220 @@
+//! Duplicate suppression by `(endpoint_id, event_id)`.
+//!
+//! The sender retries with the same `event_id`. Once an event is acknowledged by Kafka its id
+//! is remembered for `dedup.window_secs`; a later delivery of it is answered with the
+//! original record's place and writes nothing. Concurrent deliveries of one id are
+//! serialised: the first publishes, the others wait for its outcome, and publish themselves
+//! only if it failed. A claim lasts until Kafka's verdict, not until the request's answer.
+//!
+//! Claims live in this process's memory ([`memory`]) and, with `dedup.store = "redis"`, in a
+//! store every replica shares ([`shared`]): memory first (a retry that comes back to the same
+//! replica costs no round trip), then the shared store. While that store cannot be used,
+//! `dedup.on_store_error` decides: claims in memory only, or 503.
+
+pub mod memory;
+pub mod shared;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::{DedupStore, OnStoreError, Settings, SettingsError};
+use crate::metrics::Metrics;
+use crate::publish::Delivered;
+use shared::{Found, Shared};
+
+/// Where an already-acknowledged event was written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Original {
+    pub topic: Arc<str>,
+    pub delivered: Delivered,
+}
+
+/// The duplicate suppression the settings ask for, checked.
+#[derive(Clone)]
+pub struct Plan {
+    window: Duration,
+    max_entries: usize,
+    shared: Option<shared::Plan>,
+    on_store_error: OnStoreError,
+}
+
+impl Plan {
+    pub fn build(settings: &Settings) -> Result<Plan, SettingsError> {
+        let d = &settings.dedup;
+        let shared = match d.store {
+            DedupStore::Memory => None,
+            // A claim outlives its request by up to the delivery timeout (a record handed to
+            // Kafka late in its request may be acknowledged after the request's deadline).
+            DedupStore::Redis => Some(shared::Plan::build(
+                d,
+                Duration::from_millis(
+                    settings.server.request_timeout_ms + settings.kafka.delivery_timeout_ms,
+                ),
+            )?),
+        };
+        Ok(Plan {
+            window: Duration::from_secs(d.window_secs),
+            max_entries: d.max_entries,
+            shared,
+            on_store_error: d.on_store_error,
+        })
+    }
+}
+
+/// Why no claim could be had.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unclaimed {
+    /// The deadline passed while another delivery of the id was being published.
+    Timeout,
+    /// The shared store cannot be used and `dedup.on_store_error` is `refuse`.
+    StoreUnavailable,
+}
+
+/// The outcome of [`Dedup::claim`].
+pub enum Claim {
+    /// This delivery publishes; report the outcome through the guard.
+    First(ClaimGuard),
+    /// Already acknowledged: answer with the original's place.
+    Duplicate(Original),
+}
+
+/// Held while an event is being published, until Kafka's delivery report. Dropping it
+/// without [`ClaimGuard::acknowledged`] releases the id, so a retry may publish it.
+pub struct ClaimGuard {
+    local: Option<memory::ClaimGuard>,
+    /// With the shared store: the ids, to record the verdict there.
+    shared: Option<(Arc<Shared>, Box<str>, Box<str>)>,
+}
+
+impl ClaimGuard {
+    /// Records that Kafka acknowledged the event, and tells any concurrent delivery.
+    pub fn acknowledged(mut self, original: Original) {
+        if let Some((shared, endpoint_id, event_id)) = self.shared.take() {
+            shared.acknowledged(&endpoint_id, &event_id, &original);
+        }
+        if let Some(local) = self.local.take() {
+            local.acknowledged(original);
+        }
+    }
+}
+
+impl Drop for ClaimGuard {
+    fn drop(&mut self) {
+        if let Some((shared, endpoint_id, event_id)) = self.shared.take() {
+            shared.release(&endpoint_id, &event_id);
+        }
+    }
+}
+
+/// Duplicate suppression in force.
+pub struct Dedup {
+    local: Arc<memory::Memory>,
+    shared: Option<Arc<Shared>>,
+    on_store_error: OnStoreError,
+    metrics: Arc<Metrics>,
+}
+
+impl Dedup {
+    /// Starts the plan's suppression (on the async runtime: the shared store's background
+    /// tasks run there).
+    pub fn start(plan: Plan, metrics: Arc<Metrics>) -> Result<Dedup, String> {
+        let shared = match plan.shared {
+            Some(p) => Some(Shared::start(p, metrics.clone())?),
+            None => None,
+        };
+        if shared.is_none() {
+            metrics.dedup_store_up.set(1);
+        }
+        Ok(Dedup {
+            local: Arc::new(memory::Memory::new(plan.window, plan.max_entries)),
+            shared,
+            on_store_error: plan.on_store_error,
+            metrics,
+        })
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.local.enabled()
+    }
+
+    /// Acknowledged ids remembered in this process.
+    pub fn len(&self) -> usize {
+        self.local.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.local.is_empty()
+    }
+
+    /// Claims the id of `key` (`endpoint_id`, `event_id` and the two as one text), or says
+    /// where it was written; waits while another delivery of it is being published, until
+    /// `deadline`.
+    pub async fn claim(
+        &self,
+        key: &str,
+        endpoint_id: &str,
+        event_id: &str,
+        deadline: tokio::time::Instant,
+    ) -> Result<Claim, Unclaimed> {
+        let local = tokio::time::timeout_at(deadline, self.local.claim(key))
+            .await
+            .map_err(|_| Unclaimed::Timeout)?;
+        let guard = match local {
+            memory::Claim::Duplicate(original) => return Ok(Claim::Duplicate(original)),
+            memory::Claim::First(guard) => guard,
+        };
+        let Some(shared) = &self.shared else {
+            return Ok(Claim::First(ClaimGuard {
+                local: Some(guard),
+                shared: None,
+            }));
+        };
+        let local_only = |guard| match self.on_store_error {
+            OnStoreError::Local => Ok(Claim::First(ClaimGuard {
+                local: Some(guard),
+                shared: None,
+            })),
+            OnStoreError::Refuse => Err(Unclaimed::StoreUnavailable),
+        };
+        if !shared.is_up() {
+            return local_only(guard);
+        }
+        let mut found = shared.claim(endpoint_id, event_id).await;
+        loop {
+            match found {
+                Err(()) => return local_only(guard),
+                Ok(Found::Claimed) => {
+                    return Ok(Claim::First(ClaimGuard {
+                        local: Some(guard),
+                        shared: Some((shared.clone(), endpoint_id.into(), event_id.into())),
+                    }))
+                }
+                Ok(Found::Done(original)) => {
+                    // Written by another replica: remembered here too.
+                    guard.acknowledged(original.clone());
+                    self.metrics.dedup_entries.set(self.local.len() as i64);
+                    return Ok(Claim::Duplicate(original));
+                }
+                Ok(Found::Pending) => {
+                    if tokio::time::Instant::now() + shared::POLL > deadline {
+                        return Err(Unclaimed::Timeout);
+                    }
+                    tokio::time::sleep(shared::POLL).await;
+                    found = match shared.look(endpoint_id, event_id).await {
+                        Ok(Some(found)) => Ok(found),
+                        // Released by a failed delivery: claim it again.
+                        Ok(None) => shared.claim(endpoint_id, event_id).await,
+                        Err(()) => Err(()),
+                    };
+                }
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for the writes to the shared store to be done (on shutdown).
+    pub async fn flush(&self, timeout: Duration) {
+        if let Some(shared) = &self.shared {
+            shared.flush(timeout).await;
+        }
+    }
+}
