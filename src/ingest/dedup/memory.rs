@@ -19,7 +19,14 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::Original;
+use crate::publish::Delivered;
+
+/// Where an already-acknowledged event was written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Original {
+    pub topic: Arc<str>,
+    pub delivered: Delivered,
+}
 
 enum Entry {
     /// Being published; waiters watch for the outcome.
@@ -209,7 +216,6 @@ impl Drop for ClaimGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::publish::Delivered;
 
     fn original(offset: i64) -> Original {
         Original {

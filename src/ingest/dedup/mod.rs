@@ -19,15 +19,8 @@ use std::time::Duration;
 
 use crate::config::{DedupStore, OnStoreError, Settings, SettingsError};
 use crate::metrics::Metrics;
-use crate::publish::Delivered;
+pub use memory::Original;
 use shared::{Found, Shared};
-
-/// Where an already-acknowledged event was written.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Original {
-    pub topic: Arc<str>,
-    pub delivered: Delivered,
-}
 
 /// The duplicate suppression the settings ask for, checked.
 #[derive(Clone)]

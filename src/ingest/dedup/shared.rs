@@ -21,7 +21,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::mpsc;
 
-use super::Original;
+use super::memory::Original;
 use crate::config::{Dedup, SettingsError};
 use crate::metrics::Metrics;
 use crate::publish::Delivered;
