@@ -310,6 +310,8 @@ def setting_files(settings: dict) -> list[tuple[str, str, bool, bool]]:
             files.append((f"kafka.tls.{key}", kafka["tls"][key], secret, False))
     if kafka.get("sasl", {}).get("password_file"):
         files.append(("kafka.sasl.password_file", kafka["sasl"]["password_file"], True, False))
+    if settings.get("dedup", {}).get("redis_password_file"):
+        files.append(("dedup.redis_password_file", settings["dedup"]["redis_password_file"], True, False))
     return files
 
 
@@ -372,6 +374,13 @@ def cmd_settings() -> None:
                 problems.append(f"{rel}: holds {section}.{table}.{key}; use a file from a mounted Secret")
         if any(k.endswith("password") for k in lib):
             problems.append(f"{rel}: holds a password in kafka.librdkafka; use kafka.sasl.password_file")
+        dedup = doc.get("dedup", {})
+        if dedup.get("redis_password"):
+            problems.append(f"{rel}: holds dedup.redis_password; use dedup.redis_password_file")
+        url = dedup.get("redis_url", "")
+        authority = url.split("://", 1)[-1].split("/", 1)[0]
+        if "@" in authority and ":" in authority.rsplit("@", 1)[0]:
+            problems.append(f"{rel}: dedup.redis_url holds a password; use dedup.redis_password_file")
     if problems:
         raise Failure("\n".join(problems))
     print(f"{len(SETTINGS_FILES)} settings files parse and use only known settings")
