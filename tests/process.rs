@@ -302,3 +302,53 @@ fn a_partitioner_that_could_split_a_ticket_is_refused_at_start() {
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("consistent_random"), "{stdout}");
 }
+
+#[test]
+fn check_config_prints_toml_that_loads_back_without_a_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("in.toml");
+    std::fs::write(
+        &file,
+        "[kafka]\nbrokers = 'b:9092'\n[kafka.librdkafka]\n\"sasl.password\" = 'hunter2-kafka'\n\
+         \"linger.ms\" = '3'\n[dedup]\nstore = 'redis'\nredis_url = 'redis://u:hunter2-redis@r:6379'\n\
+         [signature]\nsecrets = ['hunter2-signing']\n",
+    )
+    .unwrap();
+    let (code, printed, stderr) =
+        run_to_exit(&[], &["--config", file.to_str().unwrap(), "check-config"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!printed.contains("hunter2"), "{printed}");
+    assert!(printed.contains("\"linger.ms\" = \"3\""), "{printed}");
+    assert!(printed.contains("redis://u@r:6379"), "{printed}");
+    assert!(
+        printed.contains("signature.secrets: 1 secret(s)"),
+        "{printed}"
+    );
+    // Pasted into a --config file (with a secret, which it left out), it loads as it was.
+    let again = dir.path().join("again.toml");
+    std::fs::write(&again, &printed).unwrap();
+    let (code, reprinted, stderr) = run_to_exit(
+        &[("TAMIO_BRIDGE__SIGNATURE__SECRETS", SECRET)],
+        &["--config", again.to_str().unwrap(), "check-config"],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let body = |text: &str| {
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(body(&reprinted), body(&printed));
+}
+
+#[test]
+fn a_settings_error_is_printed_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.toml");
+    std::fs::write(&file, "[server]\nmax_in_flight = 'many'\n").unwrap();
+    let (code, _, stderr) = run_to_exit(&[], &["--config", file.to_str().unwrap(), "check-config"]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("server.max_in_flight"), "{stderr}");
+    assert_eq!(stderr.matches("max_in_flight").count(), 1, "{stderr}");
+    assert!(!stderr.contains("Caused by"), "{stderr}");
+}

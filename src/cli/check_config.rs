@@ -58,6 +58,14 @@ fn left_out(s: &Settings) -> Vec<String> {
     if !s.kafka.tls.key_password.expose().is_empty() {
         items.push("kafka.tls.key_password".to_owned());
     }
+    if s.dedup.redis_url.has_password() {
+        items.push("the password in dedup.redis_url".to_owned());
+    }
+    if !s.dedup.redis_password.expose().is_empty()
+        && s.dedup.redis_password_file.as_os_str().is_empty()
+    {
+        items.push("dedup.redis_password".to_owned());
+    }
     for (key, value) in &s.kafka.librdkafka {
         if shown_value(key, value) != value {
             items.push(format!("kafka.librdkafka.\"{key}\""));
