@@ -5,13 +5,15 @@
 //! wrapper reads the frame headers as the bytes pass by (the payloads are not looked at) and
 //! fails the connection's reads, which closes it, when a peer sends:
 //!
-//! - control frames (SETTINGS, PING, PRIORITY, WINDOW_UPDATE, unknown types, empty DATA
-//!   frames that do not end their stream) beyond a budget of [`CONTROL_BURST`] that refills
+//! - control frames (SETTINGS, PING, PRIORITY, WINDOW_UPDATE, unknown types, GOAWAY after
+//!   the first, empty or padded DATA frames that do not end their stream) beyond a budget of [`CONTROL_BURST`] that refills
 //!   at [`CONTROL_PER_SEC`] a second and by one for each request;
 //! - RST_STREAM frames beyond [`RESET_BURST`], refilling at [`RESETS_PER_SEC`] a second (the
 //!   "rapid reset" attack opens and cancels streams as fast as it can);
 //! - a header block larger than [`MAX_HEADER_BLOCK`] bytes or split over more than
 //!   [`MAX_CONTINUATIONS`] CONTINUATION frames.
+//!
+//! Bytes that do not start with HTTP/2's preface (HTTP/1 on a cleartext port) pass untouched.
 //!
 //! A browser or an HTTP client library stays far inside these budgets: a handful of control
 //! frames when the connection opens, a WINDOW_UPDATE now and then, a PING answer per
@@ -33,7 +35,8 @@ pub const RESETS_PER_SEC: u32 = 10;
 pub const MAX_HEADER_BLOCK: usize = 64 * 1024;
 pub const MAX_CONTINUATIONS: u32 = 32;
 
-const PREFACE_LEN: usize = 24;
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const PREFACE_LEN: usize = PREFACE.len();
 const FRAME_HEAD_LEN: usize = 9;
 
 const DATA: u8 = 0x0;
@@ -44,6 +47,7 @@ const GOAWAY: u8 = 0x7;
 const CONTINUATION: u8 = 0x9;
 const END_STREAM: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
+const PADDED: u8 = 0x8;
 
 /// Why a connection was cut: carried inside the `io::Error` its reads fail with.
 #[derive(Debug, Clone, Copy)]
@@ -99,7 +103,10 @@ impl Budget {
 
 /// Follows the frame boundaries of the bytes a peer sends.
 struct Frames {
+    /// Bytes of the preface still to come; the frames are followed only after it.
     preface_left: usize,
+    /// The bytes are not HTTP/2 (an HTTP/1 connection on a cleartext port): let them pass.
+    passthrough: bool,
     head: [u8; FRAME_HEAD_LEN],
     head_len: usize,
     /// Payload bytes of the current frame not yet passed.
@@ -108,6 +115,7 @@ struct Frames {
     block: Option<(usize, u32)>,
     control: Budget,
     resets: Budget,
+    goaway_seen: bool,
     broken: Option<Abuse>,
 }
 
@@ -115,12 +123,14 @@ impl Frames {
     fn new() -> Frames {
         Frames {
             preface_left: PREFACE_LEN,
+            passthrough: false,
             head: [0; FRAME_HEAD_LEN],
             head_len: 0,
             skip: 0,
             block: None,
             control: Budget::new(CONTROL_BURST, CONTROL_PER_SEC),
             resets: Budget::new(RESET_BURST, RESETS_PER_SEC),
+            goaway_seen: false,
             broken: None,
         }
     }
@@ -130,9 +140,14 @@ impl Frames {
         if let Some(abuse) = self.broken {
             return Err(abuse);
         }
-        while !bytes.is_empty() {
+        while !bytes.is_empty() && !self.passthrough {
             if self.preface_left > 0 {
                 let n = self.preface_left.min(bytes.len());
+                let at = PREFACE_LEN - self.preface_left;
+                if bytes[..n] != PREFACE[at..at + n] {
+                    self.passthrough = true;
+                    return Ok(());
+                }
                 self.preface_left -= n;
                 bytes = &bytes[n..];
             } else if self.skip > 0 {
@@ -163,6 +178,8 @@ impl Frames {
         let (kind, flags) = (h[3], h[4]);
         self.skip = len;
         let within = match kind {
+            // Empty, or padded (the padding may be all of it): a control frame's cost.
+            DATA if flags & PADDED != 0 => self.control.take(),
             DATA => len > 0 || flags & END_STREAM != 0 || self.control.take(),
             HEADERS => {
                 self.control.give();
@@ -174,8 +191,9 @@ impl Frames {
                 true
             }
             RST_STREAM => self.resets.take(),
-            // A client never pushes and may say goodbye once; h2 refuses the first.
-            PUSH_PROMISE | GOAWAY => true,
+            // A client never pushes: h2 refuses it. A goodbye is free once.
+            PUSH_PROMISE => true,
+            GOAWAY => !std::mem::replace(&mut self.goaway_seen, true) || self.control.take(),
             _ => self.control.take(),
         };
         if within {
@@ -331,6 +349,35 @@ mod tests {
             frames.feed(&frame(DATA, END_STREAM, 1)).is_err(),
             "stays cut"
         );
+    }
+
+    #[test]
+    fn http1_bytes_pass_untouched() {
+        let mut frames = Frames::new();
+        let request = b"POST /webhooks/tamio HTTP/1.1\r\nHost: x\r\n\r\n".repeat(100);
+        for chunk in request.chunks(7) {
+            frames.feed(chunk).unwrap();
+        }
+        // What would be a flood of frame heads in HTTP/2 is only bytes here.
+        frames.feed(&[0u8; 100_000]).unwrap();
+    }
+
+    #[test]
+    fn repeated_goaways_and_padded_data_cost_like_control_frames() {
+        let mut frames = Frames::new();
+        frames.feed(&preface()).unwrap();
+        frames.feed(&frame(GOAWAY, 0, 8)).unwrap();
+        let goaways: Vec<u8> = (0..2 * CONTROL_BURST)
+            .flat_map(|_| frame(GOAWAY, 0, 8))
+            .collect();
+        assert!(frames.feed(&goaways).is_err());
+
+        let mut frames = Frames::new();
+        frames.feed(&preface()).unwrap();
+        let padded: Vec<u8> = (0..2 * CONTROL_BURST)
+            .flat_map(|_| frame(DATA, PADDED, 9))
+            .collect();
+        assert!(frames.feed(&padded).is_err());
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //!   last answer, HTTP/1 keep-alive and HTTP/2 alike; HTTP/2 peers are pinged, and a peer
 //!   that does not answer is dropped;
 //! - their number: at `max_connections`, a new connection reclaims the longest-idle one
-//!   (closed gracefully) instead of waiting behind it;
+//!   (closed gracefully; up to 1/16 of the bound may be such connections still closing)
+//!   instead of waiting behind it;
 //! - HTTP/2 abuse: streams per connection, resets, control-frame floods and oversized header
 //!   blocks (see [`h2guard`]) close the connection;
 //! - shutdown: stop accepting, close idle connections, let requests in flight finish within
@@ -51,6 +52,9 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     /// Time a connection may stay open with no request in progress.
     pub idle_timeout: Duration,
+    /// Deadline of a whole request: a connection told to close may take this long to finish
+    /// the one in progress.
+    pub request_timeout: Duration,
     pub max_connections: usize,
     pub drain_timeout: Duration,
     /// Streams one HTTP/2 connection may have open at once.
@@ -69,6 +73,7 @@ impl Limits {
             http2: true,
             header_read_timeout: ms(server.header_read_timeout_ms),
             idle_timeout: ms(server.idle_timeout_ms),
+            request_timeout: ms(server.request_timeout_ms),
             max_connections: server.max_connections,
             drain_timeout: ms(server.drain_timeout_ms),
             http2_max_concurrent_streams: server.http2_max_concurrent_streams,
@@ -120,14 +125,13 @@ impl CloseReason {
     }
 }
 
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// How long a connection told to close while idle may take to go (a peer that answers the
+/// goodbye goes at once; the rest of this is for the last bytes to be written).
+const IDLE_CLOSE_GRACE: Duration = Duration::from_millis(100);
 
-/// How long a connection told to close may take to finish what it has in progress (an idle
-/// one closes at once; one reclaimed in the middle of a request gets this long).
-const CLOSE_GRACE: Duration = Duration::from_secs(5);
-
-/// How long an idle connection told to close may take to go.
-const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// Beyond the connection bound, at most this share of it (1/16) may be connections that
+/// were asked to give their slot up and are still closing.
+const RECLAIM_SLACK_DIVISOR: usize = 16;
 
 /// HTTP/2 streams the bridge may reset for the peer's errors (refused beyond the stream
 /// bound, headers too large) before it closes the connection.
@@ -135,20 +139,6 @@ const H2_MAX_ERROR_RESETS: usize = 128;
 
 /// Largest decoded header list an HTTP/2 request may carry; larger ones are answered 431.
 const H2_MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
-
-/// Waits until the first bytes tell HTTP/1 from HTTP/2: true for the HTTP/2 preface, false
-/// for anything else; None when the peer closed first.
-async fn sniff_http2(stream: &TcpStream) -> Option<bool> {
-    let mut buf = [0u8; 24];
-    loop {
-        match stream.peek(&mut buf).await {
-            Ok(0) | Err(_) => return None,
-            Ok(n) if buf[..n] != H2_PREFACE[..n] => return Some(false),
-            Ok(n) if n >= H2_PREFACE.len() => return Some(true),
-            Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
-        }
-    }
-}
 
 /// One open connection, as the accept loop and the connection's own task see it.
 struct Slot {
@@ -181,6 +171,33 @@ impl Drop for Busy {
     }
 }
 
+/// A response body that keeps its request counted until hyper is done with it, so that a
+/// connection is not closed as idle between the handler's end and the answer's last byte.
+pub struct Tracked {
+    inner: Full<Bytes>,
+    _busy: Busy,
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 fn micros_since(clock: Instant) -> u64 {
     clock.elapsed().as_micros() as u64
 }
@@ -192,8 +209,25 @@ struct Connections {
     slots: Mutex<HashMap<u64, Arc<Slot>>>,
 }
 
+/// A connection's place in [`Connections`], given up when dropped (a panicking connection
+/// task included).
+struct Open {
+    connections: Arc<Connections>,
+    id: u64,
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.connections.close(self.id);
+    }
+}
+
 impl Connections {
-    fn open(&self) -> (u64, Arc<Slot>) {
+    fn len(&self) -> usize {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    fn open(self: &Arc<Self>) -> (Open, Arc<Slot>) {
         let slot = Arc::new(Slot {
             active: AtomicUsize::new(0),
             started: AtomicBool::new(false),
@@ -207,7 +241,11 @@ impl Connections {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, slot.clone());
-        (id, slot)
+        let open = Open {
+            connections: self.clone(),
+            id,
+        };
+        (open, slot)
     }
 
     fn close(&self, id: u64) {
@@ -272,7 +310,10 @@ where
         next_id: AtomicU64::new(0),
         slots: Mutex::new(HashMap::new()),
     });
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    // The bound, and room beside it for reclaimed connections that are still closing.
+    let slack = (limits.max_connections / RECLAIM_SLACK_DIVISOR).max(1);
+    let total = limits.max_connections + slack;
+    let permits = Arc::new(Semaphore::new(total));
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::pin!(shutdown);
 
@@ -289,31 +330,34 @@ where
             },
             () = &mut shutdown => break,
         };
-        let permit = match permits.clone().try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) => {
-                // Full: the new sender takes the slot of the connection idle the longest.
-                let wait = async {
-                    loop {
-                        let asked = connections.reclaim_longest_idle();
-                        // A reclaimed idle connection closes at once; one that turned busy
-                        // meanwhile finishes its request, so another is asked soon after.
-                        let retry = Duration::from_millis(if asked { 200 } else { 20 });
-                        if let Ok(Ok(permit)) =
-                            tokio::time::timeout(retry, permits.clone().acquire_owned()).await
-                        {
-                            return permit;
-                        }
+        // At the bound, the connection idle the longest gives its slot up and the new one is
+        // served meanwhile; when every connection has a request in progress, the new one
+        // waits until one ends.
+        if connections.len() >= limits.max_connections && !connections.reclaim_longest_idle() {
+            let room = async {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    if connections.len() < limits.max_connections
+                        || connections.reclaim_longest_idle()
+                    {
+                        return;
                     }
-                };
-                tokio::select! {
-                    permit = wait => permit,
-                    () = &mut shutdown => break,
                 }
+            };
+            tokio::select! {
+                () = room => {}
+                () = &mut shutdown => break,
             }
+        }
+        let permit = tokio::select! {
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let (id, slot) = connections.open();
+        let (open, slot) = connections.open();
         let connection = Connection {
             slot,
             clock: connections.clock,
@@ -321,23 +365,18 @@ where
             limits,
             metrics: metrics.clone(),
         };
-        let (handler, builder, connections, stop) = (
-            handler.clone(),
-            builder.clone(),
-            connections.clone(),
-            stop_rx.clone(),
-        );
+        let (handler, builder, stop) = (handler.clone(), builder.clone(), stop_rx.clone());
         let tls = tls.as_ref().map(|tls| tls.acceptor());
         tokio::spawn(async move {
             connection.run(stream, tls, builder, handler, stop).await;
-            connections.close(id);
+            drop(open);
             drop(permit);
         });
     }
 
     drop(listener);
     let _ = stop_tx.send(true);
-    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    let all = u32::try_from(total).unwrap_or(u32::MAX);
     let drained = tokio::time::timeout(limits.drain_timeout, permits.acquire_many(all)).await;
     match drained {
         Ok(_) => Drain::Complete,
@@ -362,24 +401,27 @@ impl Connection {
             .inc();
     }
 
-    /// The protocol and the stream to serve it on, established within the first-request
-    /// deadline; None when the connection ends before that.
+    /// The stream to serve, and its protocol when it is already known, established within
+    /// the first-request deadline; None when the connection ends before that.
     async fn establish(
         &self,
         stream: TcpStream,
         tls: Option<tokio_rustls::TlsAcceptor>,
-    ) -> Option<(bool, Box<dyn Stream>)> {
+    ) -> Option<(Protocol, Box<dyn Stream>)> {
         match tls {
-            None => {
-                let http2 = sniff_http2(&stream).await? && self.limits.http2;
-                Some((http2, Box::new(stream)))
-            }
+            // In cleartext hyper-util tells HTTP/1 from HTTP/2 by the first bytes.
+            None if self.limits.http2 => Some((Protocol::Either, Box::new(stream))),
+            None => Some((Protocol::Http1, Box::new(stream))),
             Some(acceptor) => match acceptor.accept(stream).await {
                 Ok(stream) => {
                     // ALPN tells the protocol.
-                    let http2 =
-                        self.limits.http2 && stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                    Some((http2, Box::new(stream)))
+                    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                    let protocol = if self.limits.http2 && h2 {
+                        Protocol::Http2
+                    } else {
+                        Protocol::Http1
+                    };
+                    Some((protocol, Box::new(stream)))
                 }
                 Err(err) => {
                     tracing::debug!(error = %err, "TLS handshake failed");
@@ -412,12 +454,15 @@ impl Connection {
             () = self.slot.reclaim.notified() => return self.closed(CloseReason::Reclaimed),
             _ = stop.wait_for(|stop| *stop) => return,
         };
-        let (http2, stream) = established;
-        let (builder, io): (_, Box<dyn Stream>) = if http2 {
-            let guarded = h2guard::Guarded::new(stream, self.slot.abuse.clone());
-            (builder.http2_only(), Box::new(guarded))
-        } else {
-            (builder.http1_only(), stream)
+        let (protocol, stream) = established;
+        let guarded = |stream| -> Box<dyn Stream> {
+            Box::new(h2guard::Guarded::new(stream, self.slot.abuse.clone()))
+        };
+        let (builder, io): (_, Box<dyn Stream>) = match protocol {
+            Protocol::Http1 => (builder.http1_only(), stream),
+            Protocol::Http2 => (builder.http2_only(), guarded(stream)),
+            // The guard follows the frames only if the bytes are HTTP/2's preface.
+            Protocol::Either => (builder, guarded(stream)),
         };
 
         let (slot, clock) = (self.slot.clone(), self.clock);
@@ -431,8 +476,7 @@ impl Connection {
             let response = handler(req);
             async move {
                 let response = response.await;
-                drop(busy);
-                Ok::<_, Infallible>(response)
+                Ok::<_, Infallible>(response.map(|inner| Tracked { inner, _busy: busy }))
             }
         });
         let connection = builder.serve_connection(TokioIo::new(io), service);
@@ -457,8 +501,9 @@ impl Connection {
         let check =
             tokio::time::sleep_until(first_deadline.min(self.accepted + limits.idle_timeout));
         tokio::pin!(check);
-        // Once told to close: the time by which the connection must be gone.
-        let mut closing: Option<Instant> = None;
+        // Once told to close: when to look again, and the time by which it must be gone even
+        // with a request still in progress.
+        let mut closing: Option<(Instant, Instant)> = None;
         loop {
             tokio::select! {
                 ended = connection.as_mut() => {
@@ -472,11 +517,14 @@ impl Connection {
                 }
                 () = &mut check => {
                     let now = Instant::now();
-                    if let Some(by) = closing {
-                        if now >= by {
+                    if let Some((by, hard)) = closing {
+                        let busy = self.slot.active.load(Ordering::Acquire) > 0;
+                        if now >= hard || (now >= by && !busy) {
                             return;
                         }
-                        check.as_mut().reset(by);
+                        // A request still in progress finishes, up to its own deadline.
+                        let next = if now >= by { now + IDLE_CLOSE_GRACE } else { by };
+                        check.as_mut().reset(next.min(hard));
                         continue;
                     }
                     if let Some(next) = next_check(&self.slot, now) {
@@ -488,33 +536,43 @@ impl Connection {
                         return self.closed(CloseReason::SlowStart);
                     }
                     self.closed(CloseReason::Idle);
-                    // A GOAWAY first: a peer that answers it closes at once; one that does
-                    // not is dropped after a moment.
+                    // A GOAWAY first: a peer that answers it goes at once; one that does not
+                    // is dropped after a moment.
                     connection.as_mut().graceful_shutdown();
-                    closing = Some(now + IDLE_CLOSE_GRACE);
+                    closing = Some((now + IDLE_CLOSE_GRACE, now + limits.request_timeout));
                     check.as_mut().reset(now + IDLE_CLOSE_GRACE);
                 }
                 () = self.slot.reclaim.notified(), if closing.is_none() => {
-                    self.closed(CloseReason::Reclaimed);
-                    if self.slot.active.load(Ordering::Acquire) == 0 {
-                        // Idle, and a sender waits for the slot: closed at once, since a peer
-                        // need not answer the goodbye of a graceful close.
-                        return;
+                    if self.slot.active.load(Ordering::Acquire) > 0 {
+                        // A request started since it was picked: it keeps its slot, and the
+                        // accept loop picks another next time.
+                        self.slot.reclaimed.store(false, Ordering::Relaxed);
+                        continue;
                     }
+                    self.closed(CloseReason::Reclaimed);
                     connection.as_mut().graceful_shutdown();
-                    let by = Instant::now() + CLOSE_GRACE;
-                    closing = Some(by);
-                    check.as_mut().reset(by);
+                    let now = Instant::now();
+                    closing = Some((now + IDLE_CLOSE_GRACE, now + limits.request_timeout));
+                    check.as_mut().reset(now + IDLE_CLOSE_GRACE);
                 }
                 _ = stop.wait_for(|stop| *stop), if closing.is_none() => {
                     // Shutting down: requests in flight finish within the drain deadline,
                     // which the accept loop keeps.
                     connection.as_mut().graceful_shutdown();
-                    let by = Instant::now() + self.limits.drain_timeout;
-                    closing = Some(by);
-                    check.as_mut().reset(by);
+                    let now = Instant::now();
+                    closing = Some((now + IDLE_CLOSE_GRACE, now + limits.drain_timeout));
+                    check.as_mut().reset(now + IDLE_CLOSE_GRACE);
                 }
             }
         }
     }
+}
+
+/// How a connection's protocol is chosen.
+#[derive(Debug, Clone, Copy)]
+enum Protocol {
+    Http1,
+    Http2,
+    /// Cleartext: hyper-util reads the first bytes.
+    Either,
 }
