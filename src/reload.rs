@@ -3,7 +3,8 @@
 //! their sources and compiled into a new plan. Its verifier and certificate are put in force;
 //! the sections that take a restart are compared by value with the settings in force, and a
 //! difference is reported (log and `tamio_bridge_reloads_total{result="restart_needed"}`).
-//! Loading and compiling read files: both run on blocking threads, never on the runtime's.
+//! Loading and compiling read files: both run on a blocking thread, never on the runtime's;
+//! a reload that fails either way is tried again at every watch interval until one applies.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,8 +19,9 @@ use crate::metrics::Metrics;
 use crate::plan::Plan;
 use crate::server::tls::Tls;
 
-/// A reload: the settings loaded again from their sources, or why they could not be.
-pub type Reload = Result<Settings, String>;
+/// A reload: the settings loaded again from their sources and compiled, or why they could
+/// not be.
+pub type Reload = Result<Plan, String>;
 
 /// How a reload ended: the `result` label of `tamio_bridge_reloads_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,13 +56,11 @@ pub struct Source<F> {
 }
 
 impl<F: Fn(&mut Settings)> Source<F> {
-    fn load(&self) -> Result<Settings, String> {
-        Settings::load(self.config.as_deref())
-            .map(|mut settings| {
-                (self.adjust)(&mut settings);
-                settings
-            })
-            .map_err(|e| e.to_string())
+    /// Loads and compiles the settings (reading files: on a blocking thread).
+    fn load(&self) -> Reload {
+        let mut settings = Settings::load(self.config.as_deref()).map_err(|e| e.to_string())?;
+        (self.adjust)(&mut settings);
+        Plan::compile(&settings).map_err(|e| e.to_string())
     }
 
     /// The files whose content a reload depends on.
@@ -155,9 +155,11 @@ pub async fn watch<F>(
                 .await
                 .unwrap_or_else(|e| Err(format!("loading the settings failed: {e}")))
         };
+        // A load or a compile that failed (a certificate read while half-written, say) is
+        // tried again at the next tick.
         failing = reload.is_err();
-        if let Ok(settings) = &reload {
-            let next = source.files(settings);
+        if let Ok(plan) = &reload {
+            let next = source.files(&plan.settings);
             if next != files {
                 files = next;
                 seen = fingerprint_off_runtime(&files).await;
@@ -181,17 +183,7 @@ pub struct Running {
 /// Applies each reload received until the channel closes.
 pub async fn apply(mut running: Running, mut reloads: mpsc::Receiver<Reload>) {
     while let Some(reload) = reloads.recv().await {
-        let result = match reload {
-            Ok(next) => {
-                let compiled = tokio::task::spawn_blocking(move || {
-                    Plan::compile(&next).map_err(|e| e.to_string())
-                })
-                .await
-                .unwrap_or_else(|e| Err(format!("compiling the settings failed: {e}")));
-                compiled.and_then(|plan| running.put_in_force(plan))
-            }
-            Err(reason) => Err(reason),
-        };
+        let result = reload.and_then(|plan| running.put_in_force(plan));
         let outcome = match result {
             Ok(ignored) if ignored.is_empty() => {
                 tracing::info!("reloaded: signature settings and TLS certificate in force");

@@ -304,8 +304,12 @@ impl Publisher {
             ));
         }
         let started = tokio::time::Instant::now();
-        let current = self.live_producer(deadline).await?;
-        let result = match current.producer.send_result(record) {
+        let Current { producer, fatal } = self.live_producer(deadline).await?;
+        let sent = producer.send_result(record);
+        // Not held while the report is awaited: the last handle of a replaced producer is
+        // dropped on the thread the replacement made for it, not on a runtime thread.
+        drop(producer);
+        let result = match sent {
             Err((err, _)) => Err(PublishError::from_kafka(&err)),
             Ok(delivery) => match with_deadline(deadline, delivery).await {
                 Err(_) => Err(PublishError::Timeout(
@@ -318,7 +322,7 @@ impl Publisher {
                 Ok(Ok(Err((err, _)))) => {
                     if kills_the_producer(&err) {
                         tracing::error!(%err, "the Kafka producer was fenced; it will be replaced");
-                        current.fatal.store(true, Ordering::SeqCst);
+                        fatal.store(true, Ordering::SeqCst);
                     }
                     Err(PublishError::from_kafka(&err))
                 }

@@ -74,28 +74,18 @@ pub enum Claim {
 /// Held while an event is being published, until Kafka's delivery report. Dropping it
 /// without [`ClaimGuard::acknowledged`] releases the id, so a retry may publish it.
 pub struct ClaimGuard {
-    local: Option<memory::ClaimGuard>,
-    /// With the shared store: the ids, to record the verdict there.
-    shared: Option<(Arc<Shared>, Box<str>, Box<str>)>,
+    local: memory::ClaimGuard,
+    /// With the shared store: the claim there (given up when dropped).
+    shared: Option<shared::Held>,
 }
 
 impl ClaimGuard {
     /// Records that Kafka acknowledged the event, and tells any concurrent delivery.
-    pub fn acknowledged(mut self, original: Original) {
-        if let Some((shared, endpoint_id, event_id)) = self.shared.take() {
-            shared.acknowledged(&endpoint_id, &event_id, &original);
+    pub fn acknowledged(self, original: Original) {
+        if let Some(held) = self.shared {
+            held.acknowledged(&original);
         }
-        if let Some(local) = self.local.take() {
-            local.acknowledged(original);
-        }
-    }
-}
-
-impl Drop for ClaimGuard {
-    fn drop(&mut self) {
-        if let Some((shared, endpoint_id, event_id)) = self.shared.take() {
-            shared.release(&endpoint_id, &event_id);
-        }
+        self.local.acknowledged(original);
     }
 }
 
@@ -158,13 +148,13 @@ impl Dedup {
         };
         let Some(shared) = &self.shared else {
             return Ok(Claim::First(ClaimGuard {
-                local: Some(guard),
+                local: guard,
                 shared: None,
             }));
         };
         let local_only = |guard| match self.on_store_error {
             OnStoreError::Local => Ok(Claim::First(ClaimGuard {
-                local: Some(guard),
+                local: guard,
                 shared: None,
             })),
             OnStoreError::Refuse => Err(Unclaimed::StoreUnavailable),
@@ -172,14 +162,14 @@ impl Dedup {
         if !shared.is_up() {
             return local_only(guard);
         }
-        let mut found = shared.claim(endpoint_id, event_id).await;
+        let (mut found, mut held) = shared.claim(endpoint_id, event_id).await;
         loop {
             match found {
                 Err(()) => return local_only(guard),
                 Ok(Found::Claimed) => {
                     return Ok(Claim::First(ClaimGuard {
-                        local: Some(guard),
-                        shared: Some((shared.clone(), endpoint_id.into(), event_id.into())),
+                        local: guard,
+                        shared: held,
                     }))
                 }
                 Ok(Found::Done(original)) => {
@@ -193,11 +183,11 @@ impl Dedup {
                         return Err(Unclaimed::Timeout);
                     }
                     tokio::time::sleep(shared::POLL).await;
-                    found = match shared.look(endpoint_id, event_id).await {
-                        Ok(Some(found)) => Ok(found),
+                    (found, held) = match shared.look(endpoint_id, event_id).await {
+                        Ok(Some(found)) => (Ok(found), None),
                         // Released by a failed delivery: claim it again.
                         Ok(None) => shared.claim(endpoint_id, event_id).await,
-                        Err(()) => Err(()),
+                        Err(()) => (Err(()), None),
                     };
                 }
             }

@@ -2,8 +2,10 @@
 //!
 //! One key per `(endpoint_id, event_id)`, `<prefix><len(endpoint_id)>:<endpoint_id>:<event_id>`:
 //! - the first delivery claims it with a script, one round trip: it reads the key and, when
-//!   absent, sets `p:<owner>` for `pending_ttl` (longer than any delivery may take: a replica
-//!   that dies mid-request leaves a claim that expires);
+//!   absent, sets `p:<process>:<attempt>` for `pending_ttl` (longer than any delivery may
+//!   take: a replica that dies mid-request leaves a claim that expires). A claim whose answer
+//!   was lost, or whose request was cut short, is given up again; one this process finds of
+//!   its own (its memory lets one delivery of an id at a time through) is taken over;
 //! - once Kafka acknowledges, the key becomes `d:<partition>:<offset>:<topic>` for the
 //!   window; a failed delivery deletes its own claim. Both are written by a background task
 //!   in pipelines, off the request's path;
@@ -36,15 +38,18 @@ pub const HEALTH_CHECK: Duration = Duration::from_secs(1);
 /// claims expire by themselves.
 const WRITE_QUEUE: usize = 16_384;
 
-/// Reads the key; when absent, claims it. Returns the value found, or nothing for a claim.
+/// Reads the key; when it is absent, or holds a claim of this process that no delivery of
+/// it still has (ARGV[3], the process's prefix: its own memory serialises its deliveries of
+/// one id, so such a claim was left by an attempt cut short), claims it. Returns the value
+/// found, or nothing for a claim.
 const CLAIM: &str = r"
 local v = redis.call('GET', KEYS[1])
-if v then return v end
+if v and string.sub(v, 1, string.len(ARGV[3])) ~= ARGV[3] then return v end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return false
 ";
 
-/// Deletes the key if it still holds this owner's claim.
+/// Deletes the key if it still holds this claim.
 const RELEASE: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 1
@@ -101,7 +106,13 @@ pub enum Found {
 /// A write the request does not wait for.
 enum Write {
     Done { key: String, value: String },
-    Release { key: String },
+    Release { key: String, token: String },
+}
+
+/// One claim in the store: its key and the token it holds.
+pub struct Token {
+    key: String,
+    token: String,
 }
 
 /// The shared store in use.
@@ -111,11 +122,14 @@ pub struct Shared {
     prefix: String,
     timeout: Duration,
     pending_ttl: Duration,
-    /// The value a claim of this process holds: `p:<random>`.
+    /// The start of the value of every claim of this process: `p:<random>:`.
     owner: String,
+    /// Tells this process's claims apart.
+    attempts: AtomicU64,
     up: AtomicBool,
     writes: mpsc::Sender<Write>,
-    queued: AtomicU64,
+    /// Writes queued and not yet done, and claims held: what a shutdown waits for.
+    pending: AtomicU64,
     metrics: Arc<Metrics>,
 }
 
@@ -138,10 +152,11 @@ impl Shared {
             prefix: plan.prefix,
             timeout: plan.timeout,
             pending_ttl: plan.pending_ttl,
-            owner: format!("p:{:016x}", rand::random::<u64>()),
+            owner: format!("p:{:016x}:", rand::random::<u64>()),
+            attempts: AtomicU64::new(0),
             up: AtomicBool::new(true),
             writes,
-            queued: AtomicU64::new(0),
+            pending: AtomicU64::new(0),
             metrics,
         });
         shared.metrics.dedup_store_up.set(1);
@@ -163,21 +178,50 @@ impl Shared {
         )
     }
 
-    /// Claims the id, or says who has it: one round trip.
-    pub async fn claim(&self, endpoint_id: &str, event_id: &str) -> Result<Found, ()> {
-        let key = self.key(endpoint_id, event_id);
+    /// Claims the id, or says who has it: one round trip. A claim made is held by the
+    /// returned [`Held`] (given up when it is dropped), also when the answer does not arrive.
+    pub async fn claim(
+        self: &Arc<Self>,
+        endpoint_id: &str,
+        event_id: &str,
+    ) -> (Result<Found, ()>, Option<Held>) {
+        let token = Token {
+            key: self.key(endpoint_id, event_id),
+            token: format!(
+                "{}{}",
+                self.owner,
+                self.attempts.fetch_add(1, Ordering::Relaxed)
+            ),
+        };
+        // Held from before the command is sent: if the answer is lost or the request is cut
+        // short, the claim the script may have made is given up.
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        let held = Held {
+            shared: self.clone(),
+            token: Some(token),
+        };
+        let (key, value) = held
+            .token
+            .as_ref()
+            .map(|t| (t.key.clone(), t.token.clone()))
+            .unwrap_or_default();
         let mut connection = self.connection.clone();
         let mut invocation = self.claim.key(&key);
         invocation
-            .arg(&self.owner)
-            .arg(self.pending_ttl.as_millis() as u64);
-        let found: Option<String> = self
+            .arg(&value)
+            .arg(self.pending_ttl.as_millis() as u64)
+            .arg(&self.owner);
+        let found: Result<Option<String>, ()> = self
             .deadline(invocation.invoke_async(&mut connection))
-            .await?;
-        Ok(match found {
-            None => Found::Claimed,
-            Some(value) => parse(&value).unwrap_or(Found::Pending),
-        })
+            .await;
+        match found {
+            Ok(None) => (Ok(Found::Claimed), Some(held)),
+            Ok(Some(value)) => {
+                held.disarm();
+                (Ok(parse(&value).unwrap_or(Found::Pending)), None)
+            }
+            Err(()) => (Err(()), Some(held)),
+        }
     }
 
     /// Reads what the store holds for the id now (while waiting for another replica).
@@ -190,37 +234,26 @@ impl Shared {
         Ok(found.map(|value| parse(&value).unwrap_or(Found::Pending)))
     }
 
-    /// Records Kafka's acknowledgement, without waiting for it.
-    pub fn acknowledged(&self, endpoint_id: &str, event_id: &str, original: &Original) {
-        let value = format!(
-            "d:{}:{}:{}",
-            original.delivered.partition, original.delivered.offset, original.topic
-        );
-        self.queue(Write::Done {
-            key: self.key(endpoint_id, event_id),
-            value,
-        });
-    }
-
-    /// Gives a failed delivery's claim up, without waiting for it.
-    pub fn release(&self, endpoint_id: &str, event_id: &str) {
+    fn release(&self, token: Token) {
         self.queue(Write::Release {
-            key: self.key(endpoint_id, event_id),
+            key: token.key,
+            token: token.token,
         });
     }
 
     fn queue(&self, write: Write) {
+        self.pending.fetch_add(1, Ordering::Relaxed);
         if self.writes.try_send(write).is_err() {
+            self.pending.fetch_sub(1, Ordering::Relaxed);
             self.failed("the queue of writes to the store is full");
-        } else {
-            self.queued.fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    /// Waits until the queued writes are done, up to `timeout` (on shutdown).
+    /// Waits until the claims held are given up or acknowledged and the writes queued are
+    /// done, up to `timeout` (on shutdown, after the producer's flush).
     pub async fn flush(&self, timeout: Duration) {
         let until = tokio::time::Instant::now() + timeout;
-        while self.queued.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < until {
+        while self.pending.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
@@ -264,6 +297,47 @@ impl Shared {
     }
 }
 
+/// A claim in the store, held until Kafka's verdict: [`Held::acknowledged`] records it;
+/// dropped without, the claim is given up (deleted if it still holds this token).
+pub struct Held {
+    shared: Arc<Shared>,
+    token: Option<Token>,
+}
+
+impl Held {
+    /// Records Kafka's acknowledgement (the original's place, for the window), without
+    /// waiting for it.
+    pub fn acknowledged(mut self, original: &Original) {
+        if let Some(token) = self.token.take() {
+            let value = format!(
+                "d:{}:{}:{}",
+                original.delivered.partition, original.delivered.offset, original.topic
+            );
+            self.shared.queue(Write::Done {
+                key: token.key,
+                value,
+            });
+            self.shared.pending.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Not a claim of this delivery after all: nothing to give up.
+    fn disarm(mut self) {
+        if self.token.take().is_some() {
+            self.shared.pending.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(token) = self.token.take() {
+            self.shared.release(token);
+            self.shared.pending.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
 /// Reads a stored value: `p:...` pending, `d:<partition>:<offset>:<topic>` done.
 fn parse(value: &str) -> Option<Found> {
     if value.starts_with("p:") {
@@ -303,12 +377,12 @@ async fn write_behind(
                         .arg(window.as_millis() as u64)
                         .ignore();
                 }
-                Write::Release { key } => {
+                Write::Release { key, token } => {
                     pipe.cmd("EVAL")
                         .arg(RELEASE)
                         .arg(1)
                         .arg(key)
-                        .arg(&shared.owner)
+                        .arg(token)
                         .ignore();
                 }
             }
@@ -323,7 +397,7 @@ async fn write_behind(
             // acknowledged ids stay remembered in this process.
             shared.metrics.dedup_store_errors.inc_by(n);
         }
-        shared.queued.fetch_sub(n, Ordering::Relaxed);
+        shared.pending.fetch_sub(n, Ordering::Relaxed);
     }
 }
 
