@@ -27,6 +27,9 @@
 #[allow(dead_code)]
 mod tls;
 
+#[path = "../tests/common/net.rs"]
+mod net;
+
 #[path = "../tests/common/redis_server.rs"]
 #[allow(dead_code)]
 mod redis_server;

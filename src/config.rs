@@ -584,6 +584,34 @@ fn read_secrets(path: &Path) -> Result<Vec<Secret>, String> {
     Ok(secrets)
 }
 
+/// Reads a password from `file`, when it is set, into `password`, which must be empty:
+/// `settings` names the two (the inline setting, the file's).
+fn read_password_file(
+    password: &mut Secret,
+    file: &Path,
+    settings: (&'static str, &'static str),
+) -> Result<(), SettingsError> {
+    let (inline, key) = settings;
+    if file.as_os_str().is_empty() {
+        return Ok(());
+    }
+    if !password.expose().is_empty() {
+        return Err(invalid(
+            key,
+            format!("set either {inline} or {key}, not both"),
+        ));
+    }
+    let mut read = read_secrets(file).map_err(|r| invalid(key, r))?;
+    if read.len() != 1 {
+        return Err(invalid(
+            key,
+            format!("{} must hold one line", file.display()),
+        ));
+    }
+    *password = read.remove(0);
+    Ok(())
+}
+
 /// Checks that `path` is a readable PEM file holding a `-----BEGIN ...{label}-----` block.
 pub fn check_pem_file(path: &Path, label: &str) -> Result<(), String> {
     let text = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
@@ -751,41 +779,17 @@ impl Settings {
             }
         }
         let dedup = &mut self.dedup;
-        if !dedup.redis_password_file.as_os_str().is_empty() {
-            if !dedup.redis_password.expose().is_empty() {
-                return Err(invalid(
-                    "dedup.redis_password_file",
-                    "set either dedup.redis_password or dedup.redis_password_file, not both",
-                ));
-            }
-            let mut read = read_secrets(&dedup.redis_password_file)
-                .map_err(|r| invalid("dedup.redis_password_file", r))?;
-            if read.len() != 1 {
-                return Err(invalid(
-                    "dedup.redis_password_file",
-                    format!("{} must hold one line", dedup.redis_password_file.display()),
-                ));
-            }
-            dedup.redis_password = read.remove(0);
-        }
+        read_password_file(
+            &mut dedup.redis_password,
+            &dedup.redis_password_file,
+            ("dedup.redis_password", "dedup.redis_password_file"),
+        )?;
         let sasl = &mut self.kafka.sasl;
-        if !sasl.password_file.as_os_str().is_empty() {
-            if !sasl.password.expose().is_empty() {
-                return Err(invalid(
-                    "kafka.sasl.password_file",
-                    "set either kafka.sasl.password or kafka.sasl.password_file, not both",
-                ));
-            }
-            let mut read = read_secrets(&sasl.password_file)
-                .map_err(|r| invalid("kafka.sasl.password_file", r))?;
-            if read.len() != 1 {
-                return Err(invalid(
-                    "kafka.sasl.password_file",
-                    format!("{} must hold one line", sasl.password_file.display()),
-                ));
-            }
-            sasl.password = read.remove(0);
-        }
+        read_password_file(
+            &mut sasl.password,
+            &sasl.password_file,
+            ("kafka.sasl.password", "kafka.sasl.password_file"),
+        )?;
         Ok(())
     }
 

@@ -2,7 +2,7 @@
 //! test's own that it may freeze, kill and restart, and a TLS terminator in front of one.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -135,17 +135,7 @@ impl OwnBroker {
             .spawn()
             .expect("tansu starts");
         self.child = Some(child);
-        let started = Instant::now();
-        while tokio::net::TcpStream::connect(self.address())
-            .await
-            .is_err()
-        {
-            assert!(
-                started.elapsed() < Duration::from_secs(20),
-                "tansu did not listen"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        super::net::wait_listening(self.port, "tansu", Duration::from_secs(20)).await;
     }
 
     fn signal(&self, name: &str) {

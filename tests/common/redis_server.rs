@@ -3,7 +3,7 @@
 //! fails loudly when it cannot start.
 
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub struct OwnRedis {
     pub port: u16,
@@ -46,18 +46,7 @@ impl OwnRedis {
                 )
             });
         self.child = Some(child);
-        let started = Instant::now();
-        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-            .await
-            .is_err()
-        {
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "redis-server did not listen on {}",
-                self.port
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        super::net::wait_listening(self.port, "redis-server", Duration::from_secs(10)).await;
     }
 
     /// SIGKILL: gone at once, with everything it held.
