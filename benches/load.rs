@@ -17,9 +17,10 @@
 //! of outstanding sends).
 //!
 //! Environment: `BENCH_SECONDS` (per run, default 5), `BENCH_LEVELS` (default 1,64,256),
-//! `BENCH_ROUNDS` (default 2), `BENCH_EXTRA` (the extra rows at 64 connections, default
-//! `redis`: the shared duplicate store on, beside a run with it off, on a `redis-server` the
-//! benchmark starts; also `tls`, `scrape`), `BENCH_CONFIG` (a `--config` file for this build, not the baseline),
+//! `BENCH_ROUNDS` (default 2), `BENCH_EXTRA` (extra rows, default `redis,start`: at 64
+//! connections the shared duplicate store on, beside a run with it off, on a `redis-server`
+//! the benchmark starts; and the first delivery after each of 10 starts per build, sent as
+//! soon as `/readyz` answers; also `tls`, `scrape`), `BENCH_CONFIG` (a `--config` file for this build, not the baseline),
 //! `TANSU_BIN` (default: `tansu` on the PATH). Both builds run with the default settings,
 //! logging at `info` included.
 
@@ -58,6 +59,8 @@ use tokio::net::TcpStream;
 const SECRET: &str = "bench-secret";
 const TEMPLATE: &str = include_str!("../tests/fixtures/whitelabel_ticket_updated.json");
 const TICKETS: usize = 5000;
+/// Starts per build for the first-delivery-after-start row.
+const STARTS: usize = 10;
 
 fn main() {
     if std::env::var("TAMIO_BENCH_ROLE").as_deref() == Ok("http-ceiling") {
@@ -78,7 +81,7 @@ fn main() {
         duration: Duration::from_secs(env_or("BENCH_SECONDS", 5)),
         rounds: env_or("BENCH_ROUNDS", 2),
         ceilings: env_or("BENCH_CEILINGS", 1) != 0,
-        extra: std::env::var("BENCH_EXTRA").unwrap_or_else(|_| "redis".into()),
+        extra: std::env::var("BENCH_EXTRA").unwrap_or_else(|_| "redis,start".into()),
         baseline: std::env::var("BENCH_BASELINE_BIN").ok(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -110,6 +113,13 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+fn now_nanos() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
 }
 
 fn now() -> i64 {
@@ -352,6 +362,45 @@ async fn drive_http(
         duration,
     })
     .await
+}
+
+/// Starts the bridge on a new topic and, as soon as `/readyz` answers 200, sends it one
+/// signed event on a fresh connection: how long, in microseconds, until it is answered 200.
+async fn first_after_start(bin: &str, brokers: &str) -> u64 {
+    let topic = format!("bench-start-{}", now_nanos());
+    create_topic(brokers, &topic).await;
+    let bridge = start_bridge(bin, brokers, &topic, &[]).await;
+    let sent = Instant::now();
+    let stream = TcpStream::connect(bridge.addr).await.unwrap();
+    let _ = stream.set_nodelay(true);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let body = body(now_nanos() as u64);
+    let sig = verify::header_value(SECRET.as_bytes(), now(), body.as_bytes());
+    let req = http::Request::post("/webhooks/tamio")
+        .header("host", "bench")
+        .header("content-type", "application/json")
+        .header("tamio-signature", sig)
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let status = resp.status();
+    let _ = resp.into_body().collect().await;
+    let took = sent.elapsed().as_micros().max(1) as u64;
+    assert!(
+        status.is_success(),
+        "first delivery after a start: {status}"
+    );
+    drop(bridge);
+    assert!(
+        count_records(brokers, &topic, 1).await >= 1,
+        "the first delivery is not in Kafka"
+    );
+    took
 }
 
 /// The Kafka ceiling: the bridge's producer settings, the same records, `concurrency`
@@ -635,13 +684,7 @@ async fn measure_once(
     env: &[(&str, String)],
     tls: Option<tokio_rustls::TlsConnector>,
 ) -> Measured {
-    let topic = format!(
-        "bench-{concurrency}-{}",
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    );
+    let topic = format!("bench-{concurrency}-{}", now_nanos());
     create_topic(brokers, &topic).await;
     let bridge = start_bridge(bin, brokers, &topic, env).await;
     let cpu0 = process_cpu_seconds(bridge.pid());
@@ -866,6 +909,30 @@ async fn bench(options: Options, levels: Vec<usize>) {
             on.run.pct(0.99),
             on.run.throughput() / off.run.throughput()
         );
+    }
+
+    // The first delivery after a start, sent as soon as `/readyz` answers 200: what a sender
+    // sees of a new replica (or a restarted one) that has just been put behind the Service.
+    if options.extra.contains("start") {
+        let (mut base, mut new) = (histogram(), histogram());
+        for _ in 0..STARTS {
+            if let Some(bin) = &options.baseline {
+                base.record(first_after_start(bin, &brokers).await).unwrap();
+            }
+            new.record(first_after_start(new_bin, &brokers).await)
+                .unwrap();
+        }
+        let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        for (name, h) in [("baseline", &base), ("bridge", &new)] {
+            if !h.is_empty() {
+                println!(
+                    "first delivery after ready, {name}: {STARTS} starts, p50 {:.2} ms, max {:.2} ms",
+                    ms(h, 0.5),
+                    ms(h, 1.0)
+                );
+            }
+        }
+        println!();
     }
 
     // The same load over TLS (rustls on the ingress; a certificate from a test CA).

@@ -107,7 +107,11 @@ pub async fn run_with_reloads(
     } = plan;
     let tls = certificate.map(|c| Arc::new(Tls::new(c)));
     let metrics = Arc::new(metrics());
-    let publisher = Arc::new(Publisher::new(producer, metrics.clone())?);
+    let publisher = Arc::new(Publisher::new(
+        producer,
+        metrics.clone(),
+        &settings.kafka.topic,
+    )?);
     tracing::info!(
         brokers = %settings.kafka.brokers,
         topic = %settings.kafka.topic,

@@ -144,19 +144,31 @@ pub struct Delivered {
     pub offset: i64,
 }
 
-/// The current producer and its fatal-error flag.
+/// The current producer, its fatal-error flag, and whether it has delivered a record.
 #[derive(Clone)]
 struct Current {
     producer: BridgeProducer,
     fatal: Arc<AtomicBool>,
+    /// Set at its first delivery: it has its producer id, and the warm-up stops.
+    delivered: Arc<AtomicBool>,
 }
 
-fn create(config: &ClientConfig, metrics: &Arc<Metrics>) -> Result<Current, KafkaError> {
+/// A new producer, and a thread that gets it its producer id at once (see
+/// [`probe::warm_up`]).
+fn create(
+    config: &ClientConfig,
+    metrics: &Arc<Metrics>,
+    topic: &Arc<str>,
+) -> Result<Current, KafkaError> {
     let fatal = Arc::new(AtomicBool::new(false));
     let context = StatsContext::new(metrics.clone(), fatal.clone());
+    let producer: BridgeProducer = config.create_with_context(context)?;
+    let delivered = Arc::new(AtomicBool::new(false));
+    probe::warm_up(producer.clone(), topic.clone(), delivered.clone());
     Ok(Current {
-        producer: config.create_with_context(context)?,
+        producer,
         fatal,
+        delivered,
     })
 }
 
@@ -169,20 +181,29 @@ pub struct Publisher {
     replacing: tokio::sync::Mutex<()>,
     config: Arc<ClientConfig>,
     metrics: Arc<Metrics>,
+    /// The topic a new producer asks the metadata of while it warms up.
+    topic: Arc<str>,
     /// False while the readiness probe finds no broker answering: records are then refused
     /// at once instead of waiting out the delivery timeout.
     reachable: AtomicBool,
 }
 
 impl Publisher {
-    /// A producer with `config` (see [`producer::build`]).
-    pub fn new(config: ClientConfig, metrics: Arc<Metrics>) -> Result<Publisher, KafkaError> {
-        let current = create(&config, &metrics)?;
+    /// A producer with `config` (see [`producer::build`]), warmed up with the metadata of
+    /// `topic`.
+    pub fn new(
+        config: ClientConfig,
+        metrics: Arc<Metrics>,
+        topic: &str,
+    ) -> Result<Publisher, KafkaError> {
+        let topic: Arc<str> = topic.into();
+        let current = create(&config, &metrics, &topic)?;
         Ok(Publisher {
             current: std::sync::RwLock::new(current),
             replacing: tokio::sync::Mutex::new(()),
             config: Arc::new(config),
             metrics,
+            topic,
             reachable: AtomicBool::new(true),
         })
     }
@@ -257,9 +278,13 @@ impl Publisher {
             return Ok(now);
         }
         tracing::warn!("the Kafka producer is dead: building a new one");
-        let (config, metrics) = (self.config.clone(), self.metrics.clone());
+        let (config, metrics, topic) = (
+            self.config.clone(),
+            self.metrics.clone(),
+            self.topic.clone(),
+        );
         let started = std::time::Instant::now();
-        let fresh = tokio::task::spawn_blocking(move || create(&config, &metrics)).await;
+        let fresh = tokio::task::spawn_blocking(move || create(&config, &metrics, &topic)).await;
         let fresh = match fresh {
             Ok(Ok(fresh)) => fresh,
             Ok(Err(err)) => {
@@ -304,7 +329,11 @@ impl Publisher {
             ));
         }
         let started = tokio::time::Instant::now();
-        let Current { producer, fatal } = self.live_producer(deadline).await?;
+        let Current {
+            producer,
+            fatal,
+            delivered,
+        } = self.live_producer(deadline).await?;
         let sent = producer.send_result(record);
         // Not held while the report is awaited: the last handle of a replaced producer is
         // dropped on the thread the replacement made for it, not on a runtime thread.
@@ -326,10 +355,15 @@ impl Publisher {
                     }
                     Err(PublishError::from_kafka(&err))
                 }
-                Ok(Ok(Ok(d))) => Ok(Delivered {
-                    partition: d.partition,
-                    offset: d.offset,
-                }),
+                Ok(Ok(Ok(d))) => {
+                    if !delivered.load(Ordering::Relaxed) {
+                        delivered.store(true, Ordering::Relaxed);
+                    }
+                    Ok(Delivered {
+                        partition: d.partition,
+                        offset: d.offset,
+                    })
+                }
             },
         };
         self.metrics
@@ -435,7 +469,7 @@ mod tests {
         // Creating a producer connects to nothing yet.
         let config = producer::build(&k, 1000).unwrap();
         let publisher =
-            Publisher::new(config, Arc::new(crate::metrics::Metrics::default())).unwrap();
+            Publisher::new(config, Arc::new(crate::metrics::Metrics::default()), "t").unwrap();
         let described = format!("{:?}", publisher.describe());
         assert!(described.contains("sasl.username"), "{described}");
         assert!(!described.contains("hunter2"), "{described}");

@@ -1,6 +1,8 @@
 //! The readiness probe: asks a broker for the metadata of every topic the bridge writes to.
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::producer::Producer;
@@ -104,4 +106,50 @@ pub fn probe_topic(
         ));
     }
     Ok(())
+}
+
+/// How long after its creation a producer is warmed up: librdkafka's own retry comes then.
+const WARM_UP_FOR: Duration = Duration::from_millis(500);
+
+/// The pauses between the warm-up's metadata requests: every few milliseconds while the first
+/// connections come up, then less often (500 ms in all, 18 requests).
+const WARM_UP_PAUSES_MS: [u64; 18] = [
+    2, 3, 5, 5, 5, 5, 5, 10, 10, 10, 10, 20, 20, 40, 50, 100, 100, 100,
+];
+
+/// Gets a new idempotent producer its producer id within a round trip of its first broker
+/// connection, instead of up to 500 ms later, so that the first records after a start or a
+/// replacement do not wait for it.
+///
+/// librdkafka asks for the id only from a broker learned from the metadata, never through
+/// a bootstrap address; when none is connected yet (always, just after the producer is
+/// made) it tries again on a 500 ms timer (`rd_kafka_idemp_pid_fsm`). Every metadata answer
+/// also makes it try again at once (`rd_kafka_parse_Metadata`), so this thread asks for
+/// `topic`'s metadata a few times while the connections come up. It stops at the
+/// producer's first delivery (`delivered`: it has its id), at the first request that gets no
+/// answer (a slow broker needs no more requests queued behind its produce requests), or after
+/// [`WARM_UP_FOR`]; it holds a handle of the producer until then and blocks nothing else.
+pub fn warm_up(producer: BridgeProducer, topic: Arc<str>, delivered: Arc<AtomicBool>) {
+    let started = Instant::now();
+    let warm = move || {
+        for pause in WARM_UP_PAUSES_MS {
+            std::thread::sleep(Duration::from_millis(pause));
+            let left = WARM_UP_FOR.saturating_sub(started.elapsed());
+            if left.is_zero() || delivered.load(Ordering::Relaxed) {
+                break;
+            }
+            let asked = producer
+                .client()
+                .fetch_metadata(Some(&topic), Timeout::After(left));
+            if asked.is_err() {
+                break;
+            }
+        }
+    };
+    if let Err(err) = std::thread::Builder::new()
+        .name("producer-warm-up".into())
+        .spawn(warm)
+    {
+        tracing::debug!(%err, "no warm-up for the new producer");
+    }
 }

@@ -121,6 +121,12 @@ pub fn producer_config(kafka: &Kafka, brokers: &str, max_body_bytes: usize) -> C
         .set("statistics.interval.ms", "5000")
         // Reconnect promptly after a broker returns, so readiness recovers within seconds.
         .set("reconnect.backoff.max.ms", "1000")
+        // Half of it (at least 11 ms) is how long librdkafka waits between connecting to
+        // one broker and the next when none is up: at start, after the bootstrap
+        // connection, before the first broker a record or the producer id needs (100 ms,
+        // librdkafka's default, would keep the first records waiting 50 ms). Backoffs
+        // after a lost connection still double up to the maximum.
+        .set("reconnect.backoff.ms", "20")
         .set("client.id", "tamio-kafka-bridge")
         .set("security.protocol", kafka.security_protocol());
     let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
