@@ -179,6 +179,73 @@ async fn a_fenced_producer_is_replaced_and_delivery_resumes() {
     bridge.stop().await;
 }
 
+/// A replacement that is fenced in turn is not rebuilt in a loop: at most one replacement
+/// every 500 ms after the first, while deliveries keep being answered (503, retried).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producers_fenced_one_after_another_are_replaced_at_most_twice_a_second() {
+    let cluster = MockCluster::new(1).unwrap();
+    let topic = "tamio.tickets.refenced";
+    cluster.create_topic(topic, 1, 1).unwrap();
+    let bridge = Bridge::start_ready(mock_settings(&cluster, topic)).await;
+    assert_eq!(
+        bridge
+            .send(&ticket_event("whev_first", "t-1", 0))
+            .await
+            .status,
+        StatusCode::OK
+    );
+
+    // The next six producers are each fenced at their first record.
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_PRODUCER_FENCED; 6],
+    );
+    let retry = ticket_event("whev_again", "t-1", 1);
+    let started = std::time::Instant::now();
+    let mut answers = std::collections::BTreeMap::<u16, u32>::new();
+    while started.elapsed() < Duration::from_millis(1200) {
+        *answers
+            .entry(bridge.send(&retry).await.status.as_u16())
+            .or_default() += 1;
+    }
+    let restarts = sample(
+        &bridge.metrics().await,
+        "tamio_bridge_kafka_producer_restarts_total",
+    );
+    // Unpaced, all six replacements are built within a few milliseconds.
+    assert!(
+        (1.0..=4.0).contains(&restarts),
+        "{restarts} replacements in 1.2 s; answers {answers:?}"
+    );
+    assert_eq!(answers.keys().collect::<Vec<_>>(), [&503], "{answers:?}");
+
+    // Once the broker takes this producer's records, the retry is delivered.
+    let mut reply = bridge.send(&retry).await;
+    while reply.status != StatusCode::OK && started.elapsed() < Duration::from_secs(15) {
+        reply = bridge.send(&retry).await;
+    }
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let restarts = sample(
+        &bridge.metrics().await,
+        "tamio_bridge_kafka_producer_restarts_total",
+    );
+    assert_eq!(restarts, 6.0);
+    let records = read_topic_from(
+        &cluster.bootstrap_servers(),
+        topic,
+        2,
+        Duration::from_millis(500),
+        Duration::from_secs(20),
+    )
+    .await;
+    let ids: Vec<&str> = records
+        .iter()
+        .map(|r| r.headers["event_id"].as_str())
+        .collect();
+    assert_eq!(ids, ["whev_first", "whev_again"]);
+    bridge.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_producer_fenced_under_load_is_replaced_once() {
     let cluster = MockCluster::new(1).unwrap();

@@ -144,17 +144,25 @@ pub struct Delivered {
     pub offset: i64,
 }
 
-/// The current producer, its fatal-error flag, and whether it has delivered a record.
+/// The current producer, its fatal-error flag and its warm-up.
 #[derive(Clone)]
 struct Current {
     producer: BridgeProducer,
     fatal: Arc<AtomicBool>,
-    /// Set at its first delivery: it has its producer id, and the warm-up stops.
-    delivered: Arc<AtomicBool>,
+    /// Told at the first delivery (the producer has its id) or a fatal error.
+    warm_up: Arc<probe::WarmUp>,
+    /// When it was made, if it replaced a dead one.
+    replaced_at: Option<std::time::Instant>,
 }
 
+/// A replacement that dies in turn is replaced no sooner than this after it was made: an
+/// error that kills every new producer at once (e.g. no authorization for a producer id)
+/// then rebuilds it at most twice a second instead of in a loop. The first replacement is
+/// built at once.
+const MIN_REPLACEMENT_LIFETIME: Duration = Duration::from_millis(500);
+
 /// A new producer, and a thread that gets it its producer id at once (see
-/// [`probe::warm_up`]).
+/// [`probe::WarmUp`]).
 fn create(
     config: &ClientConfig,
     metrics: &Arc<Metrics>,
@@ -163,12 +171,11 @@ fn create(
     let fatal = Arc::new(AtomicBool::new(false));
     let context = StatsContext::new(metrics.clone(), fatal.clone());
     let producer: BridgeProducer = config.create_with_context(context)?;
-    let delivered = Arc::new(AtomicBool::new(false));
-    probe::warm_up(producer.clone(), topic.clone(), delivered.clone());
     Ok(Current {
+        warm_up: probe::WarmUp::start(producer.clone(), topic.clone()),
         producer,
         fatal,
-        delivered,
+        replaced_at: None,
     })
 }
 
@@ -277,6 +284,15 @@ impl Publisher {
             // Replaced while this delivery waited for its turn.
             return Ok(now);
         }
+        now.warm_up.done();
+        if let Some(lived) = now.replaced_at.map(|at| at.elapsed()) {
+            if lived < MIN_REPLACEMENT_LIFETIME {
+                let pause = tokio::time::sleep(MIN_REPLACEMENT_LIFETIME - lived);
+                if with_deadline(deadline, pause).await.is_err() {
+                    return Err(PublishError::Timeout(waited.elapsed()));
+                }
+            }
+        }
         tracing::warn!("the Kafka producer is dead: building a new one");
         let (config, metrics, topic) = (
             self.config.clone(),
@@ -286,7 +302,10 @@ impl Publisher {
         let started = std::time::Instant::now();
         let fresh = tokio::task::spawn_blocking(move || create(&config, &metrics, &topic)).await;
         let fresh = match fresh {
-            Ok(Ok(fresh)) => fresh,
+            Ok(Ok(fresh)) => Current {
+                replaced_at: Some(std::time::Instant::now()),
+                ..fresh
+            },
             Ok(Err(err)) => {
                 tracing::error!(%err, "cannot create a new Kafka producer");
                 return Ok(now);
@@ -332,7 +351,8 @@ impl Publisher {
         let Current {
             producer,
             fatal,
-            delivered,
+            warm_up,
+            ..
         } = self.live_producer(deadline).await?;
         let sent = producer.send_result(record);
         // Not held while the report is awaited: the last handle of a replaced producer is
@@ -352,13 +372,12 @@ impl Publisher {
                     if kills_the_producer(&err) {
                         tracing::error!(%err, "the Kafka producer was fenced; it will be replaced");
                         fatal.store(true, Ordering::SeqCst);
+                        warm_up.done();
                     }
                     Err(PublishError::from_kafka(&err))
                 }
                 Ok(Ok(Ok(d))) => {
-                    if !delivered.load(Ordering::Relaxed) {
-                        delivered.store(true, Ordering::Relaxed);
-                    }
+                    warm_up.done();
                     Ok(Delivered {
                         partition: d.partition,
                         offset: d.offset,
@@ -397,8 +416,14 @@ impl Publisher {
     /// Waits up to `timeout` for every queued record to be acknowledged; returns how many
     /// were still outstanding when it gave up.
     pub async fn flush(&self, timeout: Duration) -> i32 {
-        let producer = self.producer();
+        let (producer, warm_up) = {
+            let current = self.current.read().unwrap_or_else(|p| p.into_inner());
+            (current.producer.clone(), current.warm_up.clone())
+        };
         tokio::task::spawn_blocking(move || {
+            // Its handle of the producer is gone before the flush: the last one is dropped
+            // by the caller.
+            warm_up.stop();
             let _ = producer.flush(Timeout::After(timeout));
             producer.in_flight_count()
         })
@@ -466,7 +491,7 @@ mod tests {
         .unwrap()
         .kafka;
         assert!(!format!("{k:?}").contains("hunter2"));
-        // Creating a producer connects to nothing yet.
+        // Creating a producer needs no broker that answers.
         let config = producer::build(&k, 1000).unwrap();
         let publisher =
             Publisher::new(config, Arc::new(crate::metrics::Metrics::default()), "t").unwrap();

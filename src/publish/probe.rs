@@ -108,48 +108,86 @@ pub fn probe_topic(
     Ok(())
 }
 
-/// How long after its creation a producer is warmed up: librdkafka's own retry comes then.
+/// How long after its creation a producer is warmed up: by then librdkafka's own 500 ms
+/// timer has asked for the id.
 const WARM_UP_FOR: Duration = Duration::from_millis(500);
 
-/// The pauses between the warm-up's metadata requests: every few milliseconds while the first
-/// connections come up, then less often (500 ms in all, 18 requests).
-const WARM_UP_PAUSES_MS: [u64; 18] = [
-    2, 3, 5, 5, 5, 5, 5, 10, 10, 10, 10, 20, 20, 40, 50, 100, 100, 100,
-];
+/// No request is started with less time than this left: it would stay queued, in front of
+/// produce requests, after its answer stopped mattering.
+const WARM_UP_LAST_CALL: Duration = Duration::from_millis(20);
+
+/// The pauses before the warm-up's metadata requests: every few milliseconds while the first
+/// connections come up, then less often (at most 16 requests in the 500 ms).
+const WARM_UP_PAUSES_MS: [u64; 16] = [2, 3, 5, 5, 5, 5, 5, 10, 10, 10, 10, 20, 20, 40, 50, 100];
 
 /// Gets a new idempotent producer its producer id within a round trip of its first broker
 /// connection, instead of up to 500 ms later, so that the first records after a start or a
 /// replacement do not wait for it.
 ///
-/// librdkafka asks for the id only from a broker learned from the metadata, never through
-/// a bootstrap address; when none is connected yet (always, just after the producer is
-/// made) it tries again on a 500 ms timer (`rd_kafka_idemp_pid_fsm`). Every metadata answer
-/// also makes it try again at once (`rd_kafka_parse_Metadata`), so this thread asks for
-/// `topic`'s metadata a few times while the connections come up. It stops at the
-/// producer's first delivery (`delivered`: it has its id), at the first request that gets no
-/// answer (a slow broker needs no more requests queued behind its produce requests), or after
-/// [`WARM_UP_FOR`]; it holds a handle of the producer until then and blocks nothing else.
-pub fn warm_up(producer: BridgeProducer, topic: Arc<str>, delivered: Arc<AtomicBool>) {
-    let started = Instant::now();
-    let warm = move || {
-        for pause in WARM_UP_PAUSES_MS {
-            std::thread::sleep(Duration::from_millis(pause));
-            let left = WARM_UP_FOR.saturating_sub(started.elapsed());
-            if left.is_zero() || delivered.load(Ordering::Relaxed) {
-                break;
+/// librdkafka asks for the id from a broker that is up (`rd_kafka_idemp_pid_fsm`); the
+/// first metadata answer retires the bootstrap connection, the leader is connected only once
+/// a record can be sent, which needs the id, so none is up then and it tries again on a
+/// 500 ms timer. Every metadata answer also makes it try again at once
+/// (`rd_kafka_parse_Metadata`), and asking for metadata connects a broker; so a thread asks
+/// for `topic`'s metadata a few times while the connections come up. It stops once a
+/// learned broker has answered (it was up when the state machine ran), at the first error,
+/// when [`WarmUp::done`] is called (the first delivery, a fatal error), or after
+/// [`WARM_UP_FOR`].
+pub struct WarmUp {
+    done: AtomicBool,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl WarmUp {
+    pub fn start(producer: BridgeProducer, topic: Arc<str>) -> Arc<WarmUp> {
+        let warm = Arc::new(WarmUp {
+            done: AtomicBool::new(false),
+            thread: std::sync::Mutex::new(None),
+        });
+        let started = Instant::now();
+        let state = warm.clone();
+        let run = move || {
+            for pause in WARM_UP_PAUSES_MS {
+                std::thread::sleep(Duration::from_millis(pause));
+                let left = WARM_UP_FOR.saturating_sub(started.elapsed());
+                if left < WARM_UP_LAST_CALL || state.done.load(Ordering::Relaxed) {
+                    break;
+                }
+                match producer
+                    .client()
+                    .fetch_metadata(Some(&topic), Timeout::After(left))
+                {
+                    Ok(md) if md.orig_broker_id() < 0 => {} // a bootstrap address answered
+                    _ => break,
+                }
             }
-            let asked = producer
-                .client()
-                .fetch_metadata(Some(&topic), Timeout::After(left));
-            if asked.is_err() {
-                break;
+        };
+        match std::thread::Builder::new()
+            .name("producer-warm-up".into())
+            .spawn(run)
+        {
+            Ok(thread) => {
+                *warm.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(thread);
             }
+            Err(err) => tracing::debug!(%err, "no warm-up for the new producer"),
         }
-    };
-    if let Err(err) = std::thread::Builder::new()
-        .name("producer-warm-up".into())
-        .spawn(warm)
-    {
-        tracing::debug!(%err, "no warm-up for the new producer");
+        warm
+    }
+
+    /// No more warm-up needed: the thread ends at its next step.
+    pub fn done(&self) {
+        if !self.done.load(Ordering::Relaxed) {
+            self.done.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Ends the warm-up and waits for its thread (and its handle of the producer) to be
+    /// gone: within a pause and one request. Blocks: not on the async runtime.
+    pub fn stop(&self) {
+        self.done();
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
     }
 }
