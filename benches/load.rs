@@ -158,6 +158,18 @@ fn body(n: u64) -> String {
         .replacen("fbaddbf8-e290-4fa4-a3ed-fbb4837dabe1", &ticket, 1)
 }
 
+/// Event `n`, signed, as the load generator posts it.
+fn signed_request(n: u64) -> http::Request<Full<Bytes>> {
+    let body = body(n);
+    let sig = verify::header_value(SECRET.as_bytes(), now(), body.as_bytes());
+    http::Request::post("/webhooks/tamio")
+        .header("host", "bench")
+        .header("content-type", "application/json")
+        .header("tamio-signature", sig)
+        .body(Full::new(Bytes::from(body)))
+        .unwrap()
+}
+
 fn histogram() -> Histogram<u64> {
     // Microseconds, from 1 µs to 60 s, 3 significant digits.
     Histogram::new_with_bounds(1, 60_000_000, 3).unwrap()
@@ -318,15 +330,7 @@ async fn drive_http(
                     if let Some(t) = ticker.as_mut() {
                         t.tick().await;
                     }
-                    let n = counter.fetch_add(1, Ordering::Relaxed);
-                    let body = body(n);
-                    let sig = verify::header_value(SECRET.as_bytes(), now(), body.as_bytes());
-                    let req = http::Request::post("/webhooks/tamio")
-                        .header("host", "bench")
-                        .header("content-type", "application/json")
-                        .header("tamio-signature", sig)
-                        .body(Full::new(Bytes::from(body)))
-                        .unwrap();
+                    let req = signed_request(counter.fetch_add(1, Ordering::Relaxed));
                     let sent = Instant::now();
                     match sender.send_request(req).await {
                         Ok(resp) => {
@@ -379,15 +383,10 @@ async fn first_after_start(bin: &str, brokers: &str) -> u64 {
     .await
     .unwrap();
     tokio::spawn(conn);
-    let body = body(now_nanos() as u64);
-    let sig = verify::header_value(SECRET.as_bytes(), now(), body.as_bytes());
-    let req = http::Request::post("/webhooks/tamio")
-        .header("host", "bench")
-        .header("content-type", "application/json")
-        .header("tamio-signature", sig)
-        .body(Full::new(Bytes::from(body)))
+    let resp = sender
+        .send_request(signed_request(now_nanos() as u64))
+        .await
         .unwrap();
-    let resp = sender.send_request(req).await.unwrap();
     let status = resp.status();
     let _ = resp.into_body().collect().await;
     let took = sent.elapsed().as_micros().max(1) as u64;

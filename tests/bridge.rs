@@ -473,10 +473,7 @@ async fn rotation_accepts_either_secret_and_endpoint_secrets_their_endpoint() {
     let reply = bridge.send_signed(&body, "retired-secret", t).await;
     assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
     let records = read_topic(&topic, 2).await;
-    let ids: Vec<&str> = records
-        .iter()
-        .map(|r| r.headers["event_id"].as_str())
-        .collect();
+    let ids = event_ids(&records);
     assert_eq!(ids, ["whev_rot_0", "whev_rot_1"]);
     bridge.stop().await;
 }

@@ -26,6 +26,21 @@ fn mock_settings(
     s
 }
 
+/// A one-broker mock cluster with `topic` (`partitions`, one replica each) and a bridge on
+/// it, ready.
+async fn mock_bridge(
+    topic: &str,
+    partitions: i32,
+) -> (
+    MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    Bridge,
+) {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic(topic, partitions, 1).unwrap();
+    let bridge = Bridge::start_ready(mock_settings(&cluster, topic)).await;
+    (cluster, bridge)
+}
+
 fn failures(metrics: &str, reason: &str) -> f64 {
     sample(
         metrics,
@@ -35,10 +50,8 @@ fn failures(metrics: &str, reason: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn produce_errors_are_retried_or_reported_under_their_reason() {
-    let cluster = MockCluster::new(1).unwrap();
     let topic = "tamio.tickets.faults";
-    cluster.create_topic(topic, 3, 1).unwrap();
-    let bridge = Bridge::start_ready(mock_settings(&cluster, topic)).await;
+    let (cluster, bridge) = mock_bridge(topic, 3).await;
 
     // Retriable errors: librdkafka retries within the deadline and the event is delivered.
     cluster.request_errors(
@@ -91,10 +104,8 @@ async fn produce_errors_are_retried_or_reported_under_their_reason() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_down_is_a_timeout_then_recovery() {
-    let cluster = MockCluster::new(1).unwrap();
     let topic = "tamio.tickets.down";
-    cluster.create_topic(topic, 1, 1).unwrap();
-    let bridge = Bridge::start_ready(mock_settings(&cluster, topic)).await;
+    let (cluster, bridge) = mock_bridge(topic, 1).await;
     assert_eq!(
         bridge
             .send(&ticket_event("whev_before", "t-1", 0))
@@ -133,10 +144,8 @@ async fn a_broker_down_is_a_timeout_then_recovery() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fenced_producer_is_replaced_and_delivery_resumes() {
-    let cluster = MockCluster::new(1).unwrap();
     let topic = "tamio.tickets.fenced";
-    cluster.create_topic(topic, 1, 1).unwrap();
-    let bridge = Bridge::start_ready(mock_settings(&cluster, topic)).await;
+    let (cluster, bridge) = mock_bridge(topic, 1).await;
     assert_eq!(
         bridge.send(&ticket_event("whev_a", "t-1", 0)).await.status,
         StatusCode::OK
@@ -171,10 +180,7 @@ async fn a_fenced_producer_is_replaced_and_delivery_resumes() {
         Duration::from_secs(20),
     )
     .await;
-    let ids: Vec<&str> = records
-        .iter()
-        .map(|r| r.headers["event_id"].as_str())
-        .collect();
+    let ids = event_ids(&records);
     assert_eq!(ids, ["whev_a", "whev_b"]);
     bridge.stop().await;
 }
@@ -183,10 +189,8 @@ async fn a_fenced_producer_is_replaced_and_delivery_resumes() {
 /// every 500 ms after the first, while deliveries keep being answered (503, retried).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn producers_fenced_one_after_another_are_replaced_at_most_twice_a_second() {
-    let cluster = MockCluster::new(1).unwrap();
     let topic = "tamio.tickets.refenced";
-    cluster.create_topic(topic, 1, 1).unwrap();
-    let bridge = Bridge::start_ready(mock_settings(&cluster, topic)).await;
+    let (cluster, bridge) = mock_bridge(topic, 1).await;
     assert_eq!(
         bridge
             .send(&ticket_event("whev_first", "t-1", 0))
@@ -238,10 +242,7 @@ async fn producers_fenced_one_after_another_are_replaced_at_most_twice_a_second(
         Duration::from_secs(20),
     )
     .await;
-    let ids: Vec<&str> = records
-        .iter()
-        .map(|r| r.headers["event_id"].as_str())
-        .collect();
+    let ids = event_ids(&records);
     assert_eq!(ids, ["whev_first", "whev_again"]);
     bridge.stop().await;
 }

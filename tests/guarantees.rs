@@ -251,10 +251,7 @@ async fn a_record_that_lands_after_its_request_ended_is_remembered() {
         Duration::from_secs(20),
     )
     .await;
-    let ids: Vec<&str> = records
-        .iter()
-        .map(|r| r.headers["event_id"].as_str())
-        .collect();
+    let ids = event_ids(&records);
     assert_eq!(
         ids,
         ["whev_late_warm", "whev_late_deadline", "whev_late_gone"]

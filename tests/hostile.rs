@@ -285,10 +285,7 @@ async fn a_head_hyper_cannot_parse_gets_its_bare_400_and_nothing_is_written() {
     // The same delivery with a clean head is taken, and is the only record.
     still_serves(&bridge, "whev_nul_clean").await;
     let records = read_topic(&topic, 1).await;
-    let ids: Vec<&str> = records
-        .iter()
-        .map(|r| r.headers["event_id"].as_str())
-        .collect();
+    let ids = event_ids(&records);
     assert_eq!(ids, ["whev_nul_clean"]);
     bridge.stop().await;
 }

@@ -143,10 +143,8 @@ pub async fn check_losses(bootstrap: &str, topic: &str, report: &LoadReport) -> 
     // A record missing from one read is looked for again with a fresh consumer before it
     // counts as lost: a reader that skipped part of a partition must not pass for a loss,
     // while a lost record stays missing however often the topic is read.
-    let ids: std::collections::HashSet<&str> = records
-        .iter()
-        .map(|r| r.headers["event_id"].as_str())
-        .collect();
+    let ids: std::collections::HashSet<&str> =
+        super::topic::event_ids(&records).into_iter().collect();
     let first_missing = report
         .acked
         .iter()

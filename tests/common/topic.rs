@@ -26,6 +26,14 @@ impl Record {
     }
 }
 
+/// The `event_id` header of each record, in the order read.
+pub fn event_ids(records: &[Record]) -> Vec<&str> {
+    records
+        .iter()
+        .map(|r| r.headers["event_id"].as_str())
+        .collect()
+}
+
 /// Reads `topic` from the beginning on every partition, until at least `expected` records
 /// arrived and then no more for `settle`, or `within` passed. Counting by consuming, since
 /// the test broker's offset answers are not to be trusted.
@@ -133,10 +141,7 @@ pub async fn read_topic(topic: &str, expected: usize) -> Vec<Record> {
 /// Reads `topic` back and fails naming every acknowledged event id it does not hold.
 pub async fn assert_all_in_kafka(topic: &str, expected: &[String]) {
     let records = read_topic(topic, expected.len()).await;
-    let found: std::collections::HashSet<&str> = records
-        .iter()
-        .map(|r| r.headers["event_id"].as_str())
-        .collect();
+    let found: std::collections::HashSet<&str> = event_ids(&records).into_iter().collect();
     let missing: Vec<&String> = expected
         .iter()
         .filter(|id| !found.contains(id.as_str()))
