@@ -190,40 +190,6 @@ where
     }
 }
 
-/// `<len(endpoint_id)>:<endpoint_id>:<event_id>` in `buf` (each id is at most 256 bytes, by
-/// the envelope rules; the length keeps ids that hold `:` apart): the duplicate filter's
-/// key, made without an allocation.
-fn dedup_id<'b>(buf: &'b mut [u8], endpoint_id: &str, event_id: &str) -> &'b str {
-    let mut digits = [0u8; 20];
-    let mut n = endpoint_id.len();
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    let parts: [&[u8]; 5] = [
-        &digits[at..],
-        b":",
-        endpoint_id.as_bytes(),
-        b":",
-        event_id.as_bytes(),
-    ];
-    let total: usize = parts.iter().map(|p| p.len()).sum();
-    if total > buf.len() {
-        return "";
-    }
-    let mut len = 0;
-    for part in parts {
-        buf[len..len + part.len()].copy_from_slice(part);
-        len += part.len();
-    }
-    std::str::from_utf8(&buf[..len]).unwrap_or_default()
-}
-
 /// Everything a request needs, shared by all connections.
 pub struct Ingest {
     path: String,
@@ -433,11 +399,9 @@ impl Ingest {
         // published right now waits for that outcome. Ids are scoped by endpoint, so one
         // endpoint's ids cannot shadow another's.
         let claim = if self.dedup.enabled() {
-            let mut buf = [0u8; 2 * envelope::MAX_ID_BYTES + 8];
-            let id = dedup_id(&mut buf, &envelope.endpoint_id, &envelope.event_id);
             let claim = self
                 .dedup
-                .claim(id, &envelope.endpoint_id, &envelope.event_id, deadline)
+                .claim(&envelope.endpoint_id, &envelope.event_id, deadline)
                 .await;
             self.metrics.dedup_entries.set(self.dedup.len() as i64);
             match claim {
@@ -628,17 +592,6 @@ mod tests {
             h.insert(*k, v.parse().unwrap());
         }
         h
-    }
-
-    #[test]
-    fn dedup_ids_keep_ids_that_hold_the_separator_apart() {
-        let (mut a, mut b) = ([0u8; 600], [0u8; 600]);
-        let one = dedup_id(&mut a, "a:b", "c").to_owned();
-        let other = dedup_id(&mut b, "a", "b:c").to_owned();
-        assert_eq!(one, "3:a:b:c");
-        assert_ne!(one, other);
-        let long = "e".repeat(256);
-        assert!(!dedup_id(&mut a, &long, &long).is_empty());
     }
 
     #[test]

@@ -30,19 +30,16 @@ pub enum Proof {
 impl Proof {
     /// The headers, as (record header name, request header name).
     pub fn headers(&self) -> impl Iterator<Item = (&'static str, &HeaderName)> {
-        let (one, three): (Option<&HeaderName>, bool) = match self {
-            Proof::Unsigned => (None, false),
-            Proof::Header(name) => (Some(name), false),
-            Proof::StandardWebhooks => (None, true),
+        let names = match self {
+            Proof::Unsigned => [None, None, None],
+            Proof::Header(name) => [Some(("signature", name)), None, None],
+            Proof::StandardWebhooks => [
+                Some(("webhook-id", &WEBHOOK_ID)),
+                Some(("webhook-timestamp", &WEBHOOK_TIMESTAMP)),
+                Some(("webhook-signature", &WEBHOOK_SIGNATURE)),
+            ],
         };
-        let standard = [
-            ("webhook-id", &WEBHOOK_ID),
-            ("webhook-timestamp", &WEBHOOK_TIMESTAMP),
-            ("webhook-signature", &WEBHOOK_SIGNATURE),
-        ];
-        one.map(|name| ("signature", name))
-            .into_iter()
-            .chain(standard.into_iter().filter(move |_| three))
+        names.into_iter().flatten()
     }
 
     /// True when no signature was checked.

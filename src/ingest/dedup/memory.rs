@@ -119,9 +119,13 @@ impl Memory {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn key(&self, event_id: &str) -> Key {
+    /// The key of an endpoint's event id; the endpoint id's length goes first, so that ids
+    /// holding each other's bytes stay apart (`a:b`+`c` against `a`+`b:c`).
+    fn key(&self, endpoint_id: &str, event_id: &str) -> Key {
         let half = |state: &RandomState| {
             let mut h = state.build_hasher();
+            h.write_usize(endpoint_id.len());
+            h.write(endpoint_id.as_bytes());
             h.write(event_id.as_bytes());
             h.finish()
         };
@@ -134,8 +138,8 @@ impl Memory {
 
     /// Claims `event_id` for publishing, or reports that it was already acknowledged. Waits
     /// while another delivery of the same id is being published.
-    pub async fn claim(self: &Arc<Self>, event_id: &str) -> Claim {
-        let id = self.key(event_id);
+    pub async fn claim(self: &Arc<Self>, endpoint_id: &str, event_id: &str) -> Claim {
+        let id = self.key(endpoint_id, event_id);
         loop {
             let mut rx = {
                 let mut state = self.lock();
@@ -230,55 +234,69 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn acknowledged_ids_are_duplicates_until_the_window_passes() {
         let dedup = Arc::new(Memory::new(Duration::from_secs(60), 100));
-        let Claim::First(guard) = dedup.claim("e1").await else {
+        let Claim::First(guard) = dedup.claim("ep", "e1").await else {
             panic!("first claim")
         };
         guard.acknowledged(original(7));
-        assert!(matches!(dedup.claim("e1").await, Claim::Duplicate(o) if o == original(7)));
+        assert!(matches!(dedup.claim("ep", "e1").await, Claim::Duplicate(o) if o == original(7)));
         tokio::time::advance(Duration::from_secs(59)).await;
-        assert!(matches!(dedup.claim("e1").await, Claim::Duplicate(_)));
+        assert!(matches!(dedup.claim("ep", "e1").await, Claim::Duplicate(_)));
         tokio::time::advance(Duration::from_secs(2)).await;
-        assert!(matches!(dedup.claim("e1").await, Claim::First(_)));
+        assert!(matches!(dedup.claim("ep", "e1").await, Claim::First(_)));
         assert_eq!(dedup.len(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ids_that_hold_each_others_bytes_stay_apart() {
+        let dedup = Arc::new(Memory::new(Duration::from_secs(60), 100));
+        let Claim::First(guard) = dedup.claim("a:b", "c").await else {
+            panic!("first claim")
+        };
+        guard.acknowledged(original(1));
+        assert!(matches!(dedup.claim("a", "b:c").await, Claim::First(_)));
+        assert!(matches!(dedup.claim("a:b", "c").await, Claim::Duplicate(_)));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_failed_publish_releases_the_id() {
         let dedup = Arc::new(Memory::new(Duration::from_secs(60), 100));
-        let Claim::First(guard) = dedup.claim("e1").await else {
+        let Claim::First(guard) = dedup.claim("ep", "e1").await else {
             panic!()
         };
         drop(guard);
-        assert!(matches!(dedup.claim("e1").await, Claim::First(_)));
+        assert!(matches!(dedup.claim("ep", "e1").await, Claim::First(_)));
     }
 
     #[tokio::test(start_paused = true)]
     async fn the_oldest_ids_go_first_beyond_the_bound() {
         let dedup = Arc::new(Memory::new(Duration::from_secs(3600), 3));
         for (i, id) in ["a", "b", "c", "d"].iter().enumerate() {
-            let Claim::First(g) = dedup.claim(id).await else {
+            let Claim::First(g) = dedup.claim("ep", id).await else {
                 panic!()
             };
             g.acknowledged(original(i as i64));
             tokio::time::advance(Duration::from_millis(1)).await;
         }
         assert_eq!(dedup.len(), 3);
-        assert!(matches!(dedup.claim("a").await, Claim::First(_)));
+        assert!(matches!(dedup.claim("ep", "a").await, Claim::First(_)));
         for id in ["b", "c", "d"] {
-            assert!(matches!(dedup.claim(id).await, Claim::Duplicate(_)), "{id}");
+            assert!(
+                matches!(dedup.claim("ep", id).await, Claim::Duplicate(_)),
+                "{id}"
+            );
         }
     }
 
     #[tokio::test]
     async fn concurrent_deliveries_wait_for_the_first() {
         let dedup = Arc::new(Memory::new(Duration::from_secs(60), 100));
-        let Claim::First(guard) = dedup.claim("e1").await else {
+        let Claim::First(guard) = dedup.claim("ep", "e1").await else {
             panic!()
         };
         let waiter = {
             let dedup = dedup.clone();
             tokio::spawn(async move {
-                match dedup.claim("e1").await {
+                match dedup.claim("ep", "e1").await {
                     Claim::Duplicate(o) => Some(o),
                     Claim::First(_) => None,
                 }
@@ -290,12 +308,12 @@ mod tests {
         assert_eq!(waiter.await.unwrap(), Some(original(3)));
 
         // And when the first fails, the waiter gets to publish.
-        let Claim::First(guard) = dedup.claim("e2").await else {
+        let Claim::First(guard) = dedup.claim("ep", "e2").await else {
             panic!()
         };
         let waiter = {
             let dedup = dedup.clone();
-            tokio::spawn(async move { matches!(dedup.claim("e2").await, Claim::First(_)) })
+            tokio::spawn(async move { matches!(dedup.claim("ep", "e2").await, Claim::First(_)) })
         };
         tokio::time::sleep(Duration::from_millis(20)).await;
         drop(guard);

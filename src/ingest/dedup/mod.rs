@@ -129,17 +129,15 @@ impl Dedup {
         self.local.is_empty()
     }
 
-    /// Claims the id of `key` (`endpoint_id`, `event_id` and the two as one text), or says
-    /// where it was written; waits while another delivery of it is being published, until
+    /// Claims an endpoint's event id, or says where it was written; waits while another delivery of it is being published, until
     /// `deadline`.
     pub async fn claim(
         &self,
-        key: &str,
         endpoint_id: &str,
         event_id: &str,
         deadline: tokio::time::Instant,
     ) -> Result<Claim, Unclaimed> {
-        let local = tokio::time::timeout_at(deadline, self.local.claim(key))
+        let local = tokio::time::timeout_at(deadline, self.local.claim(endpoint_id, event_id))
             .await
             .map_err(|_| Unclaimed::Timeout)?;
         let guard = match local {
