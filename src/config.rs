@@ -78,6 +78,18 @@ pub struct Server {
     pub max_connections: usize,
     /// Time allowed for requests in flight to finish on shutdown.
     pub drain_timeout_ms: u64,
+    /// Time an answer may wait for the client to take it before the connection is closed.
+    pub write_timeout_ms: u64,
+    /// Largest request head (HTTP/1 request line and headers; HTTP/2 decoded header list).
+    pub max_header_bytes: usize,
+    /// Bytes of request bodies held in memory at once, from their first byte until their
+    /// record is delivered.
+    pub body_memory_bytes: usize,
+    /// Bytes a second a body must arrive at, on average, once `body_rate_grace_ms` has
+    /// passed; 0 turns the check off.
+    pub min_body_rate_bytes_per_sec: u64,
+    /// Time a body may take before the minimum rate applies.
+    pub body_rate_grace_ms: u64,
     /// PEM certificate chain for TLS on the ingress; empty serves plain HTTP.
     pub tls_cert_file: PathBuf,
     /// PEM private key of `tls_cert_file`.
@@ -828,6 +840,21 @@ impl Settings {
         }
         if s.max_connections == 0 {
             return Err(invalid("server.max_connections", "must be above 0"));
+        }
+        if s.write_timeout_ms == 0 {
+            return Err(invalid("server.write_timeout_ms", "must be above 0"));
+        }
+        if s.max_header_bytes < 8192 {
+            return Err(invalid(
+                "server.max_header_bytes",
+                "must be at least 8192 (HTTP/1's smallest read buffer)",
+            ));
+        }
+        if s.body_memory_bytes < s.max_body_bytes {
+            return Err(invalid(
+                "server.body_memory_bytes",
+                "must be at least server.max_body_bytes, or the largest body could never be read",
+            ));
         }
         if s.listen == self.admin.listen && s.listen.port() != 0 {
             return Err(invalid("admin.listen", "must differ from server.listen"));

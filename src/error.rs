@@ -83,6 +83,22 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    pub const ALL: [Refusal; 13] = [
+        Refusal::NotFound,
+        Refusal::MethodNotAllowed,
+        Refusal::UnsupportedMediaType,
+        Refusal::PayloadTooLarge,
+        Refusal::RequestTimeout,
+        Refusal::BadRequest,
+        Refusal::Overloaded,
+        Refusal::InvalidSignature,
+        Refusal::InvalidJson,
+        Refusal::InvalidEnvelope,
+        Refusal::UnroutableEvent,
+        Refusal::KafkaUnavailable,
+        Refusal::DedupStoreUnavailable,
+    ];
+
     pub fn status(self) -> StatusCode {
         match self {
             Refusal::NotFound => StatusCode::NOT_FOUND,

@@ -34,6 +34,7 @@ pub struct Metrics {
     pub signature_failures: IntCounterVec,
     pub sender_delay: Histogram,
     pub in_flight: IntGauge,
+    pub body_memory: IntGauge,
     pub kafka_up: IntGauge,
     pub dead_letters: IntCounter,
     pub producer_restarts: IntCounter,
@@ -122,6 +123,11 @@ impl Metrics {
         let in_flight = IntGauge::new(
             "tamio_bridge_in_flight_requests",
             "Webhook requests being processed.",
+        )
+        .unwrap();
+        let body_memory = IntGauge::new(
+            "tamio_bridge_body_memory_bytes",
+            "Bytes of request bodies held in memory, from their first byte until their record is delivered (server.body_memory_bytes bounds it).",
         )
         .unwrap();
         let kafka_up = IntGauge::new(
@@ -273,6 +279,7 @@ impl Metrics {
             Box::new(signature_failures.clone()),
             Box::new(sender_delay.clone()),
             Box::new(in_flight.clone()),
+            Box::new(body_memory.clone()),
             Box::new(kafka_up.clone()),
             Box::new(build_info),
             Box::new(dead_letters.clone()),
@@ -310,6 +317,7 @@ impl Metrics {
             signature_failures,
             sender_delay,
             in_flight,
+            body_memory,
             kafka_up,
             dead_letters,
             producer_restarts,

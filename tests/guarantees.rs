@@ -127,27 +127,46 @@ async fn signed_invalid_envelopes_go_to_the_dead_letter_topic_and_strangers_nowh
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_the_in_flight_bound_the_answer_is_503_at_once() {
+    // A broker of the test's own, frozen so that requests wait for Kafka's acknowledgement:
+    // those are the requests the bound counts.
+    let broker = OwnBroker::start_in_memory().await;
     let topic = unique_topic("bound");
-    create_topic(&topic, 1).await;
+    broker.create_topic(&topic, 1).await;
+    let address = broker.address();
     let bridge = Bridge::start_ready(settings(
         &topic,
-        &[("TAMIO_BRIDGE__SERVER__MAX_IN_FLIGHT", "2")],
+        &[
+            ("TAMIO_BRIDGE__SERVER__MAX_IN_FLIGHT", "2"),
+            ("TAMIO_BRIDGE__KAFKA__BROKERS", &address),
+            ("TAMIO_BRIDGE__KAFKA__READINESS_TIMEOUT_MS", "5000"),
+        ],
     ))
     .await;
-    // Two requests held open mid-body occupy the bound.
+    assert_eq!(bridge.send(FIXTURES[1]).await.status, StatusCode::OK);
+    broker.freeze();
+    // Two requests waiting for Kafka occupy the bound.
     let mut held = Vec::new();
     for i in 0..2 {
         let body = ticket_event(&format!("whev_held_{i}"), "t", i);
-        let mut s = tokio::net::TcpStream::connect(bridge.addr).await.unwrap();
-        let head = format!(
-            "POST {} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{{",
-            bridge.path,
-            body.len()
+        let url = bridge.url();
+        let sig = tamio_kafka_bridge::ingest::verify::header_value(
+            SECRET.as_bytes(),
+            now(),
+            body.as_bytes(),
         );
-        s.write_all(head.as_bytes()).await.unwrap();
-        held.push(s);
+        held.push(tokio::spawn(async move {
+            post(
+                &url,
+                &[
+                    ("content-type", "application/json"),
+                    ("tamio-signature", &sig),
+                ],
+                body.into_bytes(),
+            )
+            .await
+        }));
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let reply = bridge.send(FIXTURES[0]).await;
     assert_eq!(
         reply.status,
@@ -161,9 +180,44 @@ async fn over_the_in_flight_bound_the_answer_is_503_at_once() {
         sample(&bridge.metrics().await, "tamio_bridge_in_flight_requests"),
         2.0
     );
-    drop(held);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    broker.thaw();
+    for held in held {
+        assert_eq!(held.await.unwrap().status, StatusCode::OK);
+    }
     assert_eq!(bridge.send(FIXTURES[0]).await.status, StatusCode::OK);
+    bridge.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_still_arriving_take_no_in_flight_slot() {
+    let topic = unique_topic("receiving");
+    create_topic(&topic, 1).await;
+    let bridge = Bridge::start_ready(settings(
+        &topic,
+        &[("TAMIO_BRIDGE__SERVER__MAX_IN_FLIGHT", "2")],
+    ))
+    .await;
+    // Ten requests held open mid-body: more than the bound, and none of them counts.
+    let mut held = Vec::new();
+    for i in 0..10 {
+        let body = ticket_event(&format!("whev_held_{i}"), "t", i);
+        let mut s = tokio::net::TcpStream::connect(bridge.addr).await.unwrap();
+        let head = format!(
+            "POST {} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{{",
+            bridge.path,
+            body.len()
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        held.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let reply = bridge.send(FIXTURES[0]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(
+        sample(&bridge.metrics().await, "tamio_bridge_in_flight_requests"),
+        0.0
+    );
+    drop(held);
     bridge.stop().await;
 }
 

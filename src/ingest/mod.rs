@@ -2,8 +2,10 @@
 //! within its bound, verify the signature, validate the envelope, route it, publish it and
 //! wait for Kafka's acknowledgement, then answer.
 
+pub mod body;
 pub mod dedup;
 pub mod envelope;
+mod quiet;
 pub mod route;
 pub mod verify;
 
@@ -17,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::Full;
 use hyper::body::Body;
 use tokio::sync::Semaphore;
 use tracing::{field, Instrument};
@@ -27,6 +29,7 @@ use crate::error::{Outcome, Refusal};
 use crate::metrics::Metrics;
 use crate::publish::record::{DeadLetter, Record};
 use crate::publish::{PublishError, Publisher};
+use body::{Bodies, BodyError, BodyLimits};
 use dedup::{Claim, Dedup, Original, Unclaimed};
 use envelope::{Envelope, EnvelopeError};
 use route::{Destination, RouteError, Routes};
@@ -47,6 +50,10 @@ pub enum IngestError {
     BodyTimeout(Duration),
     #[error("the request body could not be read: {0}")]
     BodyRead(String),
+    #[error("{0}")]
+    BodySlow(BodyError),
+    #[error("{0}")]
+    BodyMemory(BodyError),
     #[error("the bridge is at its limit of {0} requests in flight; retry later")]
     Overloaded(usize),
     #[error(
@@ -74,7 +81,8 @@ impl IngestError {
             IngestError::TooLarge { .. } => Refusal::PayloadTooLarge,
             IngestError::BodyTimeout(_) => Refusal::RequestTimeout,
             IngestError::BodyRead(_) => Refusal::BadRequest,
-            IngestError::Overloaded(_) => Refusal::Overloaded,
+            IngestError::BodySlow(_) => Refusal::RequestTimeout,
+            IngestError::BodyMemory(_) | IngestError::Overloaded(_) => Refusal::Overloaded,
             IngestError::DedupUnavailable => Refusal::DedupStoreUnavailable,
             IngestError::Verify(_) => Refusal::InvalidSignature,
             IngestError::Envelope(EnvelopeError::Json(_)) => Refusal::InvalidJson,
@@ -205,6 +213,9 @@ pub struct Ingest {
     metrics: Arc<Metrics>,
     in_flight: Arc<Semaphore>,
     max_in_flight: usize,
+    bodies: Arc<Bodies>,
+    /// Refusal log lines, one a second per kind.
+    quiet: quiet::Quiet,
 }
 
 impl Ingest {
@@ -230,6 +241,12 @@ impl Ingest {
             metrics,
             in_flight: Arc::new(Semaphore::new(settings.server.max_in_flight)),
             max_in_flight: settings.server.max_in_flight,
+            bodies: Bodies::new(BodyLimits {
+                memory_bytes: settings.server.body_memory_bytes,
+                min_rate: settings.server.min_body_rate_bytes_per_sec,
+                rate_grace: Duration::from_millis(settings.server.body_rate_grace_ms),
+            }),
+            quiet: quiet::Quiet::default(),
         })
     }
 
@@ -257,8 +274,8 @@ impl Ingest {
     /// Answers one request; never fails (every error becomes its response).
     pub async fn handle<B>(self: Arc<Self>, req: Request<B>) -> Response<Full<Bytes>>
     where
-        B: Body + Send,
-        B::Error: std::error::Error + Send + Sync + 'static,
+        B: Body<Data = Bytes> + Send,
+        B::Error: std::fmt::Display,
     {
         // A span per request only where it is logged (debug): building one and recording
         // its fields costs allocations on every request.
@@ -277,8 +294,8 @@ impl Ingest {
 
     async fn answer<B>(&self, req: Request<B>) -> Response<Full<Bytes>>
     where
-        B: Body,
-        B::Error: std::error::Error + Send + Sync + 'static,
+        B: Body<Data = Bytes>,
+        B::Error: std::fmt::Display,
     {
         let started = Instant::now();
         let mut seen = Seen::default();
@@ -302,10 +319,13 @@ impl Ingest {
                 let refusal = err.refusal();
                 let status = refusal.status().as_u16();
                 let (event_id, event_type) = (seen.event_id(), seen.event_type());
-                if refusal.status().is_server_error() {
-                    tracing::warn!(status, kind = refusal.kind(), event_id, event_type, "{err}");
-                } else {
-                    tracing::info!(status, kind = refusal.kind(), event_id, event_type, "{err}");
+                if let Some(suppressed) = self.quiet.admit(refusal) {
+                    let kind = refusal.kind();
+                    if refusal.status().is_server_error() {
+                        tracing::warn!(status, kind, event_id, event_type, suppressed, "{err}");
+                    } else {
+                        tracing::info!(status, kind, event_id, event_type, suppressed, "{err}");
+                    }
                 }
                 (
                     refusal.outcome(),
@@ -315,13 +335,14 @@ impl Ingest {
         };
         self.metrics
             .answered(outcome.as_str(), started.elapsed().as_secs_f64());
+        self.metrics.body_memory.set(self.bodies.used() as i64);
         response
     }
 
     async fn process<B>(&self, req: Request<B>, seen: &mut Seen) -> Result<Accepted, IngestError>
     where
-        B: Body,
-        B::Error: std::error::Error + Send + Sync + 'static,
+        B: Body<Data = Bytes>,
+        B::Error: std::fmt::Display,
     {
         if req.uri().path() != self.path {
             return Err(IngestError::NotFound(self.path.clone()));
@@ -329,33 +350,37 @@ impl Ingest {
         if req.method() != Method::POST {
             return Err(IngestError::MethodNotAllowed(req.method().clone()));
         }
+        let received_at = SystemTime::now();
+        let deadline = tokio::time::Instant::now() + self.request_timeout;
+        let (parts, body) = req.into_parts();
+        let declared = check_headers(&parts.headers, self.max_body_bytes)?;
+
+        // Receiving is bounded by bytes in memory and a minimum rate; only a request whose
+        // body has arrived takes one of the `max_in_flight` publishing slots, so bodies that
+        // trickle in cannot take them from senders that are done.
+        let bytes = self
+            .bodies
+            .read(
+                body,
+                declared,
+                self.max_body_bytes,
+                deadline,
+                self.request_timeout,
+            )
+            .await
+            .map_err(|e| match e {
+                BodyError::TooLarge(limit) => IngestError::TooLarge { limit },
+                BodyError::Timeout(t) => IngestError::BodyTimeout(t),
+                BodyError::TooSlow(_) => IngestError::BodySlow(e),
+                BodyError::Evicted | BodyError::NoMemory => IngestError::BodyMemory(e),
+                BodyError::Read(e) => IngestError::BodyRead(e),
+            })?;
         let _permit = self
             .in_flight
             .try_acquire()
             .map_err(|_| IngestError::Overloaded(self.max_in_flight))?;
         self.metrics.in_flight.inc();
         let _in_flight = scopeguard(|| self.metrics.in_flight.dec());
-
-        let received_at = SystemTime::now();
-        let deadline = tokio::time::Instant::now() + self.request_timeout;
-        let (parts, body) = req.into_parts();
-        check_headers(&parts.headers, self.max_body_bytes)?;
-
-        let bytes = match tokio::time::timeout_at(
-            deadline,
-            Limited::new(body, self.max_body_bytes).collect(),
-        )
-        .await
-        {
-            Err(_) => return Err(IngestError::BodyTimeout(self.request_timeout)),
-            Ok(Err(e)) if e.is::<LengthLimitError>() => {
-                return Err(IngestError::TooLarge {
-                    limit: self.max_body_bytes,
-                })
-            }
-            Ok(Err(e)) => return Err(IngestError::BodyRead(e.to_string())),
-            Ok(Ok(collected)) => collected.to_bytes(),
-        };
 
         let verifier = self.verifier();
         let verified = verifier
@@ -485,8 +510,9 @@ impl Ingest {
     }
 }
 
-/// Refuses, before reading the body, what the headers already show to be unacceptable.
-fn check_headers(headers: &HeaderMap, max_body_bytes: usize) -> Result<(), IngestError> {
+/// Refuses, before reading the body, what the headers already show to be unacceptable;
+/// returns the declared length.
+fn check_headers(headers: &HeaderMap, max_body_bytes: usize) -> Result<Option<u64>, IngestError> {
     let content_type = headers
         .get(CONTENT_TYPE)
         .ok_or_else(|| {
@@ -517,19 +543,16 @@ fn check_headers(headers: &HeaderMap, max_body_bytes: usize) -> Result<(), Inges
             )));
         }
     }
-    if let Some(length) = headers.get(CONTENT_LENGTH) {
-        let too_large = length
-            .to_str()
-            .ok()
-            .and_then(|l| l.parse::<u64>().ok())
-            .is_some_and(|l| l > max_body_bytes as u64);
-        if too_large {
-            return Err(IngestError::TooLarge {
-                limit: max_body_bytes,
-            });
-        }
+    let declared = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|length| length.to_str().ok())
+        .and_then(|l| l.parse::<u64>().ok());
+    if declared.is_some_and(|l| l > max_body_bytes as u64) {
+        return Err(IngestError::TooLarge {
+            limit: max_body_bytes,
+        });
     }
-    Ok(())
+    Ok(declared)
 }
 
 /// The record of a verified, valid and routed delivery: the body byte for byte, and the

@@ -352,7 +352,15 @@ fn keyed(key: &[u8]) -> HmacSha256 {
     <HmacSha256 as KeyInit>::new(&block.into())
 }
 
+#[cfg(test)]
+thread_local! {
+    /// MACs computed on this thread, for the tests of constant work.
+    static MACS_COMPUTED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 fn mac_with(key: &HmacSha256, parts: &[&[u8]]) -> [u8; 32] {
+    #[cfg(test)]
+    MACS_COMPUTED.with(|n| n.set(n.get() + 1));
     let mut mac = key.clone();
     for part in parts {
         mac.update(part);
@@ -483,9 +491,10 @@ impl Keyring {
     }
 
     /// True when any key's MAC over `parts` equals any of `given`. Every pair is compared,
-    /// so the time taken does not tell which one matched.
-    fn any_key(&self, parts: &[&[u8]], given: &[[u8; 32]]) -> bool {
+    /// so the time taken does not tell which one matched. Adds the MACs computed to `work`.
+    fn any_key(&self, parts: &[&[u8]], given: &[[u8; 32]], work: &mut usize) -> bool {
         let mut matched = false;
+        *work += self.keys.len();
         for key in &self.keys {
             let expected = mac_with(&key.0, parts);
             for mac in given {
@@ -501,6 +510,7 @@ impl Keyring {
         body: &[u8],
         now: i64,
         tolerance_secs: u64,
+        work: &mut usize,
     ) -> Result<Matched, VerifyError> {
         let fresh = |timestamp: i64| {
             let skew = now.saturating_sub(timestamp);
@@ -519,7 +529,7 @@ impl Keyring {
                 let parsed = parse_header(text).map_err(|r| malformed(label, r))?;
                 fresh(parsed.timestamp)?;
                 let parts: [&[u8]; 3] = [parsed.timestamp_text.as_bytes(), b".", body];
-                if !self.any_key(&parts, &parsed.macs) {
+                if !self.any_key(&parts, &parsed.macs, work) {
                     return Err(VerifyError::Mismatch);
                 }
                 Ok((Some(parsed.timestamp), Proof::Header(header.clone())))
@@ -537,7 +547,7 @@ impl Keyring {
                     .map_err(|r| malformed("webhook-signature", r))?;
                 fresh(timestamp)?;
                 let parts: [&[u8]; 5] = [id.as_bytes(), b".", ts.as_bytes(), b".", body];
-                if !self.any_key(&parts, &macs) {
+                if !self.any_key(&parts, &macs, work) {
                     return Err(VerifyError::Mismatch);
                 }
                 Ok((Some(timestamp), Proof::StandardWebhooks))
@@ -549,7 +559,7 @@ impl Keyring {
             } => {
                 let text = header_text(headers, header, label)?;
                 let mac = parse_plain_mac(text, *encoding).map_err(|r| malformed(label, r))?;
-                if !self.any_key(&[body], &[mac]) {
+                if !self.any_key(&[body], &[mac], work) {
                     return Err(VerifyError::Mismatch);
                 }
                 Ok((None, Proof::Header(header.clone())))
@@ -585,6 +595,11 @@ pub struct Verifier {
     global: Option<Keyring>,
     endpoints: HashMap<String, Keyring>,
     tolerance_secs: u64,
+    /// Where endpoints have secrets of their own: the most MACs any delivery can be checked
+    /// with (the secrets for every endpoint plus the largest endpoint's). A refused delivery
+    /// always costs that many passes over its body, so that the time of a refusal tells
+    /// nobody whether its `endpoint_id` is known, how it signs, or how far the check got.
+    constant_work: Option<(usize, HmacSha256)>,
 }
 
 impl fmt::Debug for Verifier {
@@ -669,11 +684,15 @@ impl Verifier {
         if !errors.is_empty() {
             return Err(errors);
         }
+        let most = global.as_ref().map_or(0, |g| g.keys.len())
+            + endpoints.values().map(|e| e.keys.len()).max().unwrap_or(0);
+        let constant_work = (!endpoints.is_empty()).then(|| (most, keyed(b"no secret")));
         Ok(Verifier {
             unsigned: settings.allow_unsigned && global.is_none() && endpoints.is_empty(),
             global,
             endpoints,
             tolerance_secs: settings.tolerance_secs,
+            constant_work,
         })
     }
 
@@ -707,8 +726,9 @@ impl Verifier {
             peek_endpoint_id(&body).and_then(|id| self.endpoints.get(id.as_ref()))
         };
         let mut furthest = VerifyError::UnknownEndpoint;
+        let mut work = 0;
         for ring in self.global.iter().chain(endpoint) {
-            match ring.check(headers, &body, now, self.tolerance_secs) {
+            match ring.check(headers, &body, now, self.tolerance_secs, &mut work) {
                 Ok((signed_at, proof)) => {
                     return Ok(VerifiedBody {
                         bytes: body,
@@ -722,10 +742,14 @@ impl Verifier {
                 Err(_) => {}
             }
         }
-        if self.endpoints.is_empty() {
-            Err(furthest)
-        } else {
-            Err(VerifyError::Undisclosed(furthest.reason()))
+        match &self.constant_work {
+            None => Err(furthest),
+            Some((most, key)) => {
+                for _ in work..*most {
+                    std::hint::black_box(mac_with(key, &[&body]));
+                }
+                Err(VerifyError::Undisclosed(furthest.reason()))
+            }
         }
     }
 }
@@ -802,6 +826,42 @@ mod tests {
     fn check(v: &Verifier, value: &str, body: &[u8]) -> Result<i64, VerifyError> {
         v.verify(&headers(value), Bytes::copy_from_slice(body), at(NOW))
             .map(|b| b.signed_at().unwrap_or(-1))
+    }
+
+    #[test]
+    fn every_refusal_costs_the_same_macs_where_endpoints_have_secrets() {
+        let v = verifier(&["global"], &[("ep-1", &["a", "b", "c"]), ("ep-2", &["d"])]);
+        let macs = |value: Option<&str>, body: &[u8]| {
+            MACS_COMPUTED.with(|n| n.set(0));
+            let h = value.map(headers).unwrap_or_default();
+            let result = v.verify(&h, Bytes::copy_from_slice(body), at(NOW));
+            (result.is_ok(), MACS_COMPUTED.with(|n| n.get()))
+        };
+        let forged = header_value(b"guess", NOW, BODY);
+        let stale = header_value(b"a", NOW - 3600, BODY);
+        let unknown = br#"{"event_id":"whev_1","endpoint_id":"ep-unknown"}"#;
+        // The global secret and the largest endpoint's three, whatever went wrong.
+        for (name, value, body) in [
+            ("known endpoint, no match", Some(forged.as_str()), BODY),
+            ("unknown endpoint", Some(forged.as_str()), &unknown[..]),
+            ("no header", None, BODY),
+            ("malformed header", Some("t=x"), BODY),
+            ("stale", Some(stale.as_str()), BODY),
+            ("not JSON", Some(forged.as_str()), &b"not json"[..]),
+        ] {
+            assert_eq!(macs(value, body), (false, 4), "{name}");
+        }
+        let good = header_value(b"b", NOW, BODY);
+        assert!(macs(Some(&good), BODY).0);
+
+        // With only the secrets for every endpoint the answer already says what was wrong,
+        // and a header that is missing costs no MAC.
+        let v = verifier(&["global"], &[]);
+        MACS_COMPUTED.with(|n| n.set(0));
+        assert!(v
+            .verify(&HeaderMap::new(), Bytes::from_static(BODY), at(NOW))
+            .is_err());
+        assert_eq!(MACS_COMPUTED.with(|n| n.get()), 0);
     }
 
     #[test]

@@ -6,8 +6,10 @@
 //! fails the connection's reads, which closes it, when a peer sends:
 //!
 //! - control frames (SETTINGS, PING, PRIORITY, WINDOW_UPDATE, unknown types, GOAWAY after
-//!   the first, empty or padded DATA frames that do not end their stream) beyond a budget of [`CONTROL_BURST`] that refills
-//!   at [`CONTROL_PER_SEC`] a second and by one for each request;
+//!   the first, padded DATA frames and DATA frames of fewer than [`MIN_DATA_FRAME`] bytes
+//!   that do not end their stream, HEADERS that open no new stream) beyond a budget of
+//!   [`CONTROL_BURST`] that refills at [`CONTROL_PER_SEC`] a second and by one for each new
+//!   stream;
 //! - RST_STREAM frames beyond [`RESET_BURST`], refilling at [`RESETS_PER_SEC`] a second (the
 //!   "rapid reset" attack opens and cancels streams as fast as it can);
 //! - a header block larger than [`MAX_HEADER_BLOCK`] bytes or split over more than
@@ -22,11 +24,19 @@
 use std::fmt;
 use std::io;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Where a guarded stream reports what it sees: the connection's slot.
+pub trait Watch {
+    /// The connection is cut for `abuse` (h2 keeps only the text of an I/O error).
+    fn cut(&self, abuse: Abuse);
+    /// A write could not proceed (`blocked`), or did.
+    fn write_blocked(&self, blocked: bool);
+}
 
 pub const CONTROL_BURST: u32 = 200;
 pub const CONTROL_PER_SEC: u32 = 20;
@@ -34,6 +44,9 @@ pub const RESET_BURST: u32 = 100;
 pub const RESETS_PER_SEC: u32 = 10;
 pub const MAX_HEADER_BLOCK: usize = 64 * 1024;
 pub const MAX_CONTINUATIONS: u32 = 32;
+/// A DATA frame that carries less than this without ending its stream costs a control
+/// frame's token: a body dribbled a byte a frame is a flood of frames.
+pub const MIN_DATA_FRAME: usize = 128;
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const PREFACE_LEN: usize = PREFACE.len();
@@ -116,6 +129,9 @@ struct Frames {
     control: Budget,
     resets: Budget,
     goaway_seen: bool,
+    /// The highest stream id the peer has opened: HEADERS on a stream at or below it open
+    /// nothing (trailers, or frames h2 ignores on a stream already closed).
+    last_stream: u32,
     broken: Option<Abuse>,
 }
 
@@ -131,6 +147,7 @@ impl Frames {
             control: Budget::new(CONTROL_BURST, CONTROL_PER_SEC),
             resets: Budget::new(RESET_BURST, RESETS_PER_SEC),
             goaway_seen: false,
+            last_stream: 0,
             broken: None,
         }
     }
@@ -176,15 +193,25 @@ impl Frames {
         let h = self.head;
         let len = usize::from(h[0]) << 16 | usize::from(h[1]) << 8 | usize::from(h[2]);
         let (kind, flags) = (h[3], h[4]);
+        let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
         self.skip = len;
         let within = match kind {
-            // Empty, or padded (the padding may be all of it): a control frame's cost.
+            // Padded (the padding may be all of it), or too small to be worth a frame: a
+            // control frame's cost.
             DATA if flags & PADDED != 0 => self.control.take(),
-            DATA => len > 0 || flags & END_STREAM != 0 || self.control.take(),
+            DATA => len >= MIN_DATA_FRAME || flags & END_STREAM != 0 || self.control.take(),
             HEADERS => {
-                self.control.give();
+                // Only a request earns a token: a new stream of the client's (odd ids).
+                let opens = stream % 2 == 1 && stream > self.last_stream;
+                let within = if opens {
+                    self.last_stream = stream;
+                    self.control.give();
+                    true
+                } else {
+                    self.control.take()
+                };
                 self.start_block(len, flags)?;
-                true
+                within
             }
             CONTINUATION => {
                 self.continue_block(len, flags)?;
@@ -235,26 +262,35 @@ impl Frames {
     }
 }
 
-/// An HTTP/2 connection's stream, with its peer's frames held to the bounds above.
-pub struct Guarded<S> {
+/// A connection's stream, with its peer's HTTP/2 frames held to the bounds above, and its
+/// writes watched: a write that waits for the peer to read is noted on the connection's
+/// slot, so that an answer nobody takes shows as such.
+pub struct Guarded<S, W> {
     inner: S,
     frames: Frames,
-    /// Where the reason goes when the connection is cut (h2 keeps only the text of an I/O
-    /// error).
-    cut: Arc<OnceLock<Abuse>>,
+    watch: Arc<W>,
 }
 
-impl<S> Guarded<S> {
-    pub fn new(inner: S, cut: Arc<OnceLock<Abuse>>) -> Guarded<S> {
+impl<S, W: Watch> Guarded<S, W> {
+    /// `frames`: follow HTTP/2 frames (when the bytes start with its preface); otherwise the
+    /// bytes pass untouched.
+    pub fn new(inner: S, watch: Arc<W>, frames: bool) -> Guarded<S, W> {
+        let mut followed = Frames::new();
+        followed.passthrough = !frames;
         Guarded {
             inner,
-            frames: Frames::new(),
-            cut,
+            frames: followed,
+            watch,
         }
+    }
+
+    fn written<T>(&self, polled: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        self.watch.write_blocked(polled.is_pending());
+        polled
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
+impl<S: AsyncRead + Unpin, W: Watch> AsyncRead for Guarded<S, W> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -265,7 +301,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 Poll::Ready(this.frames.feed(&buf.filled()[before..]).map_err(|abuse| {
-                    let _ = this.cut.set(abuse);
+                    this.watch.cut(abuse);
                     io::Error::new(io::ErrorKind::InvalidData, abuse)
                 }))
             }
@@ -274,13 +310,14 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
+impl<S: AsyncWrite + Unpin, W: Watch> AsyncWrite for Guarded<S, W> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.written(polled)
     }
 
     fn poll_write_vectored(
@@ -288,7 +325,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.written(polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -296,7 +334,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        self.written(polled)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -309,17 +348,12 @@ mod tests {
     use super::*;
 
     fn frame(kind: u8, flags: u8, len: usize) -> Vec<u8> {
-        let mut f = vec![
-            (len >> 16) as u8,
-            (len >> 8) as u8,
-            len as u8,
-            kind,
-            flags,
-            0,
-            0,
-            0,
-            1,
-        ];
+        frame_on(kind, flags, 1, len)
+    }
+
+    fn frame_on(kind: u8, flags: u8, stream: u32, len: usize) -> Vec<u8> {
+        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+        f.extend_from_slice(&stream.to_be_bytes());
         f.resize(FRAME_HEAD_LEN + len, 0);
         f
     }
@@ -334,9 +368,10 @@ mod tests {
         frames.feed(&preface()).unwrap();
         frames.feed(&frame(0x4, 0, 0)).unwrap();
         // Requests with bodies, a byte at a time: boundaries are found across reads.
-        for _ in 0..1000 {
-            let mut request = frame(HEADERS, END_HEADERS, 40);
-            request.extend(frame(DATA, END_STREAM, 3000));
+        for i in 0..1000 {
+            let stream = 2 * i + 1;
+            let mut request = frame_on(HEADERS, END_HEADERS, stream, 40);
+            request.extend(frame_on(DATA, END_STREAM, stream, 3000));
             for byte in request.chunks(1) {
                 frames.feed(byte).unwrap();
             }
@@ -349,6 +384,36 @@ mod tests {
             frames.feed(&frame(DATA, END_STREAM, 1)).is_err(),
             "stays cut"
         );
+    }
+
+    #[test]
+    fn only_headers_that_open_a_stream_refill_the_budget() {
+        // HEADERS + PING, over and over on one stream (trailers h2 ignores): cut off.
+        let mut frames = Frames::new();
+        frames.feed(&preface()).unwrap();
+        frames.feed(&frame_on(HEADERS, END_HEADERS, 1, 40)).unwrap();
+        let refill: Vec<u8> = (0..2 * CONTROL_BURST)
+            .flat_map(|_| {
+                [
+                    frame_on(HEADERS, END_HEADERS | END_STREAM, 1, 10),
+                    frame(0x6, 0, 8),
+                ]
+                .concat()
+            })
+            .collect();
+        assert!(frames.feed(&refill).is_err());
+
+        // A body dribbled a byte a frame is cut off; one in frames of its size is not.
+        let mut frames = Frames::new();
+        frames.feed(&preface()).unwrap();
+        frames.feed(&frame_on(HEADERS, END_HEADERS, 1, 40)).unwrap();
+        for _ in 0..1000 {
+            frames.feed(&frame_on(DATA, 0, 1, MIN_DATA_FRAME)).unwrap();
+        }
+        let dribble: Vec<u8> = (0..2 * CONTROL_BURST)
+            .flat_map(|_| frame_on(DATA, 0, 1, 1))
+            .collect();
+        assert!(frames.feed(&dribble).is_err());
     }
 
     #[test]

@@ -6,22 +6,27 @@
 //! - idleness: a connection with no request in progress is closed `idle_timeout` after its
 //!   last answer, HTTP/1 keep-alive and HTTP/2 alike; HTTP/2 peers are pinged, and a peer
 //!   that does not answer is dropped;
-//! - their number: at `max_connections`, a new connection reclaims the longest-idle one
-//!   (closed gracefully; up to 1/16 of the bound may be such connections still closing)
-//!   instead of waiting behind it;
+//! - answers: an answer the peer does not take within `write_timeout` (an HTTP/2 window
+//!   kept at zero, a socket nobody reads) closes the connection;
+//! - their number: at `max_connections`, a new connection takes the slot of one that holds
+//!   resources without progress (see [`slot`]): idle ones first, then ones stuck receiving
+//!   a body or leaving an answer untaken; a connection processing a request never gives
+//!   way. Up to 1/16 of the bound may be such connections still closing;
 //! - HTTP/2 abuse: streams per connection, resets, control-frame floods and oversized header
 //!   blocks (see [`h2guard`]) close the connection;
 //! - shutdown: stop accepting, close idle connections, let requests in flight finish within
 //!   `drain_timeout`.
 
 mod h2guard;
+mod slot;
 pub mod tls;
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -33,10 +38,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 
 use crate::metrics::Metrics;
+use slot::{Connections, Phase, Slot};
 use tls::Tls;
 
 /// A connection's byte stream: TCP, or TLS over TCP, behind one type.
@@ -63,6 +69,12 @@ pub struct Limits {
     pub http2_keepalive_interval: Option<Duration>,
     /// Time a PING may go unanswered before the connection is closed.
     pub http2_keepalive_timeout: Duration,
+    /// Time an answer may wait for the peer to take it before the connection is closed.
+    pub write_timeout: Duration,
+    /// Largest request head: HTTP/1's read buffer, HTTP/2's decoded header list.
+    pub max_header_bytes: usize,
+    /// Bytes HTTP/2 lets a peer send ahead on a stream and on a connection.
+    pub http2_window_bytes: u32,
 }
 
 impl Limits {
@@ -80,6 +92,9 @@ impl Limits {
             http2_keepalive_interval: Some(ms(server.http2_keepalive_interval_ms))
                 .filter(|d| !d.is_zero()),
             http2_keepalive_timeout: ms(server.http2_keepalive_timeout_ms),
+            write_timeout: ms(server.write_timeout_ms),
+            max_header_bytes: server.max_header_bytes,
+            http2_window_bytes: HTTP2_WINDOW_BYTES,
         }
     }
 }
@@ -105,14 +120,17 @@ pub enum CloseReason {
     SlowStart,
     /// An HTTP/2 peer broke a bound on frames (see [`h2guard`]).
     Http2Abuse,
+    /// An answer waited for the peer longer than `write_timeout`.
+    WriteTimeout,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 4] = [
+    pub const ALL: [CloseReason; 5] = [
         CloseReason::Idle,
         CloseReason::Reclaimed,
         CloseReason::SlowStart,
         CloseReason::Http2Abuse,
+        CloseReason::WriteTimeout,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -121,6 +139,7 @@ impl CloseReason {
             CloseReason::Reclaimed => "reclaimed",
             CloseReason::SlowStart => "slow_start",
             CloseReason::Http2Abuse => "http2_abuse",
+            CloseReason::WriteTimeout => "write_timeout",
         }
     }
 }
@@ -137,56 +156,53 @@ const RECLAIM_SLACK_DIVISOR: usize = 16;
 /// bound, headers too large) before it closes the connection.
 const H2_MAX_ERROR_RESETS: usize = 128;
 
-/// Largest decoded header list an HTTP/2 request may carry; larger ones are answered 431.
-const H2_MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+/// What an HTTP/2 peer may send ahead of the bridge's reads, on a stream and on the whole
+/// connection: RFC 9113's initial 64 KiB, instead of hyper's 1 MiB, so that a connection
+/// buffers little before its request's body reader takes the bytes.
+const HTTP2_WINDOW_BYTES: u32 = 65_535;
 
-/// One open connection, as the accept loop and the connection's own task see it.
-struct Slot {
-    /// Requests (HTTP/2 streams) in progress.
-    active: AtomicUsize,
-    /// Whether any request has started.
-    started: AtomicBool,
-    /// Microseconds since the listener started at which the connection last became idle.
-    idle_since_us: AtomicU64,
-    /// Set once the accept loop asked this connection to close for a new one.
-    reclaimed: AtomicBool,
-    reclaim: Notify,
-    /// Set by [`h2guard`] when it cuts the connection.
-    abuse: Arc<std::sync::OnceLock<h2guard::Abuse>>,
+/// A request's body, as its handler reads it: every frame counts as progress on its
+/// connection, and the end of the body (or the body given up) moves the request from
+/// receiving to processing.
+pub struct RequestBody {
+    inner: Incoming,
+    /// Some while the body has not arrived in full.
+    receiving: Option<Arc<Slot>>,
 }
 
-/// Counts a request on its connection while it runs.
-struct Busy {
-    slot: Arc<Slot>,
-    clock: Instant,
-}
-
-impl Drop for Busy {
-    fn drop(&mut self) {
-        // Store the time first: the accept loop reads `active`, then the time.
-        self.slot
-            .idle_since_us
-            .store(micros_since(self.clock), Ordering::Relaxed);
-        self.slot.active.fetch_sub(1, Ordering::Release);
+impl RequestBody {
+    fn done(&mut self) {
+        if let Some(slot) = self.receiving.take() {
+            slot.body_done();
+        }
     }
 }
 
-/// A response body that keeps its request counted until hyper is done with it, so that a
-/// connection is not closed as idle between the handler's end and the answer's last byte.
-pub struct Tracked {
-    inner: Full<Bytes>,
-    _busy: Busy,
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        self.done();
+    }
 }
 
-impl hyper::body::Body for Tracked {
+impl hyper::body::Body for RequestBody {
     type Data = Bytes;
-    type Error = Infallible;
+    type Error = hyper::Error;
 
     fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
-        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(_))) if !self.inner.is_end_stream() => {
+                if let Some(slot) = &self.receiving {
+                    slot.progressed();
+                }
+            }
+            Poll::Ready(_) => self.done(),
+            Poll::Pending => {}
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -198,83 +214,54 @@ impl hyper::body::Body for Tracked {
     }
 }
 
-fn micros_since(clock: Instant) -> u64 {
-    clock.elapsed().as_micros() as u64
-}
+/// Counts a request's handler on its connection while it runs.
+struct Handling(Arc<Slot>);
 
-/// The open connections, for reclaiming the longest-idle one.
-struct Connections {
-    clock: Instant,
-    next_id: AtomicU64,
-    slots: Mutex<HashMap<u64, Arc<Slot>>>,
-}
-
-/// A connection's place in [`Connections`], given up when dropped (a panicking connection
-/// task included).
-struct Open {
-    connections: Arc<Connections>,
-    id: u64,
-}
-
-impl Drop for Open {
+impl Drop for Handling {
     fn drop(&mut self) {
-        self.connections.close(self.id);
+        self.0.request_ended();
     }
 }
 
-impl Connections {
-    fn len(&self) -> usize {
-        self.slots.lock().unwrap_or_else(|p| p.into_inner()).len()
+/// A response body that keeps its answer counted on the connection until hyper is done
+/// with it: a connection is not closed as idle between the handler's end and the answer's
+/// last byte, and an answer the peer never takes shows as such.
+pub struct Tracked {
+    inner: Full<Bytes>,
+    slot: Arc<Slot>,
+}
+
+impl Tracked {
+    fn new(inner: Full<Bytes>, slot: Arc<Slot>) -> Tracked {
+        slot.answer_started();
+        Tracked { inner, slot }
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.slot.answer_ended();
+    }
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        self.slot.progressed();
+        Pin::new(&mut self.inner).poll_frame(cx)
     }
 
-    fn open(self: &Arc<Self>) -> (Open, Arc<Slot>) {
-        let slot = Arc::new(Slot {
-            active: AtomicUsize::new(0),
-            started: AtomicBool::new(false),
-            idle_since_us: AtomicU64::new(micros_since(self.clock)),
-            reclaimed: AtomicBool::new(false),
-            reclaim: Notify::new(),
-            abuse: Default::default(),
-        });
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.slots
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, slot.clone());
-        let open = Open {
-            connections: self.clone(),
-            id,
-        };
-        (open, slot)
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
     }
 
-    fn close(&self, id: u64) {
-        self.slots
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
-    }
-
-    /// Asks the connection idle the longest to close; false when every connection has a
-    /// request in progress (or has already been asked).
-    fn reclaim_longest_idle(&self) -> bool {
-        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        let longest = slots
-            .iter()
-            .filter(|(_, s)| {
-                s.active.load(Ordering::Acquire) == 0 && !s.reclaimed.load(Ordering::Relaxed)
-            })
-            // The older connection first among those idle since the same instant.
-            .min_by_key(|(id, s)| (s.idle_since_us.load(Ordering::Relaxed), **id))
-            .map(|(_, s)| s);
-        match longest {
-            Some(slot) => {
-                slot.reclaimed.store(true, Ordering::Relaxed);
-                slot.reclaim.notify_one();
-                true
-            }
-            None => false,
-        }
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -290,28 +277,29 @@ pub async fn serve<H, Fut>(
     shutdown: impl Future<Output = ()>,
 ) -> Drain
 where
-    H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    H: Fn(Request<RequestBody>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // hyper's own header timer would also end idle keep-alive connections; the deadlines of
-    // this module replace it.
-    builder.http1().header_read_timeout(None);
+    // this module replace it. The read buffer, which holds the request head, is bounded.
+    builder
+        .http1()
+        .header_read_timeout(None)
+        .max_buf_size(limits.max_header_bytes.max(MIN_HTTP1_BUFFER));
     builder
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.http2_max_concurrent_streams)
         .max_local_error_reset_streams(H2_MAX_ERROR_RESETS)
-        .max_header_list_size(H2_MAX_HEADER_LIST_BYTES)
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .initial_stream_window_size(limits.http2_window_bytes)
+        .initial_connection_window_size(limits.http2_window_bytes)
         .keep_alive_interval(limits.http2_keepalive_interval)
         .keep_alive_timeout(limits.http2_keepalive_timeout);
-    let connections = Arc::new(Connections {
-        clock: Instant::now(),
-        next_id: AtomicU64::new(0),
-        slots: Mutex::new(HashMap::new()),
-    });
     // The bound, and room beside it for reclaimed connections that are still closing.
     let slack = (limits.max_connections / RECLAIM_SLACK_DIVISOR).max(1);
+    let connections = Arc::new(Connections::new(slack));
     let total = limits.max_connections + slack;
     let permits = Arc::new(Semaphore::new(total));
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -330,16 +318,17 @@ where
             },
             () = &mut shutdown => break,
         };
-        // At the bound, the connection idle the longest gives its slot up and the new one is
-        // served meanwhile; when every connection has a request in progress, the new one
-        // waits until one ends.
-        if connections.len() >= limits.max_connections && !connections.reclaim_longest_idle() {
+        // At the bound, a connection that holds its slot without progress gives it up and
+        // the new one is served meanwhile; when every connection is processing a request,
+        // the new one waits until one is not.
+        if connections.staying() >= limits.max_connections && !connections.reclaim_one() {
             let room = async {
                 loop {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    if connections.len() < limits.max_connections
-                        || connections.reclaim_longest_idle()
-                    {
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_millis(20)) => {}
+                        () = connections.refused.notified() => {}
+                    }
+                    if connections.staying() < limits.max_connections || connections.reclaim_one() {
                         return;
                     }
                 }
@@ -349,18 +338,23 @@ where
                 () = &mut shutdown => break,
             }
         }
-        let permit = tokio::select! {
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-            () = &mut shutdown => break,
+        // The slot of a connection asked to go is free once it has closed; one that turns
+        // out to be processing a request stays, and the next is asked.
+        let permit = loop {
+            tokio::select! {
+                permit = permits.clone().acquire_owned() => break permit.ok(),
+                () = connections.refused.notified() => {
+                    connections.reclaim_one();
+                }
+                () = &mut shutdown => break None,
+            }
         };
+        let Some(permit) = permit else { break };
         let _ = stream.set_nodelay(true);
         let (open, slot) = connections.open();
         let connection = Connection {
             slot,
-            clock: connections.clock,
+            connections: connections.clone(),
             accepted: Instant::now(),
             limits,
             metrics: metrics.clone(),
@@ -384,13 +378,26 @@ where
     }
 }
 
+/// hyper's smallest HTTP/1 read buffer.
+const MIN_HTTP1_BUFFER: usize = 8192;
+
 /// One accepted connection and its bounds.
 struct Connection {
     slot: Arc<Slot>,
-    clock: Instant,
+    connections: Arc<Connections>,
     accepted: Instant,
     limits: Limits,
     metrics: Arc<Metrics>,
+}
+
+/// What the connection's watcher does next.
+enum Next {
+    /// Look again at this time.
+    At(Instant),
+    /// Close gracefully (a GOAWAY, or no more keep-alive) for this reason.
+    Close(CloseReason),
+    /// Drop the connection now: what it holds was never taken.
+    Cut(CloseReason),
 }
 
 impl Connection {
@@ -431,6 +438,57 @@ impl Connection {
         }
     }
 
+    /// When the connection must next be looked at, or what to do with it now.
+    fn next(&self, now: Instant, first_deadline: Instant) -> Next {
+        let limits = &self.limits;
+        match self.slot.phase() {
+            // A request in progress ends within its own deadline; bodies are bounded by the
+            // handler's body reader.
+            Phase::Processing => Next::At(now + limits.write_timeout),
+            Phase::Stuck(_) if self.slot.receiving.load(Ordering::Acquire) > 0 => {
+                Next::At(now + limits.write_timeout)
+            }
+            Phase::Stuck(since) => {
+                let due = since + limits.write_timeout;
+                if due > now {
+                    Next::At(due)
+                } else {
+                    Next::Cut(CloseReason::WriteTimeout)
+                }
+            }
+            Phase::Idle(since) => {
+                let started = self.slot.started.load(Ordering::Relaxed);
+                let due = if started {
+                    since + limits.idle_timeout
+                } else {
+                    first_deadline.min(since + limits.idle_timeout)
+                };
+                if due > now {
+                    Next::At(due)
+                } else if !started {
+                    // No request yet, and none can be in progress: nothing to lose.
+                    Next::Cut(CloseReason::SlowStart)
+                } else {
+                    Next::Close(CloseReason::Idle)
+                }
+            }
+        }
+    }
+
+    /// Whether a connection told to close still has something to finish.
+    fn finishing(&self, now: Instant) -> bool {
+        match self.slot.phase() {
+            Phase::Processing => true,
+            Phase::Idle(_) => false,
+            // A body on its way is bounded by the handler's reader; an answer the peer does
+            // not take is not worth waiting for.
+            Phase::Stuck(since) => {
+                self.slot.receiving.load(Ordering::Acquire) > 0
+                    || now.saturating_duration_since(since) < slot::STALL_GRACE
+            }
+        }
+    }
+
     async fn run<H, Fut>(
         self,
         stream: TcpStream,
@@ -439,7 +497,7 @@ impl Connection {
         handler: H,
         mut stop: watch::Receiver<bool>,
     ) where
-        H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+        H: Fn(Request<RequestBody>) -> Fut + Clone + Send + Sync + 'static,
         Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
     {
         let first_deadline = self.accepted + self.limits.header_read_timeout;
@@ -455,49 +513,38 @@ impl Connection {
             _ = stop.wait_for(|stop| *stop) => return,
         };
         let (protocol, stream) = established;
-        let guarded = |stream| -> Box<dyn Stream> {
-            Box::new(h2guard::Guarded::new(stream, self.slot.abuse.clone()))
+        let guarded = |stream, frames| -> Box<dyn Stream> {
+            Box::new(h2guard::Guarded::new(stream, self.slot.clone(), frames))
         };
         let (builder, io): (_, Box<dyn Stream>) = match protocol {
-            Protocol::Http1 => (builder.http1_only(), stream),
-            Protocol::Http2 => (builder.http2_only(), guarded(stream)),
+            Protocol::Http1 => (builder.http1_only(), guarded(stream, false)),
+            Protocol::Http2 => (builder.http2_only(), guarded(stream, true)),
             // The guard follows the frames only if the bytes are HTTP/2's preface.
-            Protocol::Either => (builder, guarded(stream)),
+            Protocol::Either => (builder, guarded(stream, true)),
         };
 
-        let (slot, clock) = (self.slot.clone(), self.clock);
-        let service = service_fn(move |req| {
-            slot.started.store(true, Ordering::Relaxed);
-            slot.active.fetch_add(1, Ordering::Acquire);
-            let busy = Busy {
-                slot: slot.clone(),
-                clock,
-            };
+        let slot = self.slot.clone();
+        let service = service_fn(move |req: Request<Incoming>| {
+            let receiving = !hyper::body::Body::is_end_stream(req.body());
+            slot.request_started(receiving);
+            let handling = Handling(slot.clone());
+            let req = req.map(|inner| RequestBody {
+                inner,
+                receiving: receiving.then(|| slot.clone()),
+            });
             let response = handler(req);
+            let slot = slot.clone();
             async move {
                 let response = response.await;
-                Ok::<_, Infallible>(response.map(|inner| Tracked { inner, _busy: busy }))
+                let tracked = response.map(|inner| Tracked::new(inner, slot));
+                drop(handling);
+                Ok::<_, Infallible>(tracked)
             }
         });
         let connection = builder.serve_connection(TokioIo::new(io), service);
         tokio::pin!(connection);
 
         let limits = self.limits;
-        // When the connection must next be looked at: the first-request deadline until a
-        // request starts, then the idle deadline. None: it is due to close now.
-        let next_check = |slot: &Slot, now: Instant| -> Option<Instant> {
-            if slot.active.load(Ordering::Acquire) > 0 {
-                return Some(now + limits.idle_timeout);
-            }
-            let idle_since =
-                self.clock + Duration::from_micros(slot.idle_since_us.load(Ordering::Relaxed));
-            let due = if slot.started.load(Ordering::Relaxed) {
-                idle_since + limits.idle_timeout
-            } else {
-                first_deadline.min(idle_since + limits.idle_timeout)
-            };
-            (due > now).then_some(due)
-        };
         let check =
             tokio::time::sleep_until(first_deadline.min(self.accepted + limits.idle_timeout));
         tokio::pin!(check);
@@ -518,8 +565,7 @@ impl Connection {
                 () = &mut check => {
                     let now = Instant::now();
                     if let Some((by, hard)) = closing {
-                        let busy = self.slot.active.load(Ordering::Acquire) > 0;
-                        if now >= hard || (now >= by && !busy) {
+                        if now >= hard || (now >= by && !self.finishing(now)) {
                             return;
                         }
                         // A request still in progress finishes, up to its own deadline.
@@ -527,33 +573,35 @@ impl Connection {
                         check.as_mut().reset(next.min(hard));
                         continue;
                     }
-                    if let Some(next) = next_check(&self.slot, now) {
-                        check.as_mut().reset(next);
-                        continue;
+                    match self.next(now, first_deadline) {
+                        Next::At(at) => check.as_mut().reset(at),
+                        Next::Cut(reason) => return self.closed(reason),
+                        Next::Close(reason) => {
+                            self.closed(reason);
+                            // A GOAWAY first: a peer that answers it goes at once; one that
+                            // does not is dropped after a moment.
+                            connection.as_mut().graceful_shutdown();
+                            closing = Some((now + IDLE_CLOSE_GRACE, now + limits.request_timeout));
+                            check.as_mut().reset(now + IDLE_CLOSE_GRACE);
+                        }
                     }
-                    if !self.slot.started.load(Ordering::Relaxed) {
-                        // No request yet, and none can be in progress: nothing to lose.
-                        return self.closed(CloseReason::SlowStart);
-                    }
-                    self.closed(CloseReason::Idle);
-                    // A GOAWAY first: a peer that answers it goes at once; one that does not
-                    // is dropped after a moment.
-                    connection.as_mut().graceful_shutdown();
-                    closing = Some((now + IDLE_CLOSE_GRACE, now + limits.request_timeout));
-                    check.as_mut().reset(now + IDLE_CLOSE_GRACE);
                 }
                 () = self.slot.reclaim.notified(), if closing.is_none() => {
-                    if self.slot.active.load(Ordering::Acquire) > 0 {
+                    match self.slot.phase() {
                         // A request started since it was picked: it keeps its slot, and the
-                        // accept loop picks another next time.
-                        self.slot.reclaimed.store(false, Ordering::Relaxed);
-                        continue;
+                        // accept loop asks another.
+                        Phase::Processing => self.connections.stays(&self.slot),
+                        // Nothing it holds was taken: a body not yet received, an answer its
+                        // peer does not read.
+                        Phase::Stuck(_) => return self.closed(CloseReason::Reclaimed),
+                        Phase::Idle(_) => {
+                            self.closed(CloseReason::Reclaimed);
+                            connection.as_mut().graceful_shutdown();
+                            let now = Instant::now();
+                            closing = Some((now + IDLE_CLOSE_GRACE, now + limits.request_timeout));
+                            check.as_mut().reset(now + IDLE_CLOSE_GRACE);
+                        }
                     }
-                    self.closed(CloseReason::Reclaimed);
-                    connection.as_mut().graceful_shutdown();
-                    let now = Instant::now();
-                    closing = Some((now + IDLE_CLOSE_GRACE, now + limits.request_timeout));
-                    check.as_mut().reset(now + IDLE_CLOSE_GRACE);
                 }
                 _ = stop.wait_for(|stop| *stop), if closing.is_none() => {
                     // Shutting down: requests in flight finish within the drain deadline,
