@@ -68,6 +68,8 @@ pub struct Server {
     pub idle_timeout_ms: u64,
     /// Streams one HTTP/2 connection may have open at once.
     pub http2_max_concurrent_streams: u32,
+    /// HTTP/2 streams in progress at once across connections, beyond one per connection.
+    pub http2_max_pending_streams: usize,
     /// Period of the PINGs sent to HTTP/2 peers; 0 sends none.
     pub http2_keepalive_interval_ms: u64,
     /// Time a PING may go unanswered before its connection is closed.

@@ -14,6 +14,7 @@ pub mod admin;
 pub mod config;
 pub mod error;
 pub mod ingest;
+pub mod memory;
 pub mod metrics;
 pub mod plan;
 pub mod publish;
@@ -171,6 +172,7 @@ pub async fn run_with_reloads(
     }
     let ingest_after_drain = ingest.clone();
     warn_about_weak_settings(&settings);
+    announce_memory(&settings);
     let reload_task = tokio::spawn(reload::apply(
         reload::Running {
             in_force: settings.clone(),
@@ -230,6 +232,26 @@ pub async fn run_with_reloads(
     let _ = admin_task.await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Logs the memory the settings allow at their bounds, and warns when the container's limit
+/// is below it.
+fn announce_memory(settings: &Settings) {
+    let budget = memory::Budget::of(settings);
+    match memory::container_limit() {
+        Some(limit) if budget.total() > limit => tracing::warn!(
+            limit_mib = limit >> 20,
+            %budget,
+            "the memory these settings allow at their bounds is above the container's limit: \
+             lower server.max_connections, server.body_memory_bytes, kafka.queue_max_kbytes, \
+             kafka.queue_max_messages or dedup.max_entries (README, Memory)"
+        ),
+        limit => tracing::info!(
+            limit_mib = limit.map(|l| l >> 20),
+            %budget,
+            "memory at the bounds"
+        ),
+    }
 }
 
 /// Warns at start about settings that work but weaken what the bridge promises.

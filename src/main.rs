@@ -123,22 +123,19 @@ fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
-        let listener = TcpListener::bind(settings.server.listen)
-            .await
-            .with_context(|| {
+        let listener =
+            tamio_kafka_bridge::server::bind(settings.server.listen).with_context(|| {
                 format!(
                     "setting `server.listen`: cannot bind {}",
                     settings.server.listen
                 )
             })?;
-        let admin = TcpListener::bind(settings.admin.listen)
-            .await
-            .with_context(|| {
-                format!(
-                    "setting `admin.listen`: cannot bind {}",
-                    settings.admin.listen
-                )
-            })?;
+        let admin = tamio_kafka_bridge::server::bind(settings.admin.listen).with_context(|| {
+            format!(
+                "setting `admin.listen`: cannot bind {}",
+                settings.admin.listen
+            )
+        })?;
         if let Some(secret) = &example_secret {
             print_try_it(&settings, &listener, secret);
         }

@@ -45,6 +45,7 @@ pub struct Metrics {
     pub tls_certificate_expiry: IntGauge,
     pub reloads: IntCounterVec,
     pub connections_closed: IntCounterVec,
+    pub http2_streams_refused: IntCounter,
     pub producer_queue_messages: IntGauge,
     pub producer_queue_bytes: IntGauge,
     pub broker_rtt: GaugeVec,
@@ -133,6 +134,11 @@ impl Metrics {
         let kafka_up = IntGauge::new(
             "tamio_bridge_kafka_up",
             "1 while a broker answers the producer and the topic exists; the same truth as /readyz.",
+        )
+        .unwrap();
+        let http2_streams_refused = IntCounter::new(
+            "tamio_bridge_http2_streams_refused_total",
+            "HTTP/2 streams reset with REFUSED_STREAM: beyond the first of their connection, at server.http2_max_pending_streams.",
         )
         .unwrap();
         let dead_letters = IntCounter::new(
@@ -291,6 +297,7 @@ impl Metrics {
             Box::new(tls_certificate_expiry.clone()),
             Box::new(reloads.clone()),
             Box::new(connections_closed.clone()),
+            Box::new(http2_streams_refused.clone()),
             Box::new(producer_queue_messages.clone()),
             Box::new(producer_queue_bytes.clone()),
             Box::new(broker_rtt.clone()),
@@ -328,6 +335,7 @@ impl Metrics {
             tls_certificate_expiry,
             reloads,
             connections_closed,
+            http2_streams_refused,
             producer_queue_messages,
             producer_queue_bytes,
             broker_rtt,

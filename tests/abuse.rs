@@ -1,9 +1,15 @@
-//! Abusive clients against the real binary: idle connections by the hundred, the first
-//! request's deadline, and the HTTP/2 abuse classes (rapid reset, too many streams, SETTINGS
-//! and PING floods, an oversized header block, a CONTINUATION flood). For each attack: signed
-//! deliveries on fresh connections are answered within 1 s while it runs, every abusive
-//! connection is closed, and the bridge's CPU and peak memory stay bounded. Each test prints
-//! its figures.
+//! Abusive clients against the real binary at its shipped defaults: idle connections by the
+//! hundred, the first request's deadline, the HTTP/1 classes (slow heads, slow bodies with a
+//! declared length and chunked, bodies of tiny chunks, answers never read, pipelined
+//! requests behind an unread answer) and the HTTP/2 ones (rapid reset, too many streams,
+//! SETTINGS, PING and PRIORITY floods, an oversized header block, a CONTINUATION flood, zero
+//! windows on a stream and on the connection, many streams stalled at a zero window, data
+//! dribbled a byte a frame, budgets refilled by frames that open no stream, zero-length
+//! headers). For each attack, run at and past the bound it aims at: signed deliveries on
+//! fresh connections are answered 200 within 1 s while it runs and are all in Kafka after,
+//! the abusive connections are closed, the bridge's CPU stays under a core and its peak
+//! memory under the pod's limit. Each test prints its figures. The attacks run one at a
+//! time: they share two cores with the broker and the bridge.
 
 mod common;
 
@@ -13,14 +19,41 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::h2raw::*;
+use common::siege::*;
 use common::tls::*;
 use common::*;
 use http::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Starts the bridge binary on the test broker with a topic of its own.
-async fn start(extra: &[(&str, &str)]) -> Process {
+/// One attack at a time.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The bridge binary on the test broker with a topic of its own, at its shipped defaults
+/// but for `extra`.
+struct Target {
+    bridge: Process,
+    topic: String,
+    _turn: tokio::sync::MutexGuard<'static, ()>,
+}
+
+impl std::ops::Deref for Target {
+    type Target = Process;
+
+    fn deref(&self) -> &Process {
+        &self.bridge
+    }
+}
+
+impl Target {
+    /// Every delivery answered 200 is in Kafka.
+    async fn check_kafka(&self, acknowledged: &[String]) {
+        assert_all_in_kafka(&self.topic, acknowledged).await;
+    }
+}
+
+async fn start(extra: &[(&str, &str)]) -> Target {
+    let turn = ONE_AT_A_TIME.lock().await;
     let topic = unique_topic("abuse");
     create_topic(&topic, 1).await;
     let brokers = brokers();
@@ -28,47 +61,15 @@ async fn start(extra: &[(&str, &str)]) -> Process {
         ("TAMIO_BRIDGE__KAFKA__BROKERS", brokers.as_str()),
         ("TAMIO_BRIDGE__KAFKA__TOPIC", topic.as_str()),
         ("TAMIO_BRIDGE__SIGNATURE__SECRETS", SECRET),
-        ("TAMIO_BRIDGE__SERVER__REQUEST_TIMEOUT_MS", "2000"),
-        ("TAMIO_BRIDGE__KAFKA__DELIVERY_TIMEOUT_MS", "1500"),
     ];
     env.extend_from_slice(extra);
     let bridge = Process::spawn(&env);
     bridge.wait_ready().await;
-    bridge
-}
-
-fn signed_headers(body: &str) -> Vec<(&'static str, String)> {
-    vec![
-        ("content-type", "application/json".to_owned()),
-        (
-            "tamio-signature",
-            tamio_kafka_bridge::ingest::verify::header_value(
-                SECRET.as_bytes(),
-                now(),
-                body.as_bytes(),
-            ),
-        ),
-    ]
-}
-
-/// A signed delivery on a new connection; asserts 200 and returns how long it took.
-async fn deliver(addr: SocketAddr, id: &str) -> Duration {
-    let body = ticket_event(id, "ticket-genuine", 0);
-    let headers = signed_headers(&body);
-    let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let started = Instant::now();
-    let reply = tokio::time::timeout(
-        Duration::from_secs(5),
-        post(
-            &format!("http://{addr}/webhooks/tamio"),
-            &headers,
-            body.into_bytes(),
-        ),
-    )
-    .await
-    .unwrap_or_else(|_| panic!("{id}: no answer within 5 s"));
-    assert_eq!(reply.status, StatusCode::OK, "{id}: {}", reply.text());
-    started.elapsed()
+    Target {
+        bridge,
+        topic,
+        _turn: turn,
+    }
 }
 
 /// What one attack did and cost.
@@ -80,6 +81,7 @@ struct Figures {
     cpu_secs: f64,
     peak_rss_mb: f64,
     wall: Duration,
+    acknowledged: Vec<String>,
 }
 
 /// Runs `make` as a flood from one connection after another for `seconds` (a new connection
@@ -120,9 +122,12 @@ where
     };
     let mut slowest = Duration::ZERO;
     let mut n = 0;
+    let mut acknowledged = Vec::new();
     while started.elapsed() < Duration::from_secs(seconds) {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        slowest = slowest.max(deliver(addr, &format!("whev_{name}_{n}")).await);
+        let id = format!("whev_{}_{n}", name.replace(' ', "_"));
+        slowest = slowest.max(deliver(addr, &id).await);
+        acknowledged.push(id);
         n += 1;
     }
     stop.store(true, Ordering::Relaxed);
@@ -135,6 +140,7 @@ where
         cpu_secs: cpu_seconds(pid) - cpu_before,
         peak_rss_mb: peak_rss_mb(pid),
         wall: started.elapsed(),
+        acknowledged,
     };
     println!(
         "{name}: {} abusive connections ({} closed by the bridge), {} frames sent; {n} signed \
@@ -156,9 +162,10 @@ where
         figures.slowest_answer < Duration::from_secs(1),
         "{name}: a signed delivery waited {slowest:?}"
     );
+    let limit_mb = pod_memory_limit() as f64 / (1 << 20) as f64;
     assert!(
-        figures.peak_rss_mb < 100.0,
-        "{name}: peak RSS {:.1} MB",
+        figures.peak_rss_mb < limit_mb,
+        "{name}: peak RSS {:.1} MB, above the pod's {limit_mb} MiB",
         figures.peak_rss_mb
     );
     // Bounded: the bridge did not spend the machine on the attack (2 cores, shared with the
@@ -459,4 +466,365 @@ async fn the_first_request_has_one_deadline_tls_handshake_included() {
         closed >= Duration::from_millis(900),
         "closed early: {closed:?}"
     );
+}
+
+/// Attackers at once for the sieges: past the shipped `server.max_connections` (512) and the
+/// room beside it for connections still closing (32).
+const ATTACKERS: usize = 800;
+
+/// The most connections the bridge holds at its shipped defaults.
+const HELD: usize = 512 + 32;
+
+/// How long a siege's deliveries go on (after 1.5 s of the attack alone).
+const SIEGE_SECS: u64 = 4;
+
+fn closes(metrics: &str, reason: &str) -> f64 {
+    sample(
+        metrics,
+        &format!(r#"tamio_bridge_connections_closed_total{{reason="{reason}"}}"#),
+    )
+}
+
+async fn report(target: &Target, figures: &Siege) -> String {
+    target.check_kafka(&figures.acknowledged).await;
+    let metrics = get(target.admin, "/metrics").await.text();
+    println!(
+        "  closed by reason: reclaimed {}, idle {}, slow_start {}, write_timeout {}, \
+         http2_abuse {}; requests: timeout {}, unavailable {}",
+        closes(&metrics, "reclaimed"),
+        closes(&metrics, "idle"),
+        closes(&metrics, "slow_start"),
+        closes(&metrics, "write_timeout"),
+        closes(&metrics, "http2_abuse"),
+        sample(
+            &metrics,
+            r#"tamio_bridge_requests_total{outcome="timeout"}"#
+        ),
+        sample(
+            &metrics,
+            r#"tamio_bridge_requests_total{outcome="unavailable"}"#
+        ),
+    );
+    metrics
+}
+
+const SLOW_HEAD: &[u8] = b"POST /webhooks/tamio HTTP/1.1\r\nHost: bridge\r\nX-Slow: ";
+
+fn slow_body_head(framing: &str) -> Vec<u8> {
+    format!(
+        "POST /webhooks/tamio HTTP/1.1\r\nHost: bridge\r\nContent-Type: application/json\r\n\
+         {framing}\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_slow_heads_past_the_connection_bound_lock_no_sender_out() {
+    let target = start(&[]).await;
+    let figures = siege(
+        &target,
+        "HTTP/1 slow heads",
+        SIEGE_SECS,
+        ATTACKERS,
+        Work::Holding,
+        |addr, stop| {
+            dribble(
+                addr,
+                stop,
+                SLOW_HEAD,
+                b"a",
+                Duration::from_secs(1),
+                Duration::from_secs(30),
+            )
+        },
+    )
+    .await;
+    let metrics = report(&target, &figures).await;
+    // Past the bound, the connections with no request give their slots up.
+    assert!(figures.closed as usize >= ATTACKERS - HELD, "{figures:?}");
+    assert!(closes(&metrics, "reclaimed") >= (ATTACKERS - HELD) as f64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_slow_bodies_take_no_publishing_slot_and_give_way_at_the_bound() {
+    let target = start(&[]).await;
+    for (name, framing, start, each) in [
+        (
+            "HTTP/1 slow bodies, declared length",
+            "Content-Length: 900000",
+            &b"{"[..],
+            &b"a"[..],
+        ),
+        (
+            "HTTP/1 slow bodies, chunked",
+            "Transfer-Encoding: chunked",
+            &b"1\r\n{\r\n"[..],
+            &b"1\r\na\r\n"[..],
+        ),
+    ] {
+        let head = slow_body_head(framing);
+        let figures = siege(
+            &target,
+            name,
+            SIEGE_SECS,
+            ATTACKERS,
+            Work::Holding,
+            move |addr, stop| {
+                let (head, start, each) = (head.clone(), start.to_vec(), each.to_vec());
+                async move {
+                    let mut first = head;
+                    first.extend_from_slice(&start);
+                    dribble(
+                        addr,
+                        stop,
+                        &first,
+                        &each,
+                        Duration::from_secs(1),
+                        Duration::from_secs(30),
+                    )
+                    .await
+                }
+            },
+        )
+        .await;
+        report(&target, &figures).await;
+        assert!(figures.closed as usize >= ATTACKERS - HELD, "{figures:?}");
+    }
+    let metrics = get(target.admin, "/metrics").await.text();
+    // Each was cut: at the bound, by its minimum rate (408), or both.
+    assert!(closes(&metrics, "reclaimed") > 0.0, "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_bodies_of_tiny_chunks_cost_their_length() {
+    let target = start(&[]).await;
+    // 200,000 one-byte chunks (a 200 kB body in 1.2 MB on the wire), unsigned, sent as fast
+    // as the bridge takes them, by 16 connections at once.
+    let mut request = slow_body_head("Transfer-Encoding: chunked");
+    for _ in 0..200_000 {
+        request.extend_from_slice(b"1\r\na\r\n");
+    }
+    request.extend_from_slice(b"0\r\n\r\n");
+    let request = Arc::new(request);
+    let answered = Arc::new(AtomicU32::new(0));
+    let counted = answered.clone();
+    let figures = siege(
+        &target,
+        "HTTP/1 bodies of tiny chunks",
+        SIEGE_SECS,
+        16,
+        Work::Requests,
+        move |addr, stop| {
+            let (request, answered) = (request.clone(), counted.clone());
+            async move {
+                let Ok(mut s) = TcpStream::connect(addr).await else {
+                    return Ended::Dropped;
+                };
+                if s.write_all(&request).await.is_err() {
+                    return Ended::Closed;
+                }
+                // Refused once it is plain the body comes a byte a chunk.
+                let mut answer = [0u8; 12];
+                let ended = match s.read_exact(&mut answer).await {
+                    Ok(_) if &answer == b"HTTP/1.1 400" => {
+                        answered.fetch_add(1, Ordering::Relaxed);
+                        Ended::Dropped
+                    }
+                    _ => Ended::Closed,
+                };
+                let _ = stop;
+                ended
+            }
+        },
+    )
+    .await;
+    report(&target, &figures).await;
+    let answered = answered.load(Ordering::Relaxed);
+    println!("  {answered} tiny-chunk bodies refused 400 (bad_request: chunks of a few bytes)");
+    assert!(answered >= 16, "{answered}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_answers_never_read_lock_no_sender_out() {
+    let target = start(&[]).await;
+    // One request each, its answer never read, the connection kept open: past the bound.
+    let figures = siege(
+        &target,
+        "HTTP/1 answer never read",
+        SIEGE_SECS,
+        ATTACKERS,
+        Work::Holding,
+        |addr, stop| {
+            unread(
+                addr,
+                stop,
+                b"GET / HTTP/1.1\r\nHost: bridge\r\n\r\n".to_vec(),
+                Duration::from_secs(30),
+            )
+        },
+    )
+    .await;
+    report(&target, &figures).await;
+    assert!(figures.closed as usize >= ATTACKERS - HELD, "{figures:?}");
+
+    // Thousands of requests pipelined behind an answer that is never read: the answers back
+    // up into the socket, the bridge stops reading, and the connection is cut.
+    let mut pipelined = Vec::new();
+    for _ in 0..5_000 {
+        pipelined.extend_from_slice(b"GET / HTTP/1.1\r\nHost: bridge\r\n\r\n");
+    }
+    let figures = siege(
+        &target,
+        "HTTP/1 requests pipelined behind an unread answer",
+        SIEGE_SECS + 3,
+        ATTACKERS,
+        Work::Requests,
+        move |addr, stop| unread(addr, stop, pipelined.clone(), Duration::from_secs(30)),
+    )
+    .await;
+    let metrics = report(&target, &figures).await;
+    assert!(figures.closed as usize >= ATTACKERS - HELD, "{figures:?}");
+    assert!(
+        closes(&metrics, "write_timeout") + closes(&metrics, "reclaimed") > 0.0,
+        "{metrics}"
+    );
+}
+
+/// An HTTP/2 connection that opens `streams` GET streams and then only answers PINGs, held
+/// until the bridge closes it.
+async fn h2_stalled(
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    settings: &[(u16, u32)],
+    streams: u32,
+) -> Ended {
+    let Ok(mut raw) = RawH2::try_connect(addr, settings).await else {
+        return Ended::Dropped;
+    };
+    let requests: Vec<u8> = (0..streams)
+        .flat_map(|i| {
+            frame(
+                HEADERS,
+                END_HEADERS | END_STREAM,
+                2 * i + 1,
+                &get_block("/"),
+            )
+        })
+        .collect();
+    if raw.send(&requests).await.is_err() {
+        return Ended::Closed;
+    }
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(30) && !stop.load(Ordering::Relaxed) {
+        if raw.is_closed() {
+            return Ended::Closed;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ended::Dropped
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_answers_stalled_at_a_zero_window_lock_no_sender_out() {
+    let target = start(&[]).await;
+    for (name, window, streams) in [
+        // SETTINGS_INITIAL_WINDOW_SIZE = 0: not one byte of an answer can leave.
+        ("HTTP/2 zero window on a stream", Some(0), 1),
+        (
+            "HTTP/2 100 streams a connection (32 allowed) stalled at a zero window",
+            Some(0),
+            100,
+        ),
+        // The connection's window of 65,535 bytes used up by answers and never reopened.
+        ("HTTP/2 zero window on the connection", None, 1_000),
+    ] {
+        let settings: Vec<(u16, u32)> = window
+            .map(|w| vec![(INITIAL_WINDOW_SIZE, w)])
+            .unwrap_or_default();
+        let attackers = if streams > 100 { 300 } else { ATTACKERS };
+        let work = if streams > 1 {
+            Work::Requests
+        } else {
+            Work::Holding
+        };
+        let figures = siege(
+            &target,
+            name,
+            SIEGE_SECS + 2,
+            attackers,
+            work,
+            move |addr, stop| {
+                let settings = settings.clone();
+                async move { h2_stalled(addr, stop, &settings, streams).await }
+            },
+        )
+        .await;
+        let metrics = report(&target, &figures).await;
+        assert!(figures.closed > 0, "{name}: {figures:?}");
+        assert!(
+            closes(&metrics, "write_timeout") + closes(&metrics, "reclaimed") > 0.0,
+            "{metrics}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_dribbles_refills_and_shuffles_are_cut_off() {
+    let target = start(&[]).await;
+    let path = "/webhooks/tamio";
+    // A body dribbled a byte a DATA frame, the window reopened a byte at a time.
+    let figures = attack(&target, "HTTP/2 data dribble", 3, move |i| {
+        if i == 0 {
+            frame(
+                HEADERS,
+                END_HEADERS,
+                1,
+                &request_block(path, &[("content-length", "900000")]),
+            )
+        } else if i % 2 == 1 {
+            frame(DATA, 0, 1, b"a")
+        } else {
+            frame(WINDOW_UPDATE, 0, 0, &1u32.to_be_bytes())
+        }
+    })
+    .await;
+    target.check_kafka(&figures.acknowledged).await;
+    // HEADERS on a stream already answered (trailers h2 ignores) and a PING, over and over:
+    // only a new stream refills the budget.
+    let figures = attack(
+        &target,
+        "HTTP/2 budget refilled by frames that open no stream",
+        3,
+        |i| {
+            if i == 0 {
+                frame(HEADERS, END_HEADERS | END_STREAM, 1, &get_block("/"))
+            } else {
+                let mut f = frame(HEADERS, END_HEADERS | END_STREAM, 1, &get_block("/"));
+                f.extend(frame(PING, 0, 0, &u64::from(i).to_be_bytes()));
+                f
+            }
+        },
+    )
+    .await;
+    target.check_kafka(&figures.acknowledged).await;
+    // PRIORITY frames re-parenting streams that do not exist.
+    let figures = attack(&target, "HTTP/2 PRIORITY shuffling", 3, |i| {
+        let mut payload = (i % 1000 * 2 + 3).to_be_bytes().to_vec();
+        payload.push(16);
+        frame(PRIORITY, 0, 2 * (i % 1000) + 1, &payload)
+    })
+    .await;
+    target.check_kafka(&figures.acknowledged).await;
+    // New streams whose header blocks are hundreds of zero-length fields.
+    let figures = attack(&target, "HTTP/2 zero-length headers", 3, |i| {
+        let mut block = get_block("/");
+        for _ in 0..400 {
+            block.extend_from_slice(&[0x00, 0x00, 0x00]);
+        }
+        frame(HEADERS, END_HEADERS | END_STREAM, 2 * i + 1, &block)
+    })
+    .await;
+    target.check_kafka(&figures.acknowledged).await;
+    let metrics = get(target.admin, "/metrics").await.text();
+    assert!(abuse_closes(&metrics) >= 3.0, "{metrics}");
 }

@@ -71,3 +71,34 @@ async fn dashboard_and_alerts_use_only_exported_metrics() {
     );
     bridge.stop().await;
 }
+
+#[test]
+fn the_settings_deploy_ships_fit_the_pod_memory_limit() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let limit = common::siege::pod_memory_limit();
+    for file in [
+        "deploy/kubernetes/base/bridge.toml",
+        "deploy/kubernetes/overlays/example/bridge.toml",
+    ] {
+        // The files the settings name are mounted in the pod, not here: the budget depends
+        // on none of them.
+        let env = [
+            ("TAMIO_BRIDGE__SIGNATURE__SECRETS", SECRET),
+            ("TAMIO_BRIDGE__SIGNATURE__SECRET_FILES", ""),
+            ("TAMIO_BRIDGE__KAFKA__SASL__PASSWORD_FILE", ""),
+            ("TAMIO_BRIDGE__DEDUP__REDIS_PASSWORD_FILE", ""),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let path = std::path::PathBuf::from(format!("{root}/{file}"));
+        let settings = tamio_kafka_bridge::config::Settings::load_from(Some(&path), env)
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+        let budget = tamio_kafka_bridge::memory::Budget::of(&settings);
+        println!("{file}: {budget}; pod limit {} MiB", limit >> 20);
+        // With a tenth of the limit left for the allocator's slack.
+        assert!(
+            budget.total() <= limit / 10 * 9,
+            "{file}: {budget} does not fit the pod's {} MiB",
+            limit >> 20
+        );
+    }
+}

@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use tamio_kafka_bridge::config::{shown_value, Settings};
+use tamio_kafka_bridge::memory::Budget;
 use tamio_kafka_bridge::plan::Plan;
 
 pub fn run(config: Option<&Path>) -> anyhow::Result<()> {
@@ -20,6 +21,10 @@ pub fn render(settings: &Settings) -> anyhow::Result<String> {
         "# The settings in force: the defaults, the --config file and the environment, as a\n\
          # --config file takes them.\n",
     );
+    out.push_str(&format!(
+        "# Memory at the bounds (README, Memory): {}\n",
+        Budget::of(settings)
+    ));
     let left_out = left_out(settings);
     if !left_out.is_empty() {
         out.push_str("# Not shown (set them again where they came from):\n");

@@ -1,9 +1,11 @@
 //! Reading a request body within its bounds, before anything about the sender is known.
 //!
 //! - **Bytes in memory.** Every body is read into one buffer, reserved from its declared
-//!   length (at most [`FIRST_RESERVE`] before bytes arrive) or grown by doubling, whatever
-//!   the framing: a body of a million one-byte chunks costs its length, not a million chunk
-//!   headers. All bodies in memory together, from the first byte until the last copy of the
+//!   length (at most [`BodyLimits::first_reserve`] before bytes arrive) or grown by doubling,
+//!   whatever the framing: a body of a million one-byte chunks costs its length, not a
+//!   million chunk headers. A body may not arrive in more than [`MAX_SMALL_FRAMES`] frames
+//!   of fewer than [`SMALL_FRAME`] bytes on average: a stranger's one-byte chunks cost the
+//!   bridge a frame's work each. All bodies in memory together, from the first byte until the last copy of the
 //!   body is dropped (the record's delivery included), are bounded by one budget in bytes.
 //! - **The slowest give way.** When a body needs memory the budget no longer has, the
 //!   bodies that started receiving before it give up theirs, the oldest first (their
@@ -14,19 +16,21 @@
 //!   on average, or it is refused (408); the request's deadline bounds it in any case.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::BodyExt;
 use hyper::body::Body;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-/// The most a body's buffer reserves from its declared length before any byte of it has
-/// arrived; it grows as the bytes do.
-pub const FIRST_RESERVE: usize = 64 * 1024;
+/// A body may arrive in this many frames (HTTP/1 chunks, HTTP/2 DATA frames) whatever their
+/// size; beyond, in no more than one frame per [`SMALL_FRAME`] bytes.
+pub const MAX_SMALL_FRAMES: usize = 256;
+pub const SMALL_FRAME: usize = 64;
 
 /// How a body could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -46,6 +50,11 @@ pub enum BodyError {
     NoMemory,
     #[error("the request body could not be read: {0}")]
     Read(String),
+    #[error(
+        "the request body arrives in chunks of a few bytes each ({frames} for {bytes} bytes); \
+         send it in larger ones"
+    )]
+    Fragmented { frames: usize, bytes: usize },
 }
 
 /// The bounds of body reading.
@@ -53,6 +62,9 @@ pub enum BodyError {
 pub struct BodyLimits {
     /// Bytes of bodies in memory at once.
     pub memory_bytes: usize,
+    /// The most a body's buffer reserves from its declared length before any byte of it has
+    /// arrived; it grows as the bytes do.
+    pub first_reserve: usize,
     /// Bytes a second a body must arrive at, on average, once `rate_grace` has passed.
     pub min_rate: u64,
     pub rate_grace: Duration,
@@ -67,6 +79,13 @@ pub struct Bodies {
     /// Bodies being received, oldest first.
     receiving: Mutex<BTreeMap<u64, Arc<Receiver>>>,
     next: AtomicU64,
+}
+
+/// What woke a body's reader.
+enum Next<F> {
+    Frame(Option<F>),
+    Evicted,
+    Timer,
 }
 
 /// A body being received, as others see it.
@@ -119,6 +138,15 @@ impl Drop for Registered<'_> {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&self.seq);
+    }
+}
+
+impl BodyLimits {
+    /// The first reservation that lets every one of `connections` hold one with half the
+    /// budget, between 4 and 64 KiB: a flood of request heads that declare large bodies
+    /// cannot take the budget without sending the bytes.
+    pub fn first_reserve_for(memory_bytes: usize, connections: usize) -> usize {
+        (memory_bytes / (2 * connections.max(1))).clamp(4 << 10, 64 << 10)
     }
 }
 
@@ -236,40 +264,76 @@ impl Bodies {
         let expected = declared.map(|d| d.min(max as u64) as usize);
         let mut buf: Vec<u8> = Vec::new();
         if let Some(expected) = expected.filter(|e| *e > 0) {
-            let first = expected.min(FIRST_RESERVE);
+            let first = expected.min(self.limits.first_reserve);
             self.grow(&me, &mut charge, first, deadline).await?;
             buf.reserve_exact(first);
         }
         let rate = self.limits.min_rate;
         let grace = started + self.limits.rate_grace;
-        let by_rate = |received: usize| -> Instant {
+        let due = |received: usize| -> Instant {
             if rate == 0 {
                 return deadline;
             }
-            grace + Duration::from_secs_f64(received as f64 / rate as f64)
+            (grace + Duration::from_secs_f64(received as f64 / rate as f64)).min(deadline)
         };
+        // One timer for the request, looked at again only when it fires: frames that are
+        // ready cost no timer work.
+        let timer = tokio::time::sleep_until(due(0));
+        tokio::pin!(timer);
+        let receiver = me.receiver.clone();
+        let evicted = receiver.wake.notified();
+        tokio::pin!(evicted);
+        evicted.as_mut().enable();
         tokio::pin!(body);
+        let mut frames = 0usize;
         loop {
-            let due = by_rate(buf.len()).min(deadline);
-            let frame = tokio::select! {
-                biased;
-                frame = body.frame() => frame,
-                () = me.receiver.wake.notified() => return Err(BodyError::Evicted),
-                () = tokio::time::sleep_until(due) => {
-                    return Err(if due >= deadline {
-                        BodyError::Timeout(timeout)
-                    } else {
-                        BodyError::TooSlow(rate)
-                    })
+            let next = std::future::poll_fn(|cx| {
+                if let Poll::Ready(frame) = body.as_mut().poll_frame(cx) {
+                    return Poll::Ready(Next::Frame(frame));
+                }
+                if evicted.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Next::Evicted);
+                }
+                if timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Next::Timer);
+                }
+                Poll::Pending
+            })
+            .await;
+            let frame = match next {
+                Next::Frame(Some(frame)) => frame,
+                Next::Frame(None) => break,
+                Next::Evicted => return Err(BodyError::Evicted),
+                Next::Timer => {
+                    // The minimum has moved with the bytes received since the timer was set.
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return Err(BodyError::Timeout(timeout));
+                    }
+                    let due = due(buf.len());
+                    if now >= due {
+                        return Err(BodyError::TooSlow(rate));
+                    }
+                    timer.as_mut().reset(due);
+                    continue;
                 }
             };
-            let Some(frame) = frame else { break };
             let frame = frame.map_err(|e| BodyError::Read(e.to_string()))?;
             let Ok(data) = frame.into_data() else {
                 // Trailers: nothing to keep.
                 continue;
             };
+            if me.receiver.evicted.load(Ordering::Relaxed) {
+                return Err(BodyError::Evicted);
+            }
             let needed = buf.len() + data.len();
+            frames += 1;
+            if frames > MAX_SMALL_FRAMES && frames * SMALL_FRAME > needed {
+                return Err(BodyError::Fragmented {
+                    frames,
+                    bytes: needed,
+                });
+            }
             if needed > max {
                 return Err(BodyError::TooLarge(max));
             }
@@ -304,6 +368,7 @@ mod tests {
     fn limits(memory_bytes: usize) -> BodyLimits {
         BodyLimits {
             memory_bytes,
+            first_reserve: 64 << 10,
             min_rate: 0,
             rate_grace: Duration::from_secs(1),
         }
@@ -314,22 +379,37 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_body_of_tiny_chunks_costs_its_length() {
+    async fn a_body_of_small_chunks_costs_its_length_and_one_of_tiny_chunks_is_refused() {
         let bodies = Bodies::new(limits(1 << 20));
+        let (tx, body) = chunks(10_000);
+        for _ in 0..10_000 {
+            tx.try_send(Bytes::from_static(&[b'x'; SMALL_FRAME]))
+                .unwrap();
+        }
+        drop(tx);
+        let bytes = bodies
+            .read(body, None, 900_000, far(), Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(bytes.len(), 10_000 * SMALL_FRAME);
         let (tx, body) = chunks(100_000);
         for _ in 0..100_000 {
             tx.try_send(Bytes::from_static(b"x")).unwrap();
         }
         drop(tx);
-        let bytes = bodies
-            .read(body, None, 200_000, far(), Duration::from_secs(60))
+        let e = bodies
+            .read(body, None, 900_000, far(), Duration::from_secs(60))
             .await
-            .unwrap();
-        assert_eq!(bytes.len(), 100_000);
+            .unwrap_err();
+        assert!(
+            matches!(e, BodyError::Fragmented { frames: 257, .. }),
+            "{e:?}"
+        );
         // Grown by doubling: at most twice its length is charged, and all of it is given back
         // with the last copy.
+        let len = bytes.len();
         assert!(
-            bodies.used() >= 100_000 && bodies.used() <= 200_000,
+            bodies.used() >= len && bodies.used() <= 2 * len,
             "{}",
             bodies.used()
         );
@@ -399,6 +479,7 @@ mod tests {
     async fn a_dribbling_body_is_refused_after_the_grace() {
         let bodies = Bodies::new(BodyLimits {
             memory_bytes: 1 << 20,
+            first_reserve: 64 << 10,
             min_rate: 1000,
             rate_grace: Duration::from_secs(2),
         });

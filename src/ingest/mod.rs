@@ -243,6 +243,10 @@ impl Ingest {
             max_in_flight: settings.server.max_in_flight,
             bodies: Bodies::new(BodyLimits {
                 memory_bytes: settings.server.body_memory_bytes,
+                first_reserve: BodyLimits::first_reserve_for(
+                    settings.server.body_memory_bytes,
+                    settings.server.max_connections,
+                ),
                 min_rate: settings.server.min_body_rate_bytes_per_sec,
                 rate_grace: Duration::from_millis(settings.server.body_rate_grace_ms),
             }),
@@ -374,6 +378,7 @@ impl Ingest {
                 BodyError::TooSlow(_) => IngestError::BodySlow(e),
                 BodyError::Evicted | BodyError::NoMemory => IngestError::BodyMemory(e),
                 BodyError::Read(e) => IngestError::BodyRead(e),
+                BodyError::Fragmented { .. } => IngestError::BodyRead(e.to_string()),
             })?;
         let _permit = self
             .in_flight

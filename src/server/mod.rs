@@ -42,7 +42,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 
 use crate::metrics::Metrics;
-use slot::{Connections, Phase, Slot};
+use slot::{Connections, InProgress, Phase, Slot};
 use tls::Tls;
 
 /// A connection's byte stream: TCP, or TLS over TCP, behind one type.
@@ -75,6 +75,8 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Bytes HTTP/2 lets a peer send ahead on a stream and on a connection.
     pub http2_window_bytes: u32,
+    /// HTTP/2 streams in progress at once across connections, beyond one per connection.
+    pub http2_max_pending_streams: usize,
 }
 
 impl Limits {
@@ -95,6 +97,7 @@ impl Limits {
             write_timeout: ms(server.write_timeout_ms),
             max_header_bytes: server.max_header_bytes,
             http2_window_bytes: HTTP2_WINDOW_BYTES,
+            http2_max_pending_streams: server.http2_max_pending_streams,
         }
     }
 }
@@ -229,12 +232,17 @@ impl Drop for Handling {
 pub struct Tracked {
     inner: Full<Bytes>,
     slot: Arc<Slot>,
+    _request: InProgress,
 }
 
 impl Tracked {
-    fn new(inner: Full<Bytes>, slot: Arc<Slot>) -> Tracked {
+    fn new(inner: Full<Bytes>, slot: Arc<Slot>, request: InProgress) -> Tracked {
         slot.answer_started();
-        Tracked { inner, slot }
+        Tracked {
+            inner,
+            slot,
+            _request: request,
+        }
     }
 }
 
@@ -299,7 +307,7 @@ where
         .keep_alive_timeout(limits.http2_keepalive_timeout);
     // The bound, and room beside it for reclaimed connections that are still closing.
     let slack = (limits.max_connections / RECLAIM_SLACK_DIVISOR).max(1);
-    let connections = Arc::new(Connections::new(slack));
+    let connections = Arc::new(Connections::new(slack, limits.http2_max_pending_streams));
     let total = limits.max_connections + slack;
     let permits = Arc::new(Semaphore::new(total));
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -377,6 +385,30 @@ where
         Err(_) => Drain::TimedOut,
     }
 }
+
+/// Connections the kernel may hold accepted but not yet taken by the accept loop (capped by
+/// `net.core.somaxconn`): room for senders behind a flood of reconnects, instead of tokio's
+/// 1,024.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// A listener on `addr`.
+pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    // Accepted connections inherit it: answers a peer does not read back up into 64 KiB (the
+    // kernel doubles it) instead of the megabytes send-buffer autotuning grows to, so such a
+    // peer is seen, and costs little, sooner. Answers are a few hundred bytes.
+    socket.set_send_buffer_size(SEND_BUFFER_BYTES)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// The send buffer of every accepted connection (see [`bind`]).
+const SEND_BUFFER_BYTES: u32 = 64 * 1024;
 
 /// hyper's smallest HTTP/1 read buffer.
 const MIN_HTTP1_BUFFER: usize = 8192;
@@ -523,8 +555,18 @@ impl Connection {
             Protocol::Either => (builder, guarded(stream, true)),
         };
 
-        let slot = self.slot.clone();
+        let (slot, connections, metrics) = (
+            self.slot.clone(),
+            self.connections.clone(),
+            self.metrics.clone(),
+        );
         let service = service_fn(move |req: Request<Incoming>| {
+            // A stream beyond the connection's first, at the bound of those: reset with
+            // REFUSED_STREAM, which tells the client it was not processed and may be retried.
+            let admitted = connections.admit(&slot);
+            if admitted.is_none() {
+                metrics.http2_streams_refused.inc();
+            }
             let receiving = !hyper::body::Body::is_end_stream(req.body());
             slot.request_started(receiving);
             let handling = Handling(slot.clone());
@@ -532,13 +574,20 @@ impl Connection {
                 inner,
                 receiving: receiving.then(|| slot.clone()),
             });
-            let response = handler(req);
+            // Boxed: an HTTP/2 stream's task holds its service future inline for as long as the
+            // stream lives, its answer's sending included, so a stream stalled at a zero window
+            // costs the size of the handler's future unless the future is behind a pointer
+            // (freed once the answer is made).
+            let response = admitted.map(|admitted| (Box::pin(handler(req)), admitted));
             let slot = slot.clone();
             async move {
+                let Some((response, admitted)) = response else {
+                    return Err(h2::Error::from(h2::Reason::REFUSED_STREAM));
+                };
                 let response = response.await;
-                let tracked = response.map(|inner| Tracked::new(inner, slot));
+                let tracked = response.map(|inner| Tracked::new(inner, slot, admitted));
                 drop(handling);
-                Ok::<_, Infallible>(tracked)
+                Ok(tracked)
             }
         });
         let connection = builder.serve_connection(TokioIo::new(io), service);
@@ -594,6 +643,11 @@ impl Connection {
                         // Nothing it holds was taken: a body not yet received, an answer its
                         // peer does not read.
                         Phase::Stuck(_) => return self.closed(CloseReason::Reclaimed),
+                        // No request yet (nothing, or a head still arriving): nothing to lose,
+                        // and the slot is free at once.
+                        Phase::Idle(_) if !self.slot.started.load(Ordering::Relaxed) => {
+                            return self.closed(CloseReason::Reclaimed)
+                        }
                         Phase::Idle(_) => {
                             self.closed(CloseReason::Reclaimed);
                             connection.as_mut().graceful_shutdown();

@@ -33,18 +33,26 @@ pub const IDLE_GRACE: Duration = Duration::from_secs(1);
 /// taken) for this long is stuck.
 pub const STALL_GRACE: Duration = Duration::from_millis(200);
 
+/// A connection younger than this never gives way: it has this long to send its request's
+/// head. Under a flood of connections reopened as fast as they are closed, every slot would
+/// otherwise be young, and a sender whose head has not been read yet could be the oldest.
+pub const MIN_AGE: Duration = Duration::from_millis(250);
+
 /// How long a batch of candidates may be used before the connections are looked at again.
 const CANDIDATES_TTL: Duration = Duration::from_millis(500);
 
 /// One open connection, as the accept loop and the connection's own task see it.
 pub struct Slot {
     clock: Instant,
+    opened: Instant,
     /// Requests (HTTP/2 streams) whose handler is running.
     pub handling: AtomicUsize,
     /// Of those, the ones whose body has not arrived in full.
     pub receiving: AtomicUsize,
     /// Answers the handler has made that the peer has not taken in full.
     pub answering: AtomicUsize,
+    /// Requests from their head to their answer's last byte (see [`InProgress`]).
+    in_progress: AtomicUsize,
     /// Whether any request has started.
     pub started: AtomicBool,
     /// When anything last moved (µs on the listener's clock): a request started or ended, a
@@ -77,9 +85,11 @@ impl Slot {
         let now = micros(clock);
         Slot {
             clock,
+            opened: Instant::now(),
             handling: AtomicUsize::new(0),
             receiving: AtomicUsize::new(0),
             answering: AtomicUsize::new(0),
+            in_progress: AtomicUsize::new(0),
             started: AtomicBool::new(false),
             progress_us: AtomicU64::new(now),
             busy_since_us: AtomicU64::new(now),
@@ -197,7 +207,9 @@ fn micros(clock: Instant) -> u64 {
 
 /// The rank of a connection as a victim at the bound: lower goes first; None never goes.
 fn rank(slot: &Slot, now: Instant) -> Option<(u8, Instant)> {
-    if slot.reclaimed.load(Ordering::Relaxed) {
+    if slot.reclaimed.load(Ordering::Relaxed)
+        || now.saturating_duration_since(slot.opened) < MIN_AGE
+    {
         return None;
     }
     match slot.phase() {
@@ -231,11 +243,30 @@ pub struct Connections {
     /// accept loop then asks the next one.
     pub refused: Notify,
     batch: usize,
+    /// Requests in progress (from their head to their answer's last byte) beyond the first of
+    /// each connection, and their bound.
+    extra: AtomicUsize,
+    max_extra: usize,
 }
 
 struct Candidates {
     slots: Vec<Weak<Slot>>,
     taken_at: Option<Instant>,
+}
+
+/// A request in progress on its connection, counted against the bound of requests beyond
+/// the first of each connection; given back when dropped.
+pub struct InProgress {
+    connections: Arc<Connections>,
+    slot: Arc<Slot>,
+}
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        if self.slot.in_progress.fetch_sub(1, Ordering::AcqRel) >= 2 {
+            self.connections.extra.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 /// A connection's place in [`Connections`], given up when dropped (a panicking connection
@@ -261,8 +292,9 @@ impl Drop for Open {
 }
 
 impl Connections {
-    /// `batch`: how many victims one look at the connections may pick.
-    pub fn new(batch: usize) -> Connections {
+    /// `batch`: how many victims one look at the connections may pick; `max_extra`: how many
+    /// requests may be in progress beyond the first of each connection.
+    pub fn new(batch: usize, max_extra: usize) -> Connections {
         Connections {
             clock: Instant::now(),
             next_id: AtomicU64::new(0),
@@ -275,7 +307,24 @@ impl Connections {
             }),
             refused: Notify::new(),
             batch: batch.max(1),
+            extra: AtomicUsize::new(0),
+            max_extra,
         }
+    }
+
+    /// Counts a request on `slot` from its head until its answer is gone; None when it is
+    /// not the connection's only one and the bridge is at its bound of such requests.
+    pub fn admit(self: &Arc<Self>, slot: &Arc<Slot>) -> Option<InProgress> {
+        let before = slot.in_progress.fetch_add(1, Ordering::AcqRel);
+        if before >= 1 && self.extra.fetch_add(1, Ordering::AcqRel) >= self.max_extra {
+            self.extra.fetch_sub(1, Ordering::AcqRel);
+            slot.in_progress.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(InProgress {
+            connections: self.clone(),
+            slot: slot.clone(),
+        })
     }
 
     /// Open connections that have not been asked to close.
@@ -357,9 +406,27 @@ impl Connections {
 mod tests {
     use super::*;
 
+    #[test]
+    fn each_connection_has_one_request_beyond_the_bound_of_the_rest() {
+        let connections = Arc::new(Connections::new(16, 2));
+        let (_a, a) = connections.open();
+        let (_b, b) = connections.open();
+        let first_a = connections.admit(&a).expect("a connection's first");
+        let extra: Vec<InProgress> = (0..2).map(|_| connections.admit(&a).unwrap()).collect();
+        assert!(connections.admit(&a).is_none(), "a third beyond the first");
+        // Another connection still has its first.
+        let first_b = connections.admit(&b).expect("b's first");
+        assert!(connections.admit(&b).is_none());
+        // Whichever ends, a slot for one more opens.
+        drop(first_a);
+        let again = connections.admit(&b).expect("room again");
+        drop((extra, again, first_b));
+        assert_eq!(connections.extra.load(Ordering::Relaxed), 0);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn victims_come_in_order_and_processing_connections_never_go() {
-        let connections = Arc::new(Connections::new(16));
+        let connections = Arc::new(Connections::new(16, 16));
         let (_a, processing) = connections.open();
         processing.request_started(false);
         let (_b, idle_old) = connections.open();
@@ -368,6 +435,7 @@ mod tests {
         receiving.request_started(true);
         let (_d, idle_new) = connections.open();
         tokio::time::advance(Duration::from_millis(300)).await;
+        let (_e, newborn) = connections.open();
 
         let named = [
             ("idle 2.3 s", &idle_old),
@@ -386,13 +454,17 @@ mod tests {
         }
         assert_eq!(order, ["idle 2.3 s", "receiving for 0.3 s", "idle 0.3 s"]);
         assert!(!processing.reclaimed.load(Ordering::Relaxed));
-        assert!(!connections.reclaim_one(), "only a processing one is left");
-        assert_eq!(connections.staying(), 1);
+        assert!(
+            !connections.reclaim_one(),
+            "only a processing one and one too young are left"
+        );
+        assert!(!newborn.reclaimed.load(Ordering::Relaxed));
+        assert_eq!(connections.staying(), 2);
     }
 
     #[tokio::test(start_paused = true)]
     async fn the_longest_idle_goes_before_a_stuck_one_and_a_refusal_frees_the_next() {
-        let connections = Arc::new(Connections::new(16));
+        let connections = Arc::new(Connections::new(16, 16));
         let (_a, stuck) = connections.open();
         stuck.request_started(true);
         tokio::time::advance(Duration::from_secs(3)).await;

@@ -10,11 +10,15 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 pub const DATA: u8 = 0x0;
 pub const HEADERS: u8 = 0x1;
+pub const PRIORITY: u8 = 0x2;
 pub const RST_STREAM: u8 = 0x3;
 pub const SETTINGS: u8 = 0x4;
 pub const PING: u8 = 0x6;
 pub const GOAWAY: u8 = 0x7;
+pub const WINDOW_UPDATE: u8 = 0x8;
 pub const CONTINUATION: u8 = 0x9;
+/// SETTINGS_INITIAL_WINDOW_SIZE.
+pub const INITIAL_WINDOW_SIZE: u16 = 0x4;
 pub const END_STREAM: u8 = 0x1;
 pub const ACK: u8 = 0x1;
 pub const END_HEADERS: u8 = 0x4;
@@ -71,6 +75,24 @@ pub fn request_block(path: &str, extra: &[(&str, &str)]) -> Vec<u8> {
     header_block(&fields)
 }
 
+/// The header block of a GET of `path`.
+pub fn get_block(path: &str) -> Vec<u8> {
+    header_block(&[
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":path", path),
+        (":authority", "bridge"),
+    ])
+}
+
+/// A SETTINGS payload.
+pub fn settings_payload(settings: &[(u16, u32)]) -> Vec<u8> {
+    settings
+        .iter()
+        .flat_map(|(id, value)| [id.to_be_bytes().to_vec(), value.to_be_bytes().to_vec()].concat())
+        .collect()
+}
+
 /// What the reader saw of the bridge's side.
 #[derive(Debug, Default)]
 pub struct Seen {
@@ -93,14 +115,29 @@ pub struct RawH2 {
 impl RawH2 {
     /// Connects over TCP and sends the preface and an empty SETTINGS frame.
     pub async fn connect(addr: std::net::SocketAddr) -> RawH2 {
-        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        stream.set_nodelay(true).unwrap();
-        Self::over(stream).await
+        Self::try_connect(addr, &[]).await.unwrap()
+    }
+
+    /// Connects over TCP and sends the preface and a SETTINGS frame of `settings`.
+    pub async fn try_connect(
+        addr: std::net::SocketAddr,
+        settings: &[(u16, u32)],
+    ) -> std::io::Result<RawH2> {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(Self::with_settings(stream, settings).await)
     }
 
     /// Like [`RawH2::connect`], over a stream already set up (TLS with ALPN h2).
     pub async fn over<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static>(
         stream: S,
+    ) -> RawH2 {
+        Self::with_settings(stream, &[]).await
+    }
+
+    async fn with_settings<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static>(
+        stream: S,
+        settings: &[(u16, u32)],
     ) -> RawH2 {
         let (mut read, writer) = tokio::io::split(stream);
         let writer: Writer = Arc::new(tokio::sync::Mutex::new(Box::new(writer)));
@@ -139,8 +176,8 @@ impl RawH2 {
             opened: Instant::now(),
         };
         let mut hello = PREFACE.to_vec();
-        hello.extend(frame(SETTINGS, 0, 0, &[]));
-        raw.send(&hello).await.unwrap();
+        hello.extend(frame(SETTINGS, 0, 0, &settings_payload(settings)));
+        let _ = raw.send(&hello).await;
         raw
     }
 

@@ -12,6 +12,7 @@ pub mod load;
 pub mod net;
 pub mod process;
 pub mod redis_server;
+pub mod siege;
 pub mod signing;
 pub mod tls;
 pub mod topic;

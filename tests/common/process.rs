@@ -11,10 +11,15 @@ use http::StatusCode;
 
 use super::get;
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_tamio-kafka-bridge");
+/// The binary under test: `TAMIO_TEST_BIN` when set (the test command sets the release
+/// build, whose memory and CPU are what a deployment sees), else cargo's test build.
+pub fn bin() -> String {
+    std::env::var("TAMIO_TEST_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_tamio-kafka-bridge").to_owned())
+}
 
 pub fn command(env: &[(&str, &str)]) -> Command {
-    let mut cmd = Command::new(BIN);
+    let mut cmd = Command::new(bin());
     for (k, _) in std::env::vars() {
         if k.starts_with("TAMIO_BRIDGE") || k == "RUST_LOG" {
             cmd.env_remove(k);
