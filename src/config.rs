@@ -238,16 +238,26 @@ pub struct Dedup {
     pub max_entries: usize,
     /// Where claims on ids live: this process's memory, or a Redis every replica shares.
     pub store: DedupStore,
-    /// The shared store: `redis://` or `rediss://` (TLS), `[user[:password]@]host[:port][/db]`.
+    /// The shared store: `redis://` or `rediss://` (TLS), `[user[:password]@]host[:port][/db]`;
+    /// `redis+sentinel://` (or `rediss+`) `[user[:password]@]host:port[,host:port...]/<master>[/db]`
+    /// for the sentinels of a master; `redis+cluster://` (or `rediss+`)
+    /// `[user[:password]@]host:port[,host:port...]` for a cluster's seed nodes.
     pub redis_url: RedisUrl,
     /// The Redis password, when it is not in the URL.
     pub redis_password: Secret,
     /// A file holding the Redis password (one line), instead of `redis_password`.
     pub redis_password_file: PathBuf,
+    /// The sentinels' own password, for a Sentinel setup that requires one.
+    pub redis_sentinel_password: Secret,
+    /// A file holding it (one line), instead.
+    pub redis_sentinel_password_file: PathBuf,
     /// Prefix of the keys the bridge writes in Redis.
     pub key_prefix: String,
-    /// Longest a Redis command may take before it counts as a store error.
+    /// Longest a Redis command may take before it counts as a store error (and is tried
+    /// again).
     pub redis_timeout_ms: u64,
+    /// The store is marked down when no command has succeeded for this long.
+    pub redis_down_after_ms: u64,
     /// What a delivery gets while the shared store cannot be used: `local` (claims in this
     /// process's memory only) or `refuse` (503).
     pub on_store_error: OnStoreError,
@@ -798,6 +808,14 @@ impl Settings {
             &dedup.redis_password_file,
             ("dedup.redis_password", "dedup.redis_password_file"),
         )?;
+        read_password_file(
+            &mut dedup.redis_sentinel_password,
+            &dedup.redis_sentinel_password_file,
+            (
+                "dedup.redis_sentinel_password",
+                "dedup.redis_sentinel_password_file",
+            ),
+        )?;
         let sasl = &mut self.kafka.sasl;
         read_password_file(
             &mut sasl.password,
@@ -949,13 +967,29 @@ impl Settings {
         if d.redis_timeout_ms == 0 {
             return Err(invalid("dedup.redis_timeout_ms", "must be above 0"));
         }
+        if d.redis_down_after_ms < d.redis_timeout_ms {
+            return Err(invalid(
+                "dedup.redis_down_after_ms",
+                "must be at least dedup.redis_timeout_ms: one slow command does not mark the \
+                 store down",
+            ));
+        }
         match d.store {
             DedupStore::Redis => {
                 let url = d.redis_url.expose();
-                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                let schemes = [
+                    "redis://",
+                    "rediss://",
+                    "redis+sentinel://",
+                    "rediss+sentinel://",
+                    "redis+cluster://",
+                    "rediss+cluster://",
+                ];
+                if !schemes.iter().any(|s| url.starts_with(s)) {
                     return Err(invalid(
                         "dedup.redis_url",
-                        "must be a redis:// or rediss:// URL with dedup.store = \"redis\"",
+                        "must be a redis://, rediss://, redis+sentinel:// or redis+cluster:// \
+                         URL (rediss+ for TLS) with dedup.store = \"redis\"",
                     ));
                 }
                 if d.window_secs == 0 || d.max_entries == 0 {

@@ -71,6 +71,11 @@ fn left_out(s: &Settings) -> Vec<String> {
     {
         items.push("dedup.redis_password".to_owned());
     }
+    if !s.dedup.redis_sentinel_password.expose().is_empty()
+        && s.dedup.redis_sentinel_password_file.as_os_str().is_empty()
+    {
+        items.push("dedup.redis_sentinel_password".to_owned());
+    }
     for (key, value) in &s.kafka.librdkafka {
         if shown_value(key, value) != value {
             items.push(format!("kafka.librdkafka.\"{key}\""));

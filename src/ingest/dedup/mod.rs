@@ -9,8 +9,10 @@
 //! Claims live in this process's memory ([`memory`]) and, with `dedup.store = "redis"`, in a
 //! store every replica shares ([`shared`]): memory first (a retry that comes back to the same
 //! replica costs no round trip), then the shared store. While that store cannot be used,
-//! `dedup.on_store_error` decides: claims in memory only, or 503.
+//! `dedup.on_store_error` decides: claims in memory only (their verdicts are written to the
+//! store once it is back), or 503.
 
+mod link;
 pub mod memory;
 pub mod shared;
 
@@ -20,7 +22,7 @@ use std::time::Duration;
 use crate::config::{DedupStore, OnStoreError, Settings, SettingsError};
 use crate::metrics::Metrics;
 pub use memory::Original;
-use shared::{Found, Shared};
+use shared::{Claimed, Found, Shared};
 
 /// The duplicate suppression the settings ask for, checked.
 #[derive(Clone)]
@@ -150,43 +152,62 @@ impl Dedup {
                 shared: None,
             }));
         };
-        let local_only = |guard| match self.on_store_error {
+        // The store cannot be used: this process's claim alone, whose verdict is written to
+        // the store when it is back (or 503, as set).
+        let local_only = |guard, held: shared::Held| match self.on_store_error {
             OnStoreError::Local => Ok(Claim::First(ClaimGuard {
                 local: guard,
-                shared: None,
+                shared: Some(held),
             })),
             OnStoreError::Refuse => Err(Unclaimed::StoreUnavailable),
         };
-        if !shared.is_up() {
-            return local_only(guard);
-        }
-        let (mut found, mut held) = shared.claim(endpoint_id, event_id).await;
+        let mut claimed = shared.claim(endpoint_id, event_id, deadline).await;
         loop {
-            match found {
-                Err(()) => return local_only(guard),
-                Ok(Found::Claimed) => {
+            let found = match claimed {
+                Claimed::Mine(held) => {
                     return Ok(Claim::First(ClaimGuard {
                         local: guard,
-                        shared: held,
+                        shared: Some(held),
                     }))
                 }
-                Ok(Found::Done(original)) => {
+                Claimed::Unavailable(held) => return local_only(guard, held),
+                Claimed::Found(found) => found,
+            };
+            match found {
+                Found::Done(original) => {
                     // Written by another replica: remembered here too.
                     guard.acknowledged(original.clone());
                     self.metrics.dedup_entries.set(self.local.len() as i64);
                     return Ok(Claim::Duplicate(original));
                 }
-                Ok(Found::Pending) => {
-                    if tokio::time::Instant::now() + shared::POLL > deadline {
-                        return Err(Unclaimed::Timeout);
+                Found::Pending => {
+                    // Another delivery is publishing it: its verdict is awaited, reading the
+                    // key again; a command that fails is tried again, within the deadline,
+                    // while the store is not marked down.
+                    loop {
+                        if tokio::time::Instant::now() + shared::POLL > deadline {
+                            return Err(Unclaimed::Timeout);
+                        }
+                        tokio::time::sleep(shared::POLL).await;
+                        match shared.look(endpoint_id, event_id).await {
+                            Ok(Some(found)) => {
+                                claimed = Claimed::Found(found);
+                                break;
+                            }
+                            // Released by a failed delivery: claim it again.
+                            Ok(None) => {
+                                claimed = shared.claim(endpoint_id, event_id, deadline).await;
+                                break;
+                            }
+                            Err(()) if shared.is_up() => {}
+                            Err(()) => {
+                                return local_only(guard, shared.unclaimed(endpoint_id, event_id))
+                            }
+                        }
                     }
-                    tokio::time::sleep(shared::POLL).await;
-                    (found, held) = match shared.look(endpoint_id, event_id).await {
-                        Ok(Some(found)) => (Ok(found), None),
-                        // Released by a failed delivery: claim it again.
-                        Ok(None) => shared.claim(endpoint_id, event_id).await,
-                        Err(()) => (Err(()), None),
-                    };
+                    if let Claimed::Found(Found::Pending) = claimed {
+                        continue;
+                    }
                 }
             }
         }
