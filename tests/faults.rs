@@ -142,8 +142,16 @@ async fn a_broker_down_is_a_timeout_then_recovery() {
     bridge.stop().await;
 }
 
+/// The error that makes librdkafka declare an idempotent producer dead: a sequence number
+/// out of order on the request at the head of the line (it can no longer reason about what
+/// the broker holds). The errors of a producer id the broker no longer takes (fenced, an
+/// invalid epoch, an unknown id) it recovers from by itself: see
+/// `producer_id_errors_under_load_are_recovered_without_a_new_producer`.
+const KILLS_THE_PRODUCER: RDKafkaRespErr =
+    RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fenced_producer_is_replaced_and_delivery_resumes() {
+async fn a_dead_producer_is_replaced_and_delivery_resumes() {
     let topic = "tamio.tickets.fenced";
     let (cluster, bridge) = mock_bridge(topic, 1).await;
     assert_eq!(
@@ -151,11 +159,8 @@ async fn a_fenced_producer_is_replaced_and_delivery_resumes() {
         StatusCode::OK
     );
 
-    // The broker no longer accepts this producer's id: nothing it sends can succeed.
-    cluster.request_errors(
-        RDKafkaApiKey::Produce,
-        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_PRODUCER_FENCED],
-    );
+    // librdkafka declares the producer dead: nothing it sends can succeed.
+    cluster.request_errors(RDKafkaApiKey::Produce, &[KILLS_THE_PRODUCER]);
     let reply = bridge.send(&ticket_event("whev_b", "t-1", 1)).await;
     assert_eq!(
         reply.status,
@@ -185,10 +190,10 @@ async fn a_fenced_producer_is_replaced_and_delivery_resumes() {
     bridge.stop().await;
 }
 
-/// A replacement that is fenced in turn is not rebuilt in a loop: at most one replacement
-/// every 500 ms after the first, while deliveries keep being answered (503, retried).
+/// A replacement that dies in turn is not rebuilt in a loop: at most one replacement every
+/// 500 ms after the first, while deliveries keep being answered (503, retried).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn producers_fenced_one_after_another_are_replaced_at_most_twice_a_second() {
+async fn producers_dead_one_after_another_are_replaced_at_most_twice_a_second() {
     let topic = "tamio.tickets.refenced";
     let (cluster, bridge) = mock_bridge(topic, 1).await;
     assert_eq!(
@@ -199,11 +204,8 @@ async fn producers_fenced_one_after_another_are_replaced_at_most_twice_a_second(
         StatusCode::OK
     );
 
-    // The next six producers are each fenced at their first record.
-    cluster.request_errors(
-        RDKafkaApiKey::Produce,
-        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_PRODUCER_FENCED; 6],
-    );
+    // The next six producers each die at their first record.
+    cluster.request_errors(RDKafkaApiKey::Produce, &[KILLS_THE_PRODUCER; 6]);
     let retry = ticket_event("whev_again", "t-1", 1);
     let started = std::time::Instant::now();
     let mut answers = std::collections::BTreeMap::<u16, u32>::new();
@@ -247,10 +249,17 @@ async fn producers_fenced_one_after_another_are_replaced_at_most_twice_a_second(
     bridge.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_producer_fenced_under_load_is_replaced_once() {
+/// Drives 32 senders against a bridge process on a mock cluster and injects `errors` into
+/// the produce requests once 300 events are acknowledged; returns the run and the bridge.
+async fn under_load(
+    topic: &str,
+    errors: &[RDKafkaRespErr],
+) -> (
+    MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    Process,
+    LoadReport,
+) {
     let cluster = MockCluster::new(1).unwrap();
-    let topic = "tamio.tickets.fenced-load";
     cluster.create_topic(topic, 3, 1).unwrap();
     let brokers = cluster.bootstrap_servers();
     let bridge = Process::spawn(&[
@@ -276,11 +285,46 @@ async fn a_producer_fenced_under_load_is_replaced_once() {
     while acked.load(std::sync::atomic::Ordering::SeqCst) < 300 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    cluster.request_errors(
-        RDKafkaApiKey::Produce,
-        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_PRODUCER_FENCED],
-    );
+    cluster.request_errors(RDKafkaApiKey::Produce, errors);
     let report = run.await.unwrap();
+    (cluster, bridge, report)
+}
+
+/// Each producer-id error a broker may answer with under load, one after another: the
+/// idempotent producer drains its requests, bumps its epoch and goes on. No new producer is
+/// built, so nothing Kafka may have written is purged and retried: every event is written
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producer_id_errors_under_load_are_recovered_without_a_new_producer() {
+    let topic = "tamio.tickets.pid-errors";
+    let (cluster, bridge, report) = under_load(
+        topic,
+        &[
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_PRODUCER_EPOCH,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_PRODUCER_ID,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_PRODUCER_FENCED,
+        ],
+    )
+    .await;
+    assert_eq!(report.abandoned, 0, "{:?}", report.answers);
+    let metrics = get(bridge.admin, "/metrics").await.text();
+    let restarts = sample(&metrics, "tamio_bridge_kafka_producer_restarts_total");
+    let findings = check_losses(&cluster.bootstrap_servers(), topic, &report).await;
+    println!(
+        "producer-id errors after 300 acknowledged: answers {:?}, {restarts} new producers, {} \
+         records written twice",
+        report.answers, findings.duplicates
+    );
+    findings.assert_nothing_lost(&report);
+    assert_eq!(restarts, 0.0, "a new producer was built");
+    assert_eq!(findings.duplicates, 0, "an event was written twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_that_dies_under_load_is_replaced_once_and_writes_nothing_twice() {
+    let topic = "tamio.tickets.fenced-load";
+    let (cluster, bridge, report) = under_load(topic, &[KILLS_THE_PRODUCER]).await;
+    let brokers = cluster.bootstrap_servers();
     assert_eq!(report.abandoned, 0, "{:?}", report.answers);
 
     let metrics = get(bridge.admin, "/metrics").await.text();
@@ -311,11 +355,13 @@ async fn a_producer_fenced_under_load_is_replaced_once() {
         .find(|l| l.contains("replaced the Kafka producer"))
         .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .and_then(|v| v["fields"]["built_ms"].as_u64());
+    let findings = check_losses(&brokers, topic, &report).await;
     println!(
-        "fenced after 300 acknowledged: {failed} requests answered 503 and retried; producer \
-         built in {built_ms:?} ms; answers 200: median {median:?}, slowest {slowest:?}"
+        "dead after 300 acknowledged: {failed} requests answered 503 and retried; producer \
+         built in {built_ms:?} ms; answers 200: median {median:?}, slowest {slowest:?}; {} \
+         records written twice",
+        findings.duplicates
     );
-    check_losses(&brokers, topic, &report)
-        .await
-        .assert_nothing_lost(&report);
+    findings.assert_nothing_lost(&report);
+    assert_eq!(findings.duplicates, 0, "an event was written twice");
 }

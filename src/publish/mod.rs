@@ -324,10 +324,27 @@ impl Publisher {
             built_ms = started.elapsed().as_millis() as u64,
             "replaced the Kafka producer after its fatal error"
         );
-        // Dropping a producer purges, flushes and joins librdkafka's threads: not on the
-        // runtime's threads.
-        std::thread::spawn(move || drop(retired));
+        // A fatal error purges the dead producer's queue (never sent: its records are known
+        // not to be written) but not its requests in flight, whose answers still say what
+        // Kafka wrote. Dropping a producer purges those too, and their records would report
+        // failure whatever the broker did with them: so it is flushed first, for as long as
+        // a record may take, then dropped (which joins librdkafka's threads: not on the
+        // runtime's threads).
+        let drain = self.delivery_timeout();
+        std::thread::spawn(move || {
+            let _ = retired.producer.flush(Timeout::After(drain));
+            drop(retired)
+        });
         Ok(fresh)
+    }
+
+    /// librdkafka's `message.timeout.ms`: how long a record may take.
+    fn delivery_timeout(&self) -> Duration {
+        self.config
+            .get("message.timeout.ms")
+            .and_then(|ms| ms.parse().ok())
+            .map(Duration::from_millis)
+            .unwrap_or(Duration::from_secs(10))
     }
 
     fn count_failure(&self, err: &PublishError) {
@@ -370,7 +387,7 @@ impl Publisher {
                 }),
                 Ok(Ok(Err((err, _)))) => {
                     if kills_the_producer(&err) {
-                        tracing::error!(%err, "the Kafka producer was fenced; it will be replaced");
+                        tracing::error!(%err, "librdkafka declared the Kafka producer dead; it will be replaced");
                         fatal.store(true, Ordering::SeqCst);
                         warm_up.done();
                     }
@@ -457,16 +474,22 @@ async fn with_deadline<F: std::future::Future>(
     }
 }
 
+/// Whether a record's error means its producer can deliver nothing more: librdkafka's own
+/// verdict (`Fatal`, which its error callback reports too, a moment later), and the two
+/// errors it reports on a record only when it has just declared the producer dead (a
+/// sequence out of order at the head of the line, an unknown producer id it cannot
+/// recover from without risking a duplicate; where it can, it drains, bumps the epoch and
+/// sends the records again without reporting them). An idempotent producer recovers by
+/// itself from an invalid epoch or a fenced id (KIP-360), and a record failed that way was
+/// not written: replacing the producer for those would purge records Kafka may have
+/// written, and their senders' retries would write them again.
 fn kills_the_producer(err: &KafkaError) -> bool {
     matches!(
         err.rdkafka_error_code(),
         Some(
             RDKafkaErrorCode::Fatal
-                | RDKafkaErrorCode::ProducerFenced
-                | RDKafkaErrorCode::InvalidProducerEpoch
-                | RDKafkaErrorCode::InvalidProducerIdMapping
-                | RDKafkaErrorCode::UnknownProducerId
                 | RDKafkaErrorCode::OutOfOrderSequenceNumber
+                | RDKafkaErrorCode::UnknownProducerId
         )
     )
 }
