@@ -310,8 +310,9 @@ def setting_files(settings: dict) -> list[tuple[str, str, bool, bool]]:
             files.append((f"kafka.tls.{key}", kafka["tls"][key], secret, False))
     if kafka.get("sasl", {}).get("password_file"):
         files.append(("kafka.sasl.password_file", kafka["sasl"]["password_file"], True, False))
-    if settings.get("dedup", {}).get("redis_password_file"):
-        files.append(("dedup.redis_password_file", settings["dedup"]["redis_password_file"], True, False))
+    for key in ("redis_password_file", "redis_sentinel_password_file"):
+        if settings.get("dedup", {}).get(key):
+            files.append((f"dedup.{key}", settings["dedup"][key], True, False))
     return files
 
 
@@ -375,8 +376,9 @@ def cmd_settings() -> None:
         if any(k.endswith("password") for k in lib):
             problems.append(f"{rel}: holds a password in kafka.librdkafka; use kafka.sasl.password_file")
         dedup = doc.get("dedup", {})
-        if dedup.get("redis_password"):
-            problems.append(f"{rel}: holds dedup.redis_password; use dedup.redis_password_file")
+        for key in ("redis_password", "redis_sentinel_password"):
+            if dedup.get(key):
+                problems.append(f"{rel}: holds dedup.{key}; use dedup.{key}_file")
         url = dedup.get("redis_url", "")
         authority = url.split("://", 1)[-1].split("/", 1)[0]
         if "@" in authority and ":" in authority.rsplit("@", 1)[0]:
