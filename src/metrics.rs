@@ -192,15 +192,16 @@ impl Metrics {
         .unwrap();
         let dedup_store_up = IntGauge::new(
             "tamio_bridge_dedup_store_up",
-            "1 while the store of duplicate claims answers (always 1 with dedup.store = memory); \
-             0 while the shared store cannot be used and claims fall back to this process's \
-             memory (or deliveries are refused).",
+            "1 while the store of duplicate claims is in use (always 1 with dedup.store = memory); \
+             0 while the shared store is marked down (every command failed for \
+             dedup.redis_down_after_ms) and claims fall back to this process's memory (or \
+             deliveries are refused).",
         )
         .unwrap();
         let dedup_store_errors = IntCounter::new(
             "tamio_bridge_dedup_store_errors_total",
-            "Commands to the shared duplicate store that failed or did not answer in time, and \
-             writes to it dropped while it was down.",
+            "Commands to the shared duplicate store that failed or did not answer in time (each \
+             is sent again), and writes to it dropped from a full queue.",
         )
         .unwrap();
         let producer_queue_messages = IntGauge::new(
