@@ -18,7 +18,8 @@
 //!
 //! Environment: `BENCH_SECONDS` (per run, default 5), `BENCH_LEVELS` (default 1,64,256),
 //! `BENCH_ROUNDS` (default 2), `BENCH_EXTRA` (extra rows, default `redis,start`: at 64
-//! connections the shared duplicate store on, beside a run with it off, on a `redis-server`
+//! connections the shared duplicate store on, one Redis and a 3-master Cluster, beside a run
+//! with it off, on `redis-server`s
 //! the benchmark starts; and the first delivery after each of 10 starts per build, sent as
 //! soon as `/readyz` answers; also `tls`, `scrape`), `BENCH_CONFIG` (a `--config` file for this build, not the baseline),
 //! `TANSU_BIN` (default: `tansu` on the PATH). Both builds run with the default settings,
@@ -879,14 +880,20 @@ async fn bench(options: Options, levels: Vec<usize>) {
         println!();
     }
 
-    // The shared duplicate store: Redis on, beside a run with it off, interleaved.
+    // The shared duplicate store: one Redis and a 3-master Cluster (each master with a
+    // replica), beside a run with it off, interleaved.
     if levels.contains(&64) && options.extra.contains("redis") {
         let redis = redis_server::OwnRedis::start().await;
-        let on = [
+        let cluster = redis_server::OwnCluster::start().await;
+        let single = [
             ("TAMIO_BRIDGE__DEDUP__STORE", "redis".to_owned()),
             ("TAMIO_BRIDGE__DEDUP__REDIS_URL", redis.url()),
         ];
-        let (mut off_total, mut on_total) = (None, None);
+        let clustered = [
+            ("TAMIO_BRIDGE__DEDUP__STORE", "redis".to_owned()),
+            ("TAMIO_BRIDGE__DEDUP__REDIS_URL", cluster.url()),
+        ];
+        let (mut off_total, mut on_total, mut cluster_total) = (None, None, None);
         for _ in 0..options.rounds {
             absorb(
                 &mut off_total,
@@ -894,20 +901,32 @@ async fn bench(options: Options, levels: Vec<usize>) {
             );
             absorb(
                 &mut on_total,
-                measure_once(new_bin, &brokers, 64, duration, &on, None).await,
+                measure_once(new_bin, &brokers, 64, duration, &single, None).await,
+            );
+            absorb(
+                &mut cluster_total,
+                measure_once(new_bin, &brokers, 64, duration, &clustered, None).await,
             );
         }
-        let (off, on) = (off_total.unwrap(), on_total.unwrap());
+        let (off, on, clustered) = (
+            off_total.unwrap(),
+            on_total.unwrap(),
+            cluster_total.unwrap(),
+        );
         measured_row("dedup memory", 64, &off);
         measured_row("dedup redis", 64, &on);
-        println!(
-            "shared store: {:+.1} µs of bridge CPU per event, p99 {:.2} -> {:.2} ms, \
-             events/s {:.2}x\n",
-            on.cpu_us_per_event() - off.cpu_us_per_event(),
-            off.run.pct(0.99),
-            on.run.pct(0.99),
-            on.run.throughput() / off.run.throughput()
-        );
+        measured_row("dedup redis cluster", 64, &clustered);
+        for (name, run) in [("one Redis", &on), ("a Cluster", &clustered)] {
+            println!(
+                "shared store, {name}: {:+.1} µs of bridge CPU per event, p99 {:.2} -> {:.2} ms, \
+                 events/s {:.2}x",
+                run.cpu_us_per_event() - off.cpu_us_per_event(),
+                off.run.pct(0.99),
+                run.run.pct(0.99),
+                run.run.throughput() / off.run.throughput()
+            );
+        }
+        println!();
     }
 
     // The first delivery after a start, sent as soon as `/readyz` answers 200: what a sender
