@@ -87,6 +87,7 @@ fn the_settings_deploy_ships_fit_the_pod_memory_limit() {
             ("TAMIO_BRIDGE__SIGNATURE__SECRET_FILES", ""),
             ("TAMIO_BRIDGE__KAFKA__SASL__PASSWORD_FILE", ""),
             ("TAMIO_BRIDGE__DEDUP__REDIS_PASSWORD_FILE", ""),
+            ("TAMIO_BRIDGE__DEDUP__REDIS_SENTINEL_PASSWORD_FILE", ""),
         ]
         .map(|(k, v)| (k.to_owned(), v.to_owned()));
         let path = std::path::PathBuf::from(format!("{root}/{file}"));

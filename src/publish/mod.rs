@@ -11,7 +11,7 @@ pub mod producer;
 pub mod record;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -193,7 +193,16 @@ pub struct Publisher {
     /// False while the readiness probe finds no broker answering: records are then refused
     /// at once instead of waiting out the delivery timeout.
     reachable: AtomicBool,
+    /// Since when (ms on `clock`, from 1) records have failed with the errors of a producer
+    /// id the broker no longer takes, with no record delivered since; 0 when none has.
+    pid_errors_since_ms: AtomicU64,
+    clock: std::time::Instant,
 }
+
+/// How long an idempotent producer has to recover from the errors of a producer id the
+/// broker no longer takes (drain, bump its epoch, resend) before it is replaced: a broker
+/// that keeps refusing the bumped epoch would otherwise refuse every record for ever.
+const PID_RECOVERY: Duration = Duration::from_secs(1);
 
 impl Publisher {
     /// A producer with `config` (see [`producer::build`]), warmed up with the metadata of
@@ -212,6 +221,8 @@ impl Publisher {
             metrics,
             topic,
             reachable: AtomicBool::new(true),
+            pid_errors_since_ms: AtomicU64::new(0),
+            clock: std::time::Instant::now(),
         })
     }
 
@@ -320,6 +331,7 @@ impl Publisher {
             fresh.clone(),
         );
         self.metrics.producer_restarts.inc();
+        self.pid_errors_since_ms.store(0, Ordering::Relaxed);
         tracing::warn!(
             built_ms = started.elapsed().as_millis() as u64,
             "replaced the Kafka producer after its fatal error"
@@ -336,6 +348,19 @@ impl Publisher {
             drop(retired)
         });
         Ok(fresh)
+    }
+
+    /// Notes a producer-id error; true when such errors have gone on, with no record
+    /// delivered, for longer than [`PID_RECOVERY`].
+    fn pid_errors_persist(&self) -> bool {
+        let now = self.clock.elapsed().as_millis() as u64 + 1;
+        match self
+            .pid_errors_since_ms
+            .compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => false,
+            Err(since) => now.saturating_sub(since) >= PID_RECOVERY.as_millis() as u64,
+        }
     }
 
     /// librdkafka's `message.timeout.ms`: how long a record may take.
@@ -390,10 +415,20 @@ impl Publisher {
                         tracing::error!(%err, "librdkafka declared the Kafka producer dead; it will be replaced");
                         fatal.store(true, Ordering::SeqCst);
                         warm_up.done();
+                    } else if is_producer_id_error(&err) && self.pid_errors_persist() {
+                        tracing::error!(
+                            %err,
+                            recovery_ms = PID_RECOVERY.as_millis() as u64,
+                            "the broker still refuses the Kafka producer's id after its epoch \
+                             bump; it will be replaced"
+                        );
+                        fatal.store(true, Ordering::SeqCst);
+                        warm_up.done();
                     }
                     Err(PublishError::from_kafka(&err))
                 }
                 Ok(Ok(Ok(d))) => {
+                    self.pid_errors_since_ms.store(0, Ordering::Relaxed);
                     warm_up.done();
                     Ok(Delivered {
                         partition: d.partition,
@@ -474,6 +509,15 @@ async fn with_deadline<F: std::future::Future>(
     }
 }
 
+/// The errors of a producer id the broker no longer takes, from which an idempotent
+/// producer recovers by itself (see [`kills_the_producer`]).
+fn is_producer_id_error(err: &KafkaError) -> bool {
+    matches!(
+        err.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch)
+    )
+}
+
 /// Whether a record's error means its producer can deliver nothing more: librdkafka's own
 /// verdict (`Fatal`, which its error callback reports too, a moment later), and the two
 /// errors it reports on a record only when it has just declared the producer dead (a
@@ -482,7 +526,9 @@ async fn with_deadline<F: std::future::Future>(
 /// sends the records again without reporting them). An idempotent producer recovers by
 /// itself from an invalid epoch or a fenced id (KIP-360), and a record failed that way was
 /// not written: replacing the producer for those would purge records Kafka may have
-/// written, and their senders' retries would write them again.
+/// written, and their senders' retries would write them again. It is replaced for them only
+/// when they go on for [`PID_RECOVERY`] with nothing delivered: a broker that refuses the
+/// bumped epoch too (tansu does, after an outage longer than the delivery timeout).
 fn kills_the_producer(err: &KafkaError) -> bool {
     matches!(
         err.rdkafka_error_code(),
