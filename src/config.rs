@@ -48,6 +48,8 @@ pub struct Settings {
     pub routes: Vec<RouteSetting>,
     /// Logging.
     pub log: Log,
+    /// Traces of deliveries, exported over OTLP.
+    pub tracing: Tracing,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -455,6 +457,52 @@ pub struct Log {
     pub format: LogFormat,
     /// tracing EnvFilter directives.
     pub level: String,
+}
+
+/// Traces of deliveries (OpenTelemetry, OTLP over HTTP/protobuf). The standard `OTEL_*`
+/// variables win over these when set.
+#[derive(Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tracing {
+    /// The collector's base URL (`/v1/traces` is appended); empty exports nothing
+    /// (`OTEL_EXPORTER_OTLP_ENDPOINT`, or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` as is).
+    pub endpoint: String,
+    /// Headers sent with each export, e.g. an API key (`OTEL_EXPORTER_OTLP_HEADERS`); their
+    /// values are redacted everywhere.
+    #[serde(serialize_with = "redacted_values")]
+    pub headers: BTreeMap<String, String>,
+    /// `service.name` of the spans (`OTEL_SERVICE_NAME`).
+    pub service_name: String,
+    /// `always_on`, `always_off`, `traceidratio`, `parentbased_always_on`,
+    /// `parentbased_always_off` or `parentbased_traceidratio` (`OTEL_TRACES_SAMPLER`).
+    pub sampler: String,
+    /// The ratio of the `traceidratio` samplers, 0 to 1 (`OTEL_TRACES_SAMPLER_ARG`).
+    pub sampler_arg: String,
+    /// Spans waiting for export at most; beyond, new ones are dropped and counted.
+    pub max_queue_spans: usize,
+    /// Longest one export may take before its spans count as dropped.
+    pub export_timeout_ms: u64,
+}
+
+impl fmt::Debug for Tracing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tracing")
+            .field("endpoint", &self.endpoint)
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .field("service_name", &self.service_name)
+            .field("sampler", &self.sampler)
+            .field("sampler_arg", &self.sampler_arg)
+            .field("max_queue_spans", &self.max_queue_spans)
+            .field("export_timeout_ms", &self.export_timeout_ms)
+            .finish()
+    }
+}
+
+fn redacted_values<S: Serializer>(
+    headers: &BTreeMap<String, String>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_map(headers.keys().map(|k| (k, "[redacted]")))
 }
 
 /// A signing secret. Its bytes never appear in `Debug` output, logs, error messages or the

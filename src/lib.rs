@@ -20,6 +20,7 @@ pub mod plan;
 pub mod publish;
 pub mod reload;
 pub mod server;
+pub mod trace;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -105,6 +106,7 @@ pub async fn run_with_reloads(
         certificate,
         limits: ingress_limits,
         topics,
+        tracing: trace_plan,
     } = plan;
     let tls = certificate.map(|c| Arc::new(Tls::new(c)));
     let metrics = Arc::new(metrics());
@@ -156,6 +158,13 @@ pub async fn run_with_reloads(
     ));
 
     reload::announce_signing(&settings, &verifier, &metrics);
+    let traces = Arc::new(
+        trace::Tracing::start(&trace_plan, metrics.trace_spans_dropped.clone())
+            .map_err(RunError::Dedup)?,
+    );
+    if let Some(endpoint) = &trace_plan.endpoint {
+        tracing::info!(%endpoint, "exporting traces");
+    }
     let ingest = Arc::new(
         Ingest::new(
             &settings,
@@ -164,6 +173,7 @@ pub async fn run_with_reloads(
             dedup,
             publisher.clone(),
             metrics.clone(),
+            traces.clone(),
         )
         .map_err(RunError::Dedup)?,
     );
@@ -228,6 +238,9 @@ pub async fn run_with_reloads(
     ingest_after_drain
         .flush_dedup(Duration::from_millis(settings.dedup.redis_timeout_ms * 4))
         .await;
+    // The spans of the last requests.
+    let flushing = traces.clone();
+    let _ = tokio::task::spawn_blocking(move || flushing.shutdown(Duration::from_secs(2))).await;
     let _ = admin_stop.send(());
     let _ = admin_task.await;
     tracing::info!("stopped");

@@ -46,6 +46,7 @@ pub struct Metrics {
     pub reloads: IntCounterVec,
     pub connections_closed: IntCounterVec,
     pub http2_streams_refused: IntCounter,
+    pub trace_spans_dropped: IntCounter,
     pub producer_queue_messages: IntGauge,
     pub producer_queue_bytes: IntGauge,
     pub broker_rtt: GaugeVec,
@@ -139,6 +140,11 @@ impl Metrics {
         let http2_streams_refused = IntCounter::new(
             "tamio_bridge_http2_streams_refused_total",
             "HTTP/2 streams reset with REFUSED_STREAM: beyond the first of their connection, at server.http2_max_pending_streams.",
+        )
+        .unwrap();
+        let trace_spans_dropped = IntCounter::new(
+            "tamio_bridge_trace_spans_dropped_total",
+            "Spans not exported: the export queue (tracing.max_queue_spans) was full, or their export failed or timed out.",
         )
         .unwrap();
         let dead_letters = IntCounter::new(
@@ -299,6 +305,7 @@ impl Metrics {
             Box::new(reloads.clone()),
             Box::new(connections_closed.clone()),
             Box::new(http2_streams_refused.clone()),
+            Box::new(trace_spans_dropped.clone()),
             Box::new(producer_queue_messages.clone()),
             Box::new(producer_queue_bytes.clone()),
             Box::new(broker_rtt.clone()),
@@ -337,6 +344,7 @@ impl Metrics {
             reloads,
             connections_closed,
             http2_streams_refused,
+            trace_spans_dropped,
             producer_queue_messages,
             producer_queue_bytes,
             broker_rtt,

@@ -30,6 +30,8 @@ pub struct Plan {
     pub limits: Limits,
     /// Every topic the bridge writes to: the routes' and the dead-letter topic.
     pub topics: Vec<String>,
+    /// Traces: the `tracing` settings and the `OTEL_*` variables.
+    pub tracing: crate::trace::Plan,
 }
 
 /// Why settings do not compile: every error found, each naming its setting.
@@ -84,10 +86,18 @@ impl Plan {
         } else {
             Some(None)
         };
-        match (routes, verifier, dedup, producer, certificate) {
-            (Some(routes), Some(verifier), Some(dedup), Some(producer), Some(certificate))
-                if errors.is_empty() =>
-            {
+        let tracing = crate::trace::Plan::build(&settings.tracing, |name| std::env::var(name).ok())
+            .map_err(|e| errors.push(e))
+            .ok();
+        match (routes, verifier, dedup, producer, certificate, tracing) {
+            (
+                Some(routes),
+                Some(verifier),
+                Some(dedup),
+                Some(producer),
+                Some(certificate),
+                Some(tracing),
+            ) if errors.is_empty() => {
                 let mut topics = routes.topics();
                 topics.extend(settings.dead_letter_topic().map(str::to_owned));
                 Ok(Plan {
@@ -99,6 +109,7 @@ impl Plan {
                     certificate,
                     limits: Limits::of(&settings.server),
                     topics,
+                    tracing,
                 })
             }
             _ => Err(PlanError(errors)),

@@ -257,6 +257,7 @@ pub fn needing_restart(current: &Settings, next: &Settings) -> Vec<&'static str>
         ("dedup", current.dedup != next.dedup),
         ("reload", current.reload != next.reload),
         ("log", current.log != next.log),
+        ("tracing", current.tracing != next.tracing),
     ];
     differs
         .into_iter()

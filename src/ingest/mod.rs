@@ -29,9 +29,12 @@ use crate::error::{Outcome, Refusal};
 use crate::metrics::Metrics;
 use crate::publish::record::{DeadLetter, Record};
 use crate::publish::{PublishError, Publisher};
+use crate::trace::{self, Span as _, Tracing};
 use body::{Bodies, BodyError, BodyLimits};
 use dedup::{Claim, Dedup, Original, Unclaimed};
 use envelope::{Envelope, EnvelopeError};
+use opentelemetry::trace::TraceContextExt;
+use opentelemetry::{Context as TraceContext, KeyValue};
 use route::{Destination, RouteError, Routes};
 use verify::{VerifiedBody, Verifier, VerifyError};
 
@@ -138,13 +141,32 @@ fn as_text<S: serde::Serializer>(bytes: &Bytes, s: S) -> Result<S::Ok, S::Error>
     s.serialize_str(std::str::from_utf8(bytes).unwrap_or_default())
 }
 
-/// Publishes `record`, and records Kafka's verdict in the duplicate claim.
+/// Publishes `record`, and records Kafka's verdict in the duplicate claim and in its
+/// producer span (ended with the verdict, also when the request ended first).
 async fn deliver(
     publisher: Arc<Publisher>,
     record: Record,
     claim: Option<dedup::ClaimGuard>,
+    span: Option<trace::BoxedSpan>,
 ) -> Result<(crate::publish::Delivered, Arc<str>), PublishError> {
-    let delivered = publisher.publish(&record, None).await?;
+    let result = publisher.publish(&record, None).await;
+    if let Some(mut span) = span {
+        match &result {
+            Ok(d) => {
+                span.set_attribute(KeyValue::new(
+                    "messaging.destination.partition.id",
+                    d.partition.to_string(),
+                ));
+                span.set_attribute(KeyValue::new("messaging.kafka.offset", d.offset));
+            }
+            Err(e) => {
+                span.set_attribute(KeyValue::new("error.type", e.failure().as_str()));
+                span.set_status(trace::Status::error(e.to_string()));
+            }
+        }
+        span.end();
+    }
+    let delivered = result?;
     if let Some(guard) = claim {
         guard.acknowledged(Original {
             topic: record.topic.clone(),
@@ -216,6 +238,9 @@ pub struct Ingest {
     bodies: Arc<Bodies>,
     /// Refusal log lines, one a second per kind.
     quiet: quiet::Quiet,
+    tracing: Arc<Tracing>,
+    /// The duplicate store's name, for spans.
+    dedup_store: &'static str,
 }
 
 impl Ingest {
@@ -227,6 +252,7 @@ impl Ingest {
         dedup: dedup::Plan,
         publisher: Arc<Publisher>,
         metrics: Arc<Metrics>,
+        tracing: Arc<Tracing>,
     ) -> Result<Ingest, String> {
         Ok(Ingest {
             path: settings.server.path.clone(),
@@ -251,6 +277,11 @@ impl Ingest {
                 rate_grace: Duration::from_millis(settings.server.body_rate_grace_ms),
             }),
             quiet: quiet::Quiet::default(),
+            tracing,
+            dedup_store: match settings.dedup.store {
+                crate::config::DedupStore::Memory => "memory",
+                crate::config::DedupStore::Redis => "redis",
+            },
         })
     }
 
@@ -303,7 +334,34 @@ impl Ingest {
     {
         let started = Instant::now();
         let mut seen = Seen::default();
-        let (outcome, response) = match self.process(req, &mut seen).await {
+        // The request's trace context (always), and its server span when spans are built.
+        let parent = self.tracing.extract(req.headers());
+        let cx = match self.tracing.tracer() {
+            Some(tracer) => {
+                let routed = req.uri().path() == self.path;
+                let name = if routed {
+                    format!("{} {}", req.method(), self.path)
+                } else {
+                    req.method().to_string()
+                };
+                let mut attributes = vec![
+                    KeyValue::new("http.request.method", req.method().to_string()),
+                    KeyValue::new(
+                        "url.path",
+                        req.uri().path().chars().take(256).collect::<String>(),
+                    ),
+                ];
+                if routed {
+                    attributes.push(KeyValue::new("http.route", self.path.clone()));
+                }
+                let span =
+                    trace::start_span(tracer, name, trace::SpanKind::Server, &parent, attributes);
+                parent.with_span(span)
+            }
+            None => parent,
+        };
+        let traced = self.tracing.tracer().is_some();
+        let (outcome, response, refused) = match self.process(req, &mut seen, &cx).await {
             Ok(accepted) => {
                 tracing::debug!(
                     partition = accepted.partition,
@@ -317,7 +375,7 @@ impl Ingest {
                     Outcome::Accepted
                 };
                 let body = serde_json::to_vec(&accepted).unwrap_or_default();
-                (outcome, crate::error::json(StatusCode::OK, body))
+                (outcome, crate::error::json(StatusCode::OK, body), None)
             }
             Err(err) => {
                 let refusal = err.refusal();
@@ -334,16 +392,37 @@ impl Ingest {
                 (
                     refusal.outcome(),
                     crate::error::answer(refusal, &err.to_string()),
+                    Some(refusal.kind()),
                 )
             }
         };
         self.metrics
             .answered(outcome.as_str(), started.elapsed().as_secs_f64());
         self.metrics.body_memory.set(self.bodies.used() as i64);
+        if traced {
+            let span = cx.span();
+            let status = response.status().as_u16();
+            span.set_attribute(KeyValue::new(
+                "http.response.status_code",
+                i64::from(status),
+            ));
+            span.set_attribute(KeyValue::new("tamio.outcome", outcome.as_str()));
+            // The refusal's kind, never its message, the body or a header.
+            if let Some(kind) = refused {
+                span.set_attribute(KeyValue::new("error.type", kind));
+                span.set_status(trace::Status::error(kind));
+            }
+            span.end();
+        }
         response
     }
 
-    async fn process<B>(&self, req: Request<B>, seen: &mut Seen) -> Result<Accepted, IngestError>
+    async fn process<B>(
+        &self,
+        req: Request<B>,
+        seen: &mut Seen,
+        cx: &TraceContext,
+    ) -> Result<Accepted, IngestError>
     where
         B: Body<Data = Bytes>,
         B::Error: std::fmt::Display,
@@ -387,6 +466,11 @@ impl Ingest {
         self.metrics.in_flight.inc();
         let _in_flight = scopeguard(|| self.metrics.in_flight.dec());
 
+        let traced = self.tracing.tracer().is_some();
+        if traced {
+            cx.span()
+                .set_attribute(KeyValue::new("http.request.body.size", bytes.len() as i64));
+        }
         let verifier = self.verifier();
         let verified = verifier
             .verify(&parts.headers, bytes, received_at)
@@ -399,6 +483,13 @@ impl Ingest {
         if let Some(delay) = verified.sender_delay_secs() {
             self.metrics.sender_delay.observe(delay as f64);
         }
+        if traced {
+            let scheme = verified.scheme().map_or("unsigned", |s| s.as_str());
+            cx.span().add_event(
+                "signature verified",
+                vec![KeyValue::new("tamio.signature.scheme", scheme)],
+            );
+        }
 
         let envelope = match Envelope::parse(&verified) {
             Ok(envelope) => envelope,
@@ -410,6 +501,18 @@ impl Ingest {
         };
         seen.event_id = Some(slice_or_own(verified.bytes(), envelope.event_id.clone()));
         seen.event_type = Some(slice_or_own(verified.bytes(), envelope.event_type.clone()));
+        if traced {
+            let span = cx.span();
+            span.add_event("envelope parsed", vec![]);
+            span.set_attribute(KeyValue::new(
+                "tamio.event.id",
+                envelope.event_id.to_string(),
+            ));
+            span.set_attribute(KeyValue::new(
+                "tamio.event.type",
+                envelope.event_type.to_string(),
+            ));
+        }
         let span = tracing::Span::current();
         if !span.is_disabled() {
             span.record("event_id", envelope.event_id.as_ref());
@@ -434,6 +537,21 @@ impl Ingest {
                 .claim(&envelope.endpoint_id, &envelope.event_id, deadline)
                 .await;
             self.metrics.dedup_entries.set(self.dedup.len() as i64);
+            if traced {
+                let result = match &claim {
+                    Ok(Claim::First(_)) => "miss",
+                    Ok(Claim::Duplicate(_)) => "hit",
+                    Err(Unclaimed::Timeout) => "timeout",
+                    Err(Unclaimed::StoreUnavailable) => "unavailable",
+                };
+                cx.span().add_event(
+                    "duplicate claim",
+                    vec![
+                        KeyValue::new("tamio.dedup.store", self.dedup_store),
+                        KeyValue::new("tamio.dedup.result", result),
+                    ],
+                );
+            }
             match claim {
                 Err(Unclaimed::Timeout) => {
                     return Err(PublishError::Timeout(self.request_timeout).into())
@@ -458,15 +576,45 @@ impl Ingest {
         // if the request ends first (its deadline passes: 503, or the client goes away), a
         // task of its own finishes it, so that a record that still lands is remembered and
         // the sender's retry is answered as a duplicate instead of written again.
-        let record = record(
+        let mut record = record(
             &verified,
             parts.headers,
             &envelope,
             destination,
             self.cloudevents,
         );
+        // The producer span, child of the server span; without spans, only its id, in the
+        // request's trace. Its context travels in the record's headers.
+        let (span, producer_cx) = match self.tracing.tracer() {
+            Some(tracer) => {
+                let mut attributes = vec![
+                    KeyValue::new("messaging.system", "kafka"),
+                    KeyValue::new("messaging.operation.type", "send"),
+                    KeyValue::new("messaging.operation.name", "publish"),
+                    KeyValue::new("messaging.destination.name", record.topic.to_string()),
+                ];
+                if let Some(key) = &record.key {
+                    attributes.push(KeyValue::new(
+                        "messaging.kafka.message.key",
+                        String::from_utf8_lossy(key).into_owned(),
+                    ));
+                }
+                let span = trace::start_span(
+                    tracer,
+                    format!("publish {}", record.topic),
+                    trace::SpanKind::Producer,
+                    cx,
+                    attributes,
+                );
+                let producer_cx =
+                    TraceContext::new().with_remote_span_context(span.span_context().clone());
+                (Some(span), producer_cx)
+            }
+            None => (None, self.tracing.unbuilt_child(cx)),
+        };
+        record.trace = Some(self.tracing.headers_of(&producer_cx));
         let event_id = record.event_id.clone();
-        let mut delivery = Finish::new(deliver(self.publisher.clone(), record, claim));
+        let mut delivery = Finish::new(deliver(self.publisher.clone(), record, claim, span));
         let (delivered, topic) = match tokio::time::timeout_at(deadline, &mut delivery).await {
             Err(_) => return Err(PublishError::Timeout(self.request_timeout).into()),
             Ok(result) => result?,
@@ -584,6 +732,7 @@ pub fn record(
         received_at: verified.received_at(),
         cloudevents,
         event_label: envelope::event_type_label(&envelope.event_type),
+        trace: None,
     }
 }
 

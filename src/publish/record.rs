@@ -74,6 +74,8 @@ pub struct Record {
     pub cloudevents: bool,
     /// The `event_type` label the delivered-events counter counts this record under.
     pub event_label: &'static str,
+    /// The W3C trace context of the record's producer span.
+    pub trace: Option<crate::trace::TraceHeaders>,
 }
 
 fn header<'a>(key: &'a str, value: &'a [u8]) -> Header<'a, &'a [u8]> {
@@ -99,12 +101,18 @@ impl Record {
     pub fn to_kafka(&self) -> FutureRecord<'_, [u8], [u8]> {
         let mut received_at = Text::<32>::new();
         write_rfc3339_millis(&mut received_at, self.received_at);
-        let mut headers = OwnedHeaders::new_with_capacity(14)
+        let mut headers = OwnedHeaders::new_with_capacity(18)
             .insert(header("event_id", &self.event_id))
             .insert(header("event_type", &self.event_type))
             .insert(header("endpoint_id", &self.endpoint_id))
             .insert(header("api_version", b"2"))
             .insert(header("received_at", received_at.as_bytes()));
+        if let Some(trace) = &self.trace {
+            headers = headers.insert(header("traceparent", trace.traceparent.as_bytes()));
+            if let Some(state) = &trace.tracestate {
+                headers = headers.insert(header("tracestate", state.as_bytes()));
+            }
+        }
         if self.cloudevents {
             // Without a signed timestamp, the event's time is when the bridge received it.
             let signed_at = match self.signed_at {
@@ -133,6 +141,13 @@ impl Record {
                 .insert(header("content-type", b"application/json"));
             if let Some(ticket) = &self.ticket_id {
                 headers = headers.insert(header("ce_subject", ticket));
+            }
+            // The CloudEvents distributed-tracing extension.
+            if let Some(trace) = &self.trace {
+                headers = headers.insert(header("ce_traceparent", trace.traceparent.as_bytes()));
+                if let Some(state) = &trace.tracestate {
+                    headers = headers.insert(header("ce_tracestate", state.as_bytes()));
+                }
             }
         }
         let record = FutureRecord::to(&self.topic)

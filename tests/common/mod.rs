@@ -10,6 +10,7 @@ pub mod client;
 pub mod h2raw;
 pub mod load;
 pub mod net;
+pub mod otlp;
 pub mod process;
 pub mod redis_server;
 pub mod siege;

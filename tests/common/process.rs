@@ -21,7 +21,7 @@ pub fn bin() -> String {
 pub fn command(env: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(bin());
     for (k, _) in std::env::vars() {
-        if k.starts_with("TAMIO_BRIDGE") || k == "RUST_LOG" {
+        if k.starts_with("TAMIO_BRIDGE") || k.starts_with("OTEL_") || k == "RUST_LOG" {
             cmd.env_remove(k);
         }
     }

@@ -1,0 +1,501 @@
+//! Trace context from the webhook into Kafka, and OpenTelemetry traces of deliveries.
+//!
+//! - **Propagation, always.** A request's W3C `traceparent` and `tracestate` are read with
+//!   the SDK's trace-context propagator; invalid ones are ignored. Every record carries a
+//!   `traceparent` naming its producer span (and the `tracestate`), sampled or not, as W3C
+//!   propagation asks: without tracing on, the span is not built but its id is made, in the
+//!   request's trace (or a new one).
+//! - **Spans, when an endpoint is set.** A server span per request and a producer span per
+//!   record, sampled parent-based (or as `OTEL_TRACES_SAMPLER` says), exported over OTLP/HTTP
+//!   by the SDK's exporter. Export never holds a request: ended spans go into a bounded queue
+//!   that a task drains in batches; a full queue, or an export that fails or takes longer
+//!   than its deadline, drops spans and counts them
+//!   (`tamio_bridge_trace_spans_dropped_total`).
+//! - **At no cost when off**: no span is built, nothing is queued.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::{
+    SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, Tracer as _,
+    TracerProvider as _,
+};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{
+    Sampler, SdkTracer, SdkTracerProvider, SpanData, SpanExporter, SpanProcessor,
+};
+use opentelemetry_sdk::Resource;
+use prometheus::IntCounter;
+use tokio::sync::mpsc;
+
+use crate::config::{SettingsError, Tracing as TracingSettings};
+
+pub use opentelemetry::trace::{Span, SpanKind, Status};
+pub type BoxedSpan = opentelemetry_sdk::trace::Span;
+
+/// Spans one export carries at most.
+const BATCH: usize = 512;
+
+/// How often spans waiting are exported, at the latest.
+const EXPORT_EVERY: Duration = Duration::from_secs(1);
+
+/// The tracing the settings and the environment ask for, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    /// The OTLP/HTTP traces URL; None exports nothing.
+    pub endpoint: Option<String>,
+    pub headers: HashMap<String, String>,
+    pub service_name: String,
+    pub sampler: SamplerChoice,
+    pub max_queue_spans: usize,
+    pub export_timeout: Duration,
+}
+
+/// A sampler, as `OTEL_TRACES_SAMPLER` names them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum SamplerChoice {
+    AlwaysOn,
+    AlwaysOff,
+    Ratio(f64),
+    ParentBased(ParentDefault),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ParentDefault {
+    AlwaysOn,
+    AlwaysOff,
+    Ratio(f64),
+}
+
+impl SamplerChoice {
+    fn sampler(self) -> Sampler {
+        let root = |d: ParentDefault| match d {
+            ParentDefault::AlwaysOn => Sampler::AlwaysOn,
+            ParentDefault::AlwaysOff => Sampler::AlwaysOff,
+            ParentDefault::Ratio(r) => Sampler::TraceIdRatioBased(r),
+        };
+        match self {
+            SamplerChoice::AlwaysOn => Sampler::AlwaysOn,
+            SamplerChoice::AlwaysOff => Sampler::AlwaysOff,
+            SamplerChoice::Ratio(r) => Sampler::TraceIdRatioBased(r),
+            SamplerChoice::ParentBased(d) => Sampler::ParentBased(Box::new(root(d))),
+        }
+    }
+}
+
+impl Plan {
+    /// The plan of the `tracing` settings, the standard `OTEL_*` variables of `env` winning
+    /// over them.
+    pub fn build(
+        t: &TracingSettings,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Plan, SettingsError> {
+        let bad = |key: &'static str, reason: String| SettingsError::Invalid { key, reason };
+        let set = |name: &str| env(name).filter(|v| !v.trim().is_empty());
+        let traces_url = |base: &str| format!("{}/v1/traces", base.trim_end_matches('/'));
+        let endpoint = set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            .or_else(|| set("OTEL_EXPORTER_OTLP_ENDPOINT").map(|b| traces_url(&b)))
+            .or_else(|| (!t.endpoint.is_empty()).then(|| traces_url(&t.endpoint)));
+        if let Some(url) = &endpoint {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(bad(
+                    "tracing.endpoint",
+                    "must be an http:// or https:// URL (OTLP over HTTP)".into(),
+                ));
+            }
+            if url.starts_with("https://") {
+                return Err(bad(
+                    "tracing.endpoint",
+                    "https:// is not supported yet: export to a collector on the pod's \
+                     network in cleartext, and let it forward over TLS"
+                        .into(),
+                ));
+            }
+        }
+        let sampler_name = set("OTEL_TRACES_SAMPLER").unwrap_or_else(|| t.sampler.clone());
+        let arg_text = set("OTEL_TRACES_SAMPLER_ARG").unwrap_or_else(|| t.sampler_arg.clone());
+        let ratio = || -> Result<f64, SettingsError> {
+            arg_text
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|r| (0.0..=1.0).contains(r))
+                .ok_or_else(|| {
+                    bad(
+                        "tracing.sampler_arg",
+                        format!("`{arg_text}` is no ratio between 0 and 1"),
+                    )
+                })
+        };
+        let sampler = match sampler_name.trim() {
+            "always_on" => SamplerChoice::AlwaysOn,
+            "always_off" => SamplerChoice::AlwaysOff,
+            "traceidratio" => SamplerChoice::Ratio(ratio()?),
+            "parentbased_always_on" => SamplerChoice::ParentBased(ParentDefault::AlwaysOn),
+            "parentbased_always_off" => SamplerChoice::ParentBased(ParentDefault::AlwaysOff),
+            "parentbased_traceidratio" => {
+                SamplerChoice::ParentBased(ParentDefault::Ratio(ratio()?))
+            }
+            other => {
+                return Err(bad(
+                    "tracing.sampler",
+                    format!(
+                        "`{other}` is none of always_on, always_off, traceidratio, \
+                         parentbased_always_on, parentbased_always_off, \
+                         parentbased_traceidratio"
+                    ),
+                ))
+            }
+        };
+        let mut headers: HashMap<String, String> = t.headers.clone().into_iter().collect();
+        // The exporter reads OTEL_EXPORTER_OTLP_HEADERS itself, over these.
+        headers.retain(|k, _| !k.trim().is_empty());
+        if t.max_queue_spans == 0 {
+            return Err(bad("tracing.max_queue_spans", "must be above 0".into()));
+        }
+        if t.export_timeout_ms == 0 {
+            return Err(bad("tracing.export_timeout_ms", "must be above 0".into()));
+        }
+        Ok(Plan {
+            endpoint,
+            headers,
+            service_name: set("OTEL_SERVICE_NAME").unwrap_or_else(|| t.service_name.clone()),
+            sampler,
+            max_queue_spans: t.max_queue_spans,
+            export_timeout: Duration::from_millis(t.export_timeout_ms),
+        })
+    }
+}
+
+/// Tracing in force: the propagator, always; the tracer, when spans are exported.
+pub struct Tracing {
+    propagator: TraceContextPropagator,
+    tracer: Option<SdkTracer>,
+    provider: Option<SdkTracerProvider>,
+}
+
+/// The W3C headers a record carries.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TraceHeaders {
+    pub traceparent: String,
+    pub tracestate: Option<String>,
+}
+
+impl Tracing {
+    /// Propagation only.
+    pub fn off() -> Tracing {
+        Tracing {
+            propagator: TraceContextPropagator::new(),
+            tracer: None,
+            provider: None,
+        }
+    }
+
+    /// The tracing of `plan`; with an endpoint, the export task runs on the current tokio
+    /// runtime.
+    pub fn start(plan: &Plan, dropped: IntCounter) -> Result<Tracing, String> {
+        let Some(endpoint) = &plan.endpoint else {
+            return Ok(Tracing::off());
+        };
+        let client = opentelemetry_http::hyper::HyperClient::with_default_connector(
+            plan.export_timeout,
+            None,
+        );
+        let mut exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_http_client(client)
+            .with_endpoint(endpoint.clone())
+            .with_headers(plan.headers.clone())
+            .with_timeout(plan.export_timeout)
+            .build()
+            .map_err(|e| format!("the OTLP exporter: {e}"))?;
+        let resource = Resource::builder()
+            .with_service_name(plan.service_name.clone())
+            .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
+            .build();
+        exporter.set_resource(&resource);
+        let (tx, rx) = mpsc::channel(plan.max_queue_spans);
+        tokio::spawn(export(exporter, rx, plan.export_timeout, dropped.clone()));
+        let provider = SdkTracerProvider::builder()
+            .with_span_processor(Queue { tx, dropped })
+            .with_sampler(plan.sampler.sampler())
+            .with_resource(resource)
+            .build();
+        Ok(Tracing {
+            propagator: TraceContextPropagator::new(),
+            tracer: Some(provider.tracer("tamio-kafka-bridge")),
+            provider: Some(provider),
+        })
+    }
+
+    /// The tracer, when spans are built.
+    pub fn tracer(&self) -> Option<&SdkTracer> {
+        self.tracer.as_ref()
+    }
+
+    /// The trace context a request's headers carry (empty when they carry none, or an
+    /// invalid one).
+    pub fn extract(&self, headers: &http::HeaderMap) -> Context {
+        if !headers.contains_key("traceparent") {
+            return Context::new();
+        }
+        self.propagator
+            .extract(&opentelemetry_http::HeaderExtractor(headers))
+    }
+
+    /// The headers of a record whose producer span is `span` (the span of `cx`).
+    pub fn headers_of(&self, cx: &Context) -> TraceHeaders {
+        let mut out = Headers::default();
+        self.propagator.inject_context(cx, &mut out);
+        TraceHeaders {
+            traceparent: out.traceparent.unwrap_or_default(),
+            tracestate: out.tracestate.filter(|s| !s.is_empty()),
+        }
+    }
+
+    /// The context of a producer span that is not built (tracing off, or not sampled): a
+    /// new span id in the parent's trace (or a new trace), with the parent's flags and
+    /// state.
+    pub fn unbuilt_child(&self, parent: &Context) -> Context {
+        let span = parent.span();
+        let p = span.span_context();
+        let (trace_id, flags, state) = if p.is_valid() {
+            (p.trace_id(), p.trace_flags(), p.trace_state().clone())
+        } else {
+            (
+                TraceId::from_bytes(rand::random::<u128>().max(1).to_be_bytes()),
+                TraceFlags::default(),
+                TraceState::default(),
+            )
+        };
+        let id = SpanId::from_bytes(rand::random::<u64>().max(1).to_be_bytes());
+        Context::new().with_remote_span_context(SpanContext::new(trace_id, id, flags, false, state))
+    }
+
+    /// Exports what waits, within `timeout` (on shutdown).
+    pub fn shutdown(&self, timeout: Duration) {
+        if let Some(provider) = &self.provider {
+            let _ = provider.shutdown_with_timeout(timeout);
+        }
+    }
+}
+
+#[derive(Default)]
+struct Headers {
+    traceparent: Option<String>,
+    tracestate: Option<String>,
+}
+
+impl Injector for Headers {
+    fn set(&mut self, key: &str, value: String) {
+        match key {
+            "traceparent" => self.traceparent = Some(value),
+            "tracestate" => self.tracestate = Some(value),
+            _ => {}
+        }
+    }
+}
+
+/// Reads trace context from any string map (a record's headers, in the example consumer).
+pub struct MapExtractor<'a>(pub &'a BTreeMap<String, String>);
+
+impl Extractor for MapExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(String::as_str).collect()
+    }
+}
+
+/// Ended spans into a bounded queue; what does not fit is dropped and counted.
+#[derive(Debug)]
+struct Queue {
+    tx: mpsc::Sender<SpanData>,
+    dropped: IntCounter,
+}
+
+impl SpanProcessor for Queue {
+    fn on_start(&self, _span: &mut opentelemetry_sdk::trace::Span, _cx: &Context) {}
+
+    fn on_end(&self, span: SpanData) {
+        if self.tx.try_send(span).is_err() {
+            self.dropped.inc();
+        }
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        Ok(())
+    }
+
+    fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
+        Ok(())
+    }
+}
+
+/// Exports the queue's spans in batches, every [`EXPORT_EVERY`] or [`BATCH`] spans; an
+/// export that fails or takes longer than `timeout` drops its spans (counted).
+async fn export(
+    exporter: opentelemetry_otlp::SpanExporter,
+    mut rx: mpsc::Receiver<SpanData>,
+    timeout: Duration,
+    dropped: IntCounter,
+) {
+    let mut batch = Vec::with_capacity(BATCH);
+    loop {
+        let deadline = tokio::time::Instant::now() + EXPORT_EVERY;
+        while batch.len() < BATCH {
+            let room = BATCH - batch.len();
+            match tokio::time::timeout_at(deadline, rx.recv_many(&mut batch, room)).await {
+                Ok(0) => {
+                    // Every sender is gone: the last batch, then stop.
+                    if !batch.is_empty() {
+                        send(&exporter, std::mem::take(&mut batch), timeout, &dropped).await;
+                    }
+                    return;
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        if !batch.is_empty() {
+            let out = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
+            send(&exporter, out, timeout, &dropped).await;
+        }
+    }
+}
+
+async fn send(
+    exporter: &opentelemetry_otlp::SpanExporter,
+    batch: Vec<SpanData>,
+    timeout: Duration,
+    dropped: &IntCounter,
+) {
+    let n = batch.len() as u64;
+    match tokio::time::timeout(timeout, exporter.export(batch)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => {
+            dropped.inc_by(n);
+            tracing::debug!(%err, spans = n, "span export failed; the spans are dropped");
+        }
+        Err(_) => {
+            dropped.inc_by(n);
+            tracing::debug!(spans = n, "span export timed out; the spans are dropped");
+        }
+    }
+}
+
+/// Starts a span on `tracer`, child of `parent`, with `attributes`.
+pub fn start_span(
+    tracer: &SdkTracer,
+    name: impl Into<std::borrow::Cow<'static, str>>,
+    kind: SpanKind,
+    parent: &Context,
+    attributes: Vec<KeyValue>,
+) -> BoxedSpan {
+    tracer
+        .span_builder(name)
+        .with_kind(kind)
+        .with_attributes(attributes)
+        .start_with_context(tracer, parent)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> TracingSettings {
+        crate::config::Settings::load_from(None, Vec::<(String, String)>::new())
+            .unwrap()
+            .tracing
+    }
+
+    #[test]
+    fn the_standard_variables_win_over_the_settings() {
+        let mut t = settings();
+        t.endpoint = "http://collector:4318".into();
+        let plan = Plan::build(&t, |_| None).unwrap();
+        assert_eq!(
+            plan.endpoint.as_deref(),
+            Some("http://collector:4318/v1/traces")
+        );
+        assert_eq!(
+            plan.sampler,
+            SamplerChoice::ParentBased(ParentDefault::Ratio(1.0))
+        );
+        let env = |name: &str| match name {
+            "OTEL_EXPORTER_OTLP_ENDPOINT" => Some("http://other:4318/".into()),
+            "OTEL_TRACES_SAMPLER" => Some("traceidratio".into()),
+            "OTEL_TRACES_SAMPLER_ARG" => Some("0.25".into()),
+            "OTEL_SERVICE_NAME" => Some("bridge-eu".into()),
+            _ => None,
+        };
+        let plan = Plan::build(&t, env).unwrap();
+        assert_eq!(
+            plan.endpoint.as_deref(),
+            Some("http://other:4318/v1/traces")
+        );
+        assert_eq!(plan.sampler, SamplerChoice::Ratio(0.25));
+        assert_eq!(plan.service_name, "bridge-eu");
+        let traces = |name: &str| {
+            (name == "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").then(|| "http://t:1/custom".into())
+        };
+        assert_eq!(
+            Plan::build(&t, traces).unwrap().endpoint.as_deref(),
+            Some("http://t:1/custom")
+        );
+        t.sampler_arg = "2".into();
+        assert!(Plan::build(&t, |_| None).is_err());
+        t.sampler_arg = "1".into();
+        t.sampler = "sometimes".into();
+        assert!(Plan::build(&t, |_| None).is_err());
+    }
+
+    #[test]
+    fn a_valid_traceparent_is_continued_and_an_invalid_one_ignored() {
+        let tracing = Tracing::off();
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+                .parse()
+                .unwrap(),
+        );
+        headers.insert("tracestate", "vendor=abc".parse().unwrap());
+        let parent = tracing.extract(&headers);
+        let child = tracing.unbuilt_child(&parent);
+        let out = tracing.headers_of(&child);
+        assert!(
+            out.traceparent
+                .starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+            "{out:?}"
+        );
+        assert!(out.traceparent.ends_with("-01"));
+        assert!(
+            !out.traceparent.contains("00f067aa0ba902b7"),
+            "a new span id"
+        );
+        assert_eq!(out.tracestate.as_deref(), Some("vendor=abc"));
+
+        headers.insert(
+            "traceparent",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01"
+                .parse()
+                .unwrap(),
+        );
+        let out = tracing.headers_of(&tracing.unbuilt_child(&tracing.extract(&headers)));
+        assert!(
+            !out.traceparent.contains("0000000000000000000000000000000"),
+            "{out:?}"
+        );
+        assert!(
+            out.traceparent.ends_with("-00"),
+            "a new trace, not sampled: {out:?}"
+        );
+    }
+}
