@@ -7,13 +7,21 @@
 //! ```
 //! `--from-beginning` reads the topic from its start; `--exit-when-idle-ms N` stops after N ms
 //! without records and prints a summary (for scripts and tests).
+//!
+//! Traces: each record's `traceparent` header names the bridge's producer span. With
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` set, this consumer exports a `process <topic>` span per
+//! record as its child, so a trace reads request → publish → process; each printed line
+//! carries the `trace_id` either way.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
+use opentelemetry::trace::{Span as _, TraceContextExt};
+use opentelemetry::KeyValue;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use tamio_kafka_bridge::trace;
 
 struct Args {
     brokers: String,
@@ -56,6 +64,25 @@ struct TicketState {
 
 fn main() {
     let args = args();
+    // Spans, when a collector is named: the bridge's own tracing, on a runtime of its own.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let _entered = runtime.enter();
+    let settings =
+        tamio_kafka_bridge::config::Settings::load_from(None, Vec::<(String, String)>::new())
+            .expect("default settings");
+    let mut plan = trace::Plan::build(&settings.tracing, |name| std::env::var(name).ok())
+        .expect("the OTEL_* variables");
+    plan.service_name =
+        std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| "tamio-tickets-consumer".into());
+    let tracing = trace::Tracing::start(
+        &plan,
+        prometheus::IntCounter::new("dropped", "dropped").unwrap(),
+    )
+    .expect("tracing");
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &args.brokers)
         .set("group.id", &args.group)
@@ -97,6 +124,33 @@ fn main() {
                 let Some(event_id) = header("event_id") else {
                     continue;
                 };
+                // The trace the bridge put in the record, continued by a consumer span.
+                let carried: BTreeMap<String, String> = ["traceparent", "tracestate"]
+                    .into_iter()
+                    .filter_map(|k| header(k).map(|v| (k.to_owned(), v)))
+                    .collect();
+                let parent = tracing.extract_from(&trace::MapExtractor(&carried));
+                let trace_id = parent.span().span_context().trace_id().to_string();
+                if let Some(tracer) = tracing.tracer() {
+                    let mut span = trace::start_span(
+                        tracer,
+                        format!("process {}", args.topic),
+                        trace::SpanKind::Consumer,
+                        &parent,
+                        vec![
+                            KeyValue::new("messaging.system", "kafka"),
+                            KeyValue::new("messaging.operation.type", "process"),
+                            KeyValue::new("messaging.destination.name", args.topic.clone()),
+                            KeyValue::new(
+                                "messaging.destination.partition.id",
+                                m.partition().to_string(),
+                            ),
+                            KeyValue::new("messaging.kafka.offset", m.offset()),
+                            KeyValue::new("tamio.event.id", event_id.clone()),
+                        ],
+                    );
+                    span.end();
+                }
                 if !seen.insert(event_id.clone()) {
                     duplicates += 1;
                     continue;
@@ -122,6 +176,7 @@ fn main() {
                             "is_open": ticket["is_open"],
                             "event_type": event_type,
                             "event_id": event_id,
+                            "trace_id": trace_id,
                         })
                     );
                     tickets.insert(
@@ -144,6 +199,8 @@ fn main() {
             }
         }
     }
+    // The last spans leave before the summary.
+    tracing.shutdown(Duration::from_secs(2));
     let mut latest: Vec<_> = tickets.iter().collect();
     latest.sort_by(|a, b| a.0.cmp(b.0));
     println!(

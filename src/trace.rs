@@ -219,9 +219,16 @@ impl Tracing {
             .build();
         exporter.set_resource(&resource);
         let (tx, rx) = mpsc::channel(plan.max_queue_spans);
-        tokio::spawn(export(exporter, rx, plan.export_timeout, dropped.clone()));
+        let (flush, flushes) = mpsc::unbounded_channel();
+        tokio::spawn(export(
+            exporter,
+            rx,
+            flushes,
+            plan.export_timeout,
+            dropped.clone(),
+        ));
         let provider = SdkTracerProvider::builder()
-            .with_span_processor(Queue { tx, dropped })
+            .with_span_processor(Queue { tx, flush, dropped })
             .with_sampler(plan.sampler.sampler())
             .with_resource(resource)
             .build();
@@ -245,6 +252,11 @@ impl Tracing {
         }
         self.propagator
             .extract(&opentelemetry_http::HeaderExtractor(headers))
+    }
+
+    /// The trace context any carrier holds (a record's headers, for a consumer).
+    pub fn extract_from(&self, carrier: &dyn Extractor) -> Context {
+        self.propagator.extract(carrier)
     }
 
     /// The headers of a record whose producer span is `span` (the span of `cx`).
@@ -317,6 +329,8 @@ impl Extractor for MapExtractor<'_> {
 #[derive(Debug)]
 struct Queue {
     tx: mpsc::Sender<SpanData>,
+    /// Asks the export task to export what waits now, and to say when it is done.
+    flush: mpsc::UnboundedSender<std::sync::mpsc::Sender<()>>,
     dropped: IntCounter,
 }
 
@@ -333,7 +347,12 @@ impl SpanProcessor for Queue {
         Ok(())
     }
 
-    fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        // Called off the runtime's threads (the bridge's shutdown uses a blocking thread).
+        let (done, wait) = std::sync::mpsc::channel();
+        if self.flush.send(done).is_ok() {
+            let _ = wait.recv_timeout(timeout);
+        }
         Ok(())
     }
 }
@@ -343,6 +362,7 @@ impl SpanProcessor for Queue {
 async fn export(
     exporter: opentelemetry_otlp::SpanExporter,
     mut rx: mpsc::Receiver<SpanData>,
+    mut flushes: mpsc::UnboundedReceiver<std::sync::mpsc::Sender<()>>,
     timeout: Duration,
     dropped: IntCounter,
 ) {
@@ -351,16 +371,36 @@ async fn export(
         let deadline = tokio::time::Instant::now() + EXPORT_EVERY;
         while batch.len() < BATCH {
             let room = BATCH - batch.len();
-            match tokio::time::timeout_at(deadline, rx.recv_many(&mut batch, room)).await {
-                Ok(0) => {
-                    // Every sender is gone: the last batch, then stop.
-                    if !batch.is_empty() {
-                        send(&exporter, std::mem::take(&mut batch), timeout, &dropped).await;
+            tokio::select! {
+                received = tokio::time::timeout_at(deadline, rx.recv_many(&mut batch, room)) => {
+                    match received {
+                        Ok(0) => {
+                            // Every sender is gone: the last batch, then stop.
+                            if !batch.is_empty() {
+                                send(&exporter, std::mem::take(&mut batch), timeout, &dropped)
+                                    .await;
+                            }
+                            return;
+                        }
+                        Ok(_) => {}
+                        Err(_) => break,
                     }
-                    return;
                 }
-                Ok(_) => {}
-                Err(_) => break,
+                Some(done) = flushes.recv() => {
+                    // Everything that waits, now.
+                    while let Ok(span) = rx.try_recv() {
+                        batch.push(span);
+                        if batch.len() == BATCH {
+                            let out = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
+                            send(&exporter, out, timeout, &dropped).await;
+                        }
+                    }
+                    if !batch.is_empty() {
+                        let out = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
+                        send(&exporter, out, timeout, &dropped).await;
+                    }
+                    let _ = done.send(());
+                }
             }
         }
         if !batch.is_empty() {

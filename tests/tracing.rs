@@ -390,3 +390,82 @@ async fn without_tracing_records_still_carry_the_trace() {
         0.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_consumer_continues_the_trace_request_publish_process() {
+    let receiver = OtlpReceiver::start().await;
+    let topic = unique_topic("trace-consumer");
+    create_topic(&topic, 1).await;
+    let url = receiver.url();
+    let bridge = bridge(&topic, &[("OTEL_EXPORTER_OTLP_ENDPOINT", url.as_str())]);
+    bridge.wait_ready().await;
+    let traceparent = format!("00-{TRACE}-{PARENT}-01");
+    let mut body: serde_json::Value = serde_json::from_str(&event("whev_consumed")).unwrap();
+    body["data"]["ticket"]["updated_at"] = serde_json::json!(1_700_000_000);
+    let (reply, _) = deliver(
+        &bridge,
+        &body.to_string(),
+        true,
+        &[("traceparent", &traceparent)],
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+
+    let example = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples/consumer");
+    assert!(
+        example.exists(),
+        "{} is missing: .ci/test builds it",
+        example.display()
+    );
+    let out = tokio::process::Command::new(&example)
+        .args([
+            "--brokers",
+            &brokers(),
+            "--topic",
+            &topic,
+            "--from-beginning",
+        ])
+        .args(["--group", &unique_topic("g"), "--exit-when-idle-ms", "2000"])
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &url)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!("\"trace_id\":\"{TRACE}\"")),
+        "{stdout}"
+    );
+
+    let spans = receiver
+        .wait_for(Duration::from_secs(10), |spans| {
+            spans.iter().any(|(_, s)| s.kind == 5) && spans.iter().any(|(_, s)| s.kind == 4)
+        })
+        .await;
+    let (_, publish) = spans
+        .iter()
+        .find(|(_, s)| s.kind == 4)
+        .expect("the producer span");
+    let (service, process) = spans
+        .iter()
+        .find(|(_, s)| s.kind == 5)
+        .expect("a consumer span");
+    assert_eq!(service, "tamio-tickets-consumer");
+    assert_eq!(process.name, format!("process {topic}"));
+    assert_eq!(
+        hex_id(&process.trace_id),
+        TRACE,
+        "one trace: request, publish, process"
+    );
+    assert_eq!(process.parent_span_id, publish.span_id);
+}
