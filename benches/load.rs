@@ -25,7 +25,8 @@
 //! connections the shared duplicate store on, one Redis and a 3-master Cluster, beside a run
 //! with it off, on `redis-server`s
 //! the benchmark starts; and the first delivery after each of 10 starts per build, sent as
-//! soon as `/readyz` answers; also `tls`, `scrape`), `BENCH_CONFIG` (a `--config` file for this build, not the baseline),
+//! soon as `/readyz` answers; also `tls`, `scrape`, and `tracing`: at 64 connections spans
+//! exported to an OTLP receiver in this process at a ratio of 1 and of 0.01, beside none), `BENCH_CONFIG` (a `--config` file for this build, not the baseline),
 //! `TANSU_BIN` (default: `tansu` on the PATH). Both builds run with the default settings,
 //! logging at `info` included.
 
@@ -35,6 +36,10 @@ mod tls;
 
 #[path = "../tests/common/net.rs"]
 mod net;
+
+#[path = "../tests/common/otlp.rs"]
+#[allow(dead_code)]
+mod otlp;
 
 #[path = "../tests/common/redis_server.rs"]
 #[allow(dead_code)]
@@ -1041,6 +1046,58 @@ async fn bench(options: Options, levels: Vec<usize>) {
             );
         }
         println!();
+    }
+
+    // Traces exported (to an OTLP receiver in this process) at a ratio of 1 and of 0.01,
+    // beside a run without, interleaved.
+    if levels.contains(&64) && options.extra.contains("tracing") {
+        let receiver = otlp::OtlpReceiver::start().await;
+        let all = [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.url()),
+            ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio".to_owned()),
+            ("OTEL_TRACES_SAMPLER_ARG", "1".to_owned()),
+        ];
+        let some = [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.url()),
+            ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio".to_owned()),
+            ("OTEL_TRACES_SAMPLER_ARG", "0.01".to_owned()),
+        ];
+        let (mut off_total, mut all_total, mut some_total) = (None, None, None);
+        // Each round starts with another of the three, so that none always runs on the
+        // broker the others have filled.
+        for round in 0..options.rounds {
+            for turn in 0..3 {
+                match (round + turn) % 3 {
+                    0 => absorb(
+                        &mut off_total,
+                        measure_once(new_bin, &brokers, 64, duration, &[], None).await,
+                    ),
+                    1 => absorb(
+                        &mut all_total,
+                        measure_once(new_bin, &brokers, 64, duration, &all, None).await,
+                    ),
+                    _ => absorb(
+                        &mut some_total,
+                        measure_once(new_bin, &brokers, 64, duration, &some, None).await,
+                    ),
+                }
+            }
+        }
+        let (off, all, some) = (off_total.unwrap(), all_total.unwrap(), some_total.unwrap());
+        measured_row("tracing off", 64, &off);
+        measured_row("tracing 1.0", 64, &all);
+        measured_row("tracing 0.01", 64, &some);
+        for (name, run) in [("ratio 1.0", &all), ("ratio 0.01", &some)] {
+            println!(
+                "tracing, {name}: CPU per event {:.2}x ({:+.1} µs), p99 {:.2} -> {:.2} ms, events/s {:.2}x",
+                run.cpu_us_per_event() / off.cpu_us_per_event(),
+                run.cpu_us_per_event() - off.cpu_us_per_event(),
+                off.run.pct(0.99),
+                run.run.pct(0.99),
+                run.run.throughput() / off.run.throughput()
+            );
+        }
+        println!("spans received: {}\n", receiver.spans().len());
     }
 
     // The first delivery after a start, sent as soon as `/readyz` answers 200: what a sender

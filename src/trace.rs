@@ -436,13 +436,18 @@ pub fn start_span(
     name: impl Into<std::borrow::Cow<'static, str>>,
     kind: SpanKind,
     parent: &Context,
-    attributes: Vec<KeyValue>,
+    attributes: impl FnOnce() -> Vec<KeyValue>,
 ) -> BoxedSpan {
-    tracer
+    // The samplers offered decide on the trace id and the parent alone, so the attributes
+    // are made only for a span that records: an unsampled request allocates none of them.
+    let mut span = tracer
         .span_builder(name)
         .with_kind(kind)
-        .with_attributes(attributes)
-        .start_with_context(tracer, parent)
+        .start_with_context(tracer, parent);
+    if span.is_recording() {
+        span.set_attributes(attributes());
+    }
+    span
 }
 
 #[cfg(test)]

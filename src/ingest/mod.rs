@@ -150,7 +150,7 @@ async fn deliver(
     span: Option<trace::BoxedSpan>,
 ) -> Result<(crate::publish::Delivered, Arc<str>), PublishError> {
     let result = publisher.publish(&record, None).await;
-    if let Some(mut span) = span {
+    if let Some(mut span) = span.filter(|s| s.is_recording()) {
         match &result {
             Ok(d) => {
                 span.set_attribute(KeyValue::new(
@@ -241,6 +241,10 @@ pub struct Ingest {
     tracing: Arc<Tracing>,
     /// The duplicate store's name, for spans.
     dedup_store: &'static str,
+    /// The server span's name for the ingress path (`POST <path>`), and the producer spans'
+    /// (`publish <topic>`) for the routes' topics: made once, not per request.
+    span_name: &'static str,
+    publish_span_names: Vec<(String, &'static str)>,
 }
 
 impl Ingest {
@@ -258,7 +262,6 @@ impl Ingest {
             path: settings.server.path.clone(),
             max_body_bytes: settings.server.max_body_bytes,
             request_timeout: settings.request_timeout(),
-            routes,
             cloudevents: settings.kafka.cloudevents,
             dead_letter_topic: settings.dead_letter_topic().map(str::to_owned),
             verifier: RwLock::new(Arc::new(verifier)),
@@ -282,7 +285,26 @@ impl Ingest {
                 crate::config::DedupStore::Memory => "memory",
                 crate::config::DedupStore::Redis => "redis",
             },
+            // Made once per process (the path and the routes take a restart).
+            span_name: Box::leak(format!("POST {}", settings.server.path).into_boxed_str()),
+            publish_span_names: routes
+                .topics()
+                .into_iter()
+                .map(|topic| {
+                    let name: &'static str = Box::leak(format!("publish {topic}").into_boxed_str());
+                    (topic, name)
+                })
+                .collect(),
+            routes,
         })
+    }
+
+    /// The producer span's name for `topic`.
+    fn publish_span_name(&self, topic: &str) -> Cow<'static, str> {
+        match self.publish_span_names.iter().find(|(t, _)| t == topic) {
+            Some((_, name)) => Cow::Borrowed(name),
+            None => Cow::Owned(format!("publish {topic}")),
+        }
     }
 
     /// Waits up to `timeout` for the writes to the shared duplicate store (on shutdown).
@@ -340,27 +362,31 @@ impl Ingest {
             Some(tracer) => {
                 let routed = req.uri().path() == self.path;
                 let name = if routed {
-                    format!("{} {}", req.method(), self.path)
+                    Cow::Borrowed(self.span_name)
                 } else {
-                    req.method().to_string()
+                    Cow::Owned(req.method().to_string())
                 };
-                let mut attributes = vec![
-                    KeyValue::new("http.request.method", req.method().to_string()),
-                    KeyValue::new(
-                        "url.path",
-                        req.uri().path().chars().take(256).collect::<String>(),
-                    ),
-                ];
-                if routed {
-                    attributes.push(KeyValue::new("http.route", self.path.clone()));
-                }
                 let span =
-                    trace::start_span(tracer, name, trace::SpanKind::Server, &parent, attributes);
+                    trace::start_span(tracer, name, trace::SpanKind::Server, &parent, || {
+                        let mut attributes = vec![
+                            KeyValue::new("http.request.method", req.method().to_string()),
+                            KeyValue::new(
+                                "url.path",
+                                req.uri().path().chars().take(256).collect::<String>(),
+                            ),
+                        ];
+                        if routed {
+                            attributes.push(KeyValue::new("http.route", self.path.clone()));
+                        }
+                        attributes
+                    });
                 parent.with_span(span)
             }
             None => parent,
         };
-        let traced = self.tracing.tracer().is_some();
+        // Whether this request's spans record (sampled): only then are attributes and
+        // events made.
+        let traced = cx.span().is_recording();
         let (outcome, response, refused) = match self.process(req, &mut seen, &cx).await {
             Ok(accepted) => {
                 tracing::debug!(
@@ -466,7 +492,7 @@ impl Ingest {
         self.metrics.in_flight.inc();
         let _in_flight = scopeguard(|| self.metrics.in_flight.dec());
 
-        let traced = self.tracing.tracer().is_some();
+        let traced = cx.span().is_recording();
         if traced {
             cx.span()
                 .set_attribute(KeyValue::new("http.request.body.size", bytes.len() as i64));
@@ -587,24 +613,26 @@ impl Ingest {
         // request's trace. Its context travels in the record's headers.
         let (span, producer_cx) = match self.tracing.tracer() {
             Some(tracer) => {
-                let mut attributes = vec![
-                    KeyValue::new("messaging.system", "kafka"),
-                    KeyValue::new("messaging.operation.type", "send"),
-                    KeyValue::new("messaging.operation.name", "publish"),
-                    KeyValue::new("messaging.destination.name", record.topic.to_string()),
-                ];
-                if let Some(key) = &record.key {
-                    attributes.push(KeyValue::new(
-                        "messaging.kafka.message.key",
-                        String::from_utf8_lossy(key).into_owned(),
-                    ));
-                }
                 let span = trace::start_span(
                     tracer,
-                    format!("publish {}", record.topic),
+                    self.publish_span_name(&record.topic),
                     trace::SpanKind::Producer,
                     cx,
-                    attributes,
+                    || {
+                        let mut attributes = vec![
+                            KeyValue::new("messaging.system", "kafka"),
+                            KeyValue::new("messaging.operation.type", "send"),
+                            KeyValue::new("messaging.operation.name", "publish"),
+                            KeyValue::new("messaging.destination.name", record.topic.to_string()),
+                        ];
+                        if let Some(key) = &record.key {
+                            attributes.push(KeyValue::new(
+                                "messaging.kafka.message.key",
+                                String::from_utf8_lossy(key).into_owned(),
+                            ));
+                        }
+                        attributes
+                    },
                 );
                 let producer_cx =
                     TraceContext::new().with_remote_span_context(span.span_context().clone());
