@@ -137,17 +137,19 @@ fn main() {
                         format!("process {}", args.topic),
                         trace::SpanKind::Consumer,
                         &parent,
-                        vec![
-                            KeyValue::new("messaging.system", "kafka"),
-                            KeyValue::new("messaging.operation.type", "process"),
-                            KeyValue::new("messaging.destination.name", args.topic.clone()),
-                            KeyValue::new(
-                                "messaging.destination.partition.id",
-                                m.partition().to_string(),
-                            ),
-                            KeyValue::new("messaging.kafka.offset", m.offset()),
-                            KeyValue::new("tamio.event.id", event_id.clone()),
-                        ],
+                        || {
+                            vec![
+                                KeyValue::new("messaging.system", "kafka"),
+                                KeyValue::new("messaging.operation.type", "process"),
+                                KeyValue::new("messaging.destination.name", args.topic.clone()),
+                                KeyValue::new(
+                                    "messaging.destination.partition.id",
+                                    m.partition().to_string(),
+                                ),
+                                KeyValue::new("messaging.kafka.offset", m.offset()),
+                                KeyValue::new("tamio.event.id", event_id.clone()),
+                            ]
+                        },
                     );
                     span.end();
                 }
