@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod plan;
 pub mod publish;
 pub mod reload;
+pub mod replay;
 pub mod server;
 pub mod trace;
 
@@ -54,6 +55,10 @@ pub enum RunError {
     Plan(#[from] PlanError),
     #[error("{0}")]
     Dedup(String),
+    #[error(transparent)]
+    Replay(#[from] replay::ReplayError),
+    #[error("the destination topics cannot be written: {0}")]
+    Destinations(String),
 }
 
 /// The bridge's metrics, every fixed label set taken from the stage that owns it.
@@ -245,6 +250,81 @@ pub async fn run_with_reloads(
     let _ = admin_task.await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Replays the dead letters `options` select through the pipeline of `plan` (its routes,
+/// secrets, envelope rules, duplicate store and record format), until the topic is read to
+/// its end or `stop` completes; then flushes the producer and the duplicate store's writes.
+pub async fn replay(
+    plan: Plan,
+    options: replay::Options,
+    progress: impl FnMut(&replay::Counts),
+    stop: impl Future<Output = ()>,
+) -> Result<replay::Summary, RunError> {
+    if plan.settings.embedded_kafka() {
+        return Err(RunError::NoBrokers);
+    }
+    let Plan {
+        settings,
+        routes,
+        verifier,
+        dedup,
+        producer,
+        tracing: trace_plan,
+        ..
+    } = plan;
+    let metrics = Arc::new(metrics());
+    let publisher = Arc::new(Publisher::new(
+        producer,
+        metrics.clone(),
+        &settings.kafka.topic,
+    )?);
+    // Nothing is read before every destination can be written: a missing topic would
+    // otherwise stop the replay at its first record.
+    if !options.dry_run {
+        publisher
+            .probe(
+                &routes.topics(),
+                Duration::from_millis(settings.kafka.readiness_timeout_ms)
+                    .max(Duration::from_secs(5)),
+            )
+            .await
+            .map_err(|e| RunError::Destinations(e.to_string()))?;
+    }
+    let traces = Arc::new(
+        trace::Tracing::start(&trace_plan, metrics.trace_spans_dropped.clone())
+            .map_err(RunError::Dedup)?,
+    );
+    let ingest = Arc::new(
+        Ingest::new(
+            &settings,
+            routes,
+            verifier,
+            dedup,
+            publisher.clone(),
+            metrics,
+            traces.clone(),
+        )
+        .map_err(RunError::Dedup)?,
+    );
+    let summary = replay::run(
+        ingest.clone(),
+        &settings.kafka,
+        settings.request_timeout(),
+        options,
+        progress,
+        stop,
+    )
+    .await;
+    publisher
+        .flush(Duration::from_millis(settings.kafka.flush_timeout_ms))
+        .await;
+    ingest
+        .flush_dedup(Duration::from_millis(settings.dedup.redis_timeout_ms * 4))
+        .await;
+    let flushing = traces.clone();
+    let _ = tokio::task::spawn_blocking(move || flushing.shutdown(Duration::from_secs(2))).await;
+    Ok(summary?)
 }
 
 /// Logs the memory the settings allow at their bounds, and warns when the container's limit

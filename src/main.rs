@@ -56,6 +56,11 @@ enum Command {
     /// Loads and checks the settings, prints them as TOML for a --config file (secrets left
     /// out) and exits.
     CheckConfig,
+    /// Reads the dead-letter topic and puts through again what the current settings accept:
+    /// each body verified again against its recorded signature, then the live pipeline.
+    /// Exits 0 when everything selected was published (or already was), 2 when some stay
+    /// refused, 3 when stopped before the end (run it again to resume), 1 on an error.
+    Replay(cli::replay::Args),
 }
 
 /// An example delivery, printed ready to send in the embedded mode.
@@ -72,6 +77,11 @@ fn main() {
             file,
         }) => cli::send::run(&url, &signing, ca_file.as_deref(), file),
         Some(Command::CheckConfig) => cli::check_config::run(cli.config.as_deref()),
+        Some(Command::Replay(args)) => match cli::replay::run(cli.config.as_deref(), args) {
+            Ok(0) => Ok(()),
+            Ok(code) => std::process::exit(code),
+            Err(e) => Err(e),
+        },
         None => serve(cli.config),
     };
     if let Err(err) = result {

@@ -1,7 +1,9 @@
 //! The subcommands beside serving: `sign` and `send` (a signed delivery, by hand or as a
-//! smoke test of a deployment) and `check-config` (the settings in force, as TOML).
+//! smoke test of a deployment), `check-config` (the settings in force, as TOML) and
+//! `replay` (dead letters put through again).
 
 pub mod check_config;
+pub mod replay;
 pub mod send;
 
 use std::io::Read;

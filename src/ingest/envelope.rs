@@ -345,6 +345,17 @@ impl<'a> Envelope<'a> {
     }
 }
 
+/// The ticket id of a body whose envelope was refused, when it names one at
+/// `data.ticket.id`: the dead letter's key. Read only on that path.
+pub fn peek_ticket_id(body: &[u8]) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    match value.pointer("/data/ticket/id")? {
+        serde_json::Value::String(id) if !id.is_empty() && id.len() <= 256 => Some(id.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -27,7 +27,7 @@ use tracing::{field, Instrument};
 use crate::config::Settings;
 use crate::error::{Outcome, Refusal};
 use crate::metrics::Metrics;
-use crate::publish::record::{DeadLetter, Record};
+use crate::publish::record::{DeadLetter, Record, Replayed};
 use crate::publish::{PublishError, Publisher};
 use crate::trace::{self, Span as _, Tracing};
 use body::{Bodies, BodyError, BodyLimits};
@@ -118,6 +118,22 @@ impl Seen {
             .as_deref()
             .and_then(|b| std::str::from_utf8(b).ok())
     }
+}
+
+/// How a dead letter is put through again.
+struct Replay {
+    replayed: Replayed,
+    dry_run: bool,
+}
+
+/// Where a replayed dead letter went: a partition of -1 for a dry run.
+#[derive(Debug, Clone)]
+pub struct ReplayAccepted {
+    pub event_id: String,
+    pub topic: Arc<str>,
+    pub partition: i32,
+    pub offset: i64,
+    pub duplicate: bool,
 }
 
 /// What the sender is told about an accepted event.
@@ -492,14 +508,67 @@ impl Ingest {
         self.metrics.in_flight.inc();
         let _in_flight = scopeguard(|| self.metrics.in_flight.dec());
 
-        let traced = cx.span().is_recording();
-        if traced {
+        if cx.span().is_recording() {
             cx.span()
                 .set_attribute(KeyValue::new("http.request.body.size", bytes.len() as i64));
         }
+        self.publish_verified(parts.headers, bytes, received_at, deadline, seen, cx, None)
+            .await
+    }
+
+    /// Puts a dead letter through again: verified against its recorded signature headers at
+    /// its `received_at`, then the pipeline of a live delivery (envelope rules, routes,
+    /// duplicate suppression, record format), the record carrying `replayed_from` and
+    /// `replayed_at`. A refusal is returned, never dead-lettered again. With `dry_run`, it
+    /// stops once the destination is known and writes nothing: `Ok` with no partition.
+    pub async fn replay(
+        &self,
+        headers: HeaderMap,
+        body: Bytes,
+        received_at: SystemTime,
+        replayed: Replayed,
+        dry_run: bool,
+    ) -> Result<ReplayAccepted, IngestError> {
+        let deadline = tokio::time::Instant::now() + self.request_timeout;
+        let mut seen = Seen::default();
+        let cx = self.tracing.extract(&headers);
+        let how = Replay { replayed, dry_run };
+        let accepted = self
+            .publish_verified(
+                headers,
+                body,
+                received_at,
+                deadline,
+                &mut seen,
+                &cx,
+                Some(how),
+            )
+            .await?;
+        Ok(ReplayAccepted {
+            event_id: String::from_utf8_lossy(&accepted.event_id).into_owned(),
+            topic: accepted.topic,
+            partition: accepted.partition,
+            offset: accepted.offset,
+            duplicate: accepted.duplicate,
+        })
+    }
+
+    /// Verifies, validates, routes, claims and publishes a received body.
+    #[allow(clippy::too_many_arguments)]
+    async fn publish_verified(
+        &self,
+        headers: HeaderMap,
+        bytes: Bytes,
+        received_at: SystemTime,
+        deadline: tokio::time::Instant,
+        seen: &mut Seen,
+        cx: &TraceContext,
+        replay: Option<Replay>,
+    ) -> Result<Accepted, IngestError> {
+        let traced = cx.span().is_recording();
         let verifier = self.verifier();
         let verified = verifier
-            .verify(&parts.headers, bytes, received_at)
+            .verify(&headers, bytes, received_at)
             .inspect_err(|e| {
                 self.metrics
                     .signature_failures
@@ -520,9 +589,10 @@ impl Ingest {
         let envelope = match Envelope::parse(&verified) {
             Ok(envelope) => envelope,
             Err(e) => {
+                let key = envelope::peek_ticket_id(verified.bytes());
                 return Err(self
-                    .refuse_signed(e.into(), &verified, &parts.headers, deadline)
-                    .await)
+                    .refuse_signed(e.into(), &verified, &headers, key, deadline, &replay)
+                    .await);
             }
         };
         seen.event_id = Some(slice_or_own(verified.bytes(), envelope.event_id.clone()));
@@ -548,11 +618,22 @@ impl Ingest {
         let destination = match self.routes.route(&envelope, verified.bytes()) {
             Ok(destination) => destination,
             Err(e) => {
+                let key = envelope.ticket_id.as_deref().map(str::to_owned);
                 return Err(self
-                    .refuse_signed(e.into(), &verified, &parts.headers, deadline)
-                    .await)
+                    .refuse_signed(e.into(), &verified, &headers, key, deadline, &replay)
+                    .await);
             }
         };
+
+        if let Some(Replay { dry_run: true, .. }) = &replay {
+            return Ok(Accepted {
+                event_id: slice_or_own(verified.bytes(), envelope.event_id.clone()),
+                topic: destination.topic.clone(),
+                partition: -1,
+                offset: -1,
+                duplicate: false,
+            });
+        }
 
         // A delivery of an event already acknowledged writes nothing; one of an event being
         // published right now waits for that outcome. Ids are scoped by endpoint, so one
@@ -602,13 +683,7 @@ impl Ingest {
         // if the request ends first (its deadline passes: 503, or the client goes away), a
         // task of its own finishes it, so that a record that still lands is remembered and
         // the sender's retry is answered as a duplicate instead of written again.
-        let mut record = record(
-            &verified,
-            parts.headers,
-            &envelope,
-            destination,
-            self.cloudevents,
-        );
+        let mut record = record(&verified, headers, &envelope, destination, self.cloudevents);
         // The producer span, child of the server span; without spans, only its id, in the
         // request's trace. Its context travels in the record's headers.
         let (span, producer_cx) = match self.tracing.tracer() {
@@ -641,6 +716,7 @@ impl Ingest {
             None => (None, self.tracing.unbuilt_child(cx)),
         };
         record.trace = Some(self.tracing.headers_of(&producer_cx));
+        record.replayed = replay.map(|r| r.replayed);
         let event_id = record.event_id.clone();
         let mut delivery = Finish::new(deliver(self.publisher.clone(), record, claim, span));
         let (delivered, topic) = match tokio::time::timeout_at(deadline, &mut delivery).await {
@@ -666,14 +742,18 @@ impl Ingest {
         err: IngestError,
         verified: &VerifiedBody,
         headers: &HeaderMap,
+        key: Option<String>,
         deadline: tokio::time::Instant,
+        replay: &Option<Replay>,
     ) -> IngestError {
-        let Some(topic) = &self.dead_letter_topic else {
+        // A replayed dead letter that still fails stays where it is.
+        let (Some(topic), None) = (&self.dead_letter_topic, replay) else {
             return err;
         };
         let message = err.to_string();
         let letter = DeadLetter {
             topic,
+            key: key.as_deref().map(str::as_bytes),
             value: verified.bytes(),
             error_kind: err.refusal().kind(),
             error: &message,
@@ -761,6 +841,7 @@ pub fn record(
         cloudevents,
         event_label: envelope::event_type_label(&envelope.event_type),
         trace: None,
+        replayed: None,
     }
 }
 

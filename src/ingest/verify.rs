@@ -696,6 +696,20 @@ impl Verifier {
         })
     }
 
+    /// The request headers that may carry a `tamio` or `hmac-sha256` signature, once each:
+    /// a record's `signature` header came from one of them.
+    pub fn signature_headers(&self) -> Vec<HeaderName> {
+        let mut names: Vec<HeaderName> = Vec::new();
+        for ring in self.global.iter().chain(self.endpoints.values()) {
+            if let Kind::Tamio { header, .. } | Kind::HmacSha256 { header, .. } = &ring.kind {
+                if !names.contains(header) {
+                    names.push(header.clone());
+                }
+            }
+        }
+        names
+    }
+
     /// True when deliveries are accepted without a signature.
     pub fn accepts_unsigned(&self) -> bool {
         self.unsigned

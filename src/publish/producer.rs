@@ -127,8 +127,47 @@ pub fn producer_config(kafka: &Kafka, brokers: &str, max_body_bytes: usize) -> C
         // librdkafka's default, would keep the first records waiting 50 ms). Backoffs
         // after a lost connection still double up to the maximum.
         .set("reconnect.backoff.ms", "20")
-        .set("client.id", "tamio-kafka-bridge")
-        .set("security.protocol", kafka.security_protocol());
+        .set("client.id", "tamio-kafka-bridge");
+    with_security(&mut cfg, kafka);
+    for (k, v) in &kafka.librdkafka {
+        cfg.set(k, v);
+    }
+    cfg
+}
+
+/// The options of `replay`'s consumer of the dead-letter topic in `group`: the brokers and
+/// security of the `kafka` settings, with the connection options of `kafka.librdkafka`
+/// (`security.*`, `ssl.*`, `sasl.*`, `socket.*`, `broker.*`; the others are the producer's);
+/// offsets committed by hand, after each record's outcome. A partition's end is found from
+/// the high watermark of the fetch answers (partition-end events are not used: librdkafka
+/// reports some as global errors, outside the stream of the partition's records).
+pub fn consumer_config(kafka: &Kafka, group: &str) -> ClientConfig {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", &kafka.brokers)
+        .set("group.id", group)
+        .set("client.id", "tamio-kafka-bridge-replay")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("allow.auto.create.topics", "false")
+        .set("reconnect.backoff.ms", "20")
+        .set("reconnect.backoff.max.ms", "1000");
+    with_security(&mut cfg, kafka);
+    for (k, v) in &kafka.librdkafka {
+        if ["security.", "ssl.", "sasl.", "socket.", "broker.", "debug"]
+            .iter()
+            .any(|prefix| k.starts_with(prefix))
+        {
+            cfg.set(k, v);
+        }
+    }
+    cfg
+}
+
+/// TLS and SASL from `kafka.tls` and `kafka.sasl`.
+fn with_security(cfg: &mut ClientConfig, kafka: &Kafka) {
+    cfg.set("security.protocol", kafka.security_protocol());
     let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
     let tls = &kafka.tls;
     if tls.enabled {
@@ -154,10 +193,6 @@ pub fn producer_config(kafka: &Kafka, brokers: &str, max_body_bytes: usize) -> C
                 String::from_utf8_lossy(kafka.sasl.password.expose()),
             );
     }
-    for (k, v) in &kafka.librdkafka {
-        cfg.set(k, v);
-    }
-    cfg
 }
 
 /// Checks the `kafka.tls` and `kafka.sasl` settings and their files.

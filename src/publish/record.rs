@@ -76,6 +76,17 @@ pub struct Record {
     pub event_label: &'static str,
     /// The W3C trace context of the record's producer span.
     pub trace: Option<crate::trace::TraceHeaders>,
+    /// Where a replayed record came from (`<topic>:<partition>:<offset>` of the dead
+    /// letter), and when it was replayed (RFC 3339).
+    pub replayed: Option<Replayed>,
+}
+
+/// The `replayed_from` and `replayed_at` headers of a record put through from the
+/// dead-letter topic.
+#[derive(Debug, Clone)]
+pub struct Replayed {
+    pub from: String,
+    pub at: String,
 }
 
 fn header<'a>(key: &'a str, value: &'a [u8]) -> Header<'a, &'a [u8]> {
@@ -150,6 +161,11 @@ impl Record {
                 }
             }
         }
+        if let Some(replayed) = &self.replayed {
+            headers = headers
+                .insert(header("replayed_from", replayed.from.as_bytes()))
+                .insert(header("replayed_at", replayed.at.as_bytes()));
+        }
         let record = FutureRecord::to(&self.topic)
             .payload(&self.value[..])
             .headers(with_signature(headers, &self.headers, &self.proof))
@@ -164,6 +180,9 @@ impl Record {
 /// A signed delivery whose envelope was refused, kept for inspection.
 pub struct DeadLetter<'a> {
     pub topic: &'a str,
+    /// The ticket id when the body names one: a ticket's dead letters share a partition,
+    /// so that a replay puts them through in their order.
+    pub key: Option<&'a [u8]>,
     pub value: &'a [u8],
     pub error_kind: &'a str,
     pub error: &'a str,
@@ -181,10 +200,14 @@ impl DeadLetter<'_> {
             .insert(header("error_kind", self.error_kind.as_bytes()))
             .insert(header("error", self.error.as_bytes()))
             .insert(header("received_at", received_at.as_bytes()));
-        FutureRecord::to(self.topic)
+        let record = FutureRecord::to(self.topic)
             .payload(self.value)
             .headers(with_signature(headers, self.headers, self.proof))
-            .timestamp(unix_millis(self.received_at))
+            .timestamp(unix_millis(self.received_at));
+        match self.key {
+            Some(key) => record.key(key),
+            None => record,
+        }
     }
 }
 
@@ -222,6 +245,10 @@ impl<const N: usize> std::fmt::Write for Text<N> {
 }
 
 /// RFC 3339 UTC with milliseconds, as in the `received_at` header.
+pub fn rfc3339_millis(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
 fn write_rfc3339_millis<const N: usize>(out: &mut Text<N>, t: SystemTime) {
     let _ = write!(out, "{}", humantime::format_rfc3339_millis(t));
 }
