@@ -554,3 +554,64 @@ async fn a_missing_dead_letter_topic_is_a_clear_error() {
     assert_eq!(code, 1);
     assert!(stderr.contains("kafka.dead_letter_topic"), "{stderr}");
 }
+
+/// 10,000 dead letters over 200 tickets, replayed with the defaults: every one published
+/// once. Prints the rate, the CPU and the peak memory (the figures of the README).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_dead_letters_are_replayed_once_each() {
+    const N: usize = 10_000;
+    let topic = unique_topic("replay-main");
+    let dlt = unique_topic("replay-dlt");
+    create_topic(&topic, 3).await;
+    create_topic(&dlt, 3).await;
+    let received = rfc3339(now());
+    let producer = writer();
+    let mut ids = Vec::new();
+    for i in 0..N {
+        let id = format!("whev_m_{i}");
+        let ticket = format!("tk-m{}", i % 200);
+        let body = event(&id, "whitelabel_ticket_updated", "ep-1", &ticket, i);
+        let sig = verify::header_value(SECRET.as_bytes(), now(), body.as_bytes());
+        let headers = [
+            ("error_kind", "unroutable_event"),
+            ("signature", sig.as_str()),
+            ("received_at", received.as_str()),
+        ];
+        write_with(&producer, &dlt, &ticket, &body, &headers).await;
+        ids.push(id);
+    }
+    let brokers = brokers();
+    let env = replay_env(&topic, &dlt, &brokers);
+    let mut cmd = command(&env);
+    cmd.args(["replay", "--output", "json"]);
+    cmd.stdout(std::process::Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    let pid = child.id();
+    let sampler = tokio::spawn(async move {
+        let (mut cpu, mut rss) = (0.0_f64, 0.0_f64);
+        loop {
+            let (c, r) = (cpu_seconds(pid), peak_rss_mb(pid));
+            if r.is_nan() {
+                return (cpu, rss);
+            }
+            (cpu, rss) = (c.max(cpu), r.max(rss));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let (cpu, rss) = sampler.await.unwrap();
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{summary:#}");
+    assert_eq!(summary["published"].as_u64(), Some(N as u64));
+    let secs = summary["elapsed_secs"].as_f64().unwrap();
+    println!(
+        "replay of {N} dead letters: {:.0} records/s ({secs:.2} s), CPU {cpu:.2} s \
+         ({:.0} µs a record), peak RSS {rss:.1} MB",
+        summary["records_per_sec"].as_f64().unwrap(),
+        cpu * 1e6 / N as f64
+    );
+    assert_all_in_kafka(&topic, &ids).await;
+    assert_eq!(read_topic(&topic, N).await.len(), N, "nothing written twice");
+}
