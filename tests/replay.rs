@@ -613,5 +613,9 @@ async fn ten_thousand_dead_letters_are_replayed_once_each() {
         cpu * 1e6 / N as f64
     );
     assert_all_in_kafka(&topic, &ids).await;
-    assert_eq!(read_topic(&topic, N).await.len(), N, "nothing written twice");
+    assert_eq!(
+        read_topic(&topic, N).await.len(),
+        N,
+        "nothing written twice"
+    );
 }
