@@ -228,9 +228,7 @@ pub async fn run_with_reloads(
 
     probe.abort();
     reload_task.abort();
-    let outstanding = publisher
-        .flush(Duration::from_millis(settings.kafka.flush_timeout_ms))
-        .await;
+    let outstanding = flush_stages(&settings, &publisher, &ingest_after_drain, &traces).await;
     if outstanding == 0 {
         tracing::info!("producer flushed");
     } else {
@@ -239,13 +237,6 @@ pub async fn run_with_reloads(
             "records still unacknowledged at the flush deadline (their senders were answered 503)"
         );
     }
-    // The acknowledgements of the last records, for the shared duplicate store.
-    ingest_after_drain
-        .flush_dedup(Duration::from_millis(settings.dedup.redis_timeout_ms * 4))
-        .await;
-    // The spans of the last requests.
-    let flushing = traces.clone();
-    let _ = tokio::task::spawn_blocking(move || flushing.shutdown(Duration::from_secs(2))).await;
     let _ = admin_stop.send(());
     let _ = admin_task.await;
     tracing::info!("stopped");
@@ -316,7 +307,21 @@ pub async fn replay(
         stop,
     )
     .await;
-    publisher
+    flush_stages(&settings, &publisher, &ingest, &traces).await;
+    Ok(summary?)
+}
+
+/// What the stages hold at the end, flushed in order: the producer's records (within
+/// `kafka.flush_timeout_ms`), then the shared duplicate store's writes of their
+/// acknowledgements, then the spans waiting for export. Returns the records still
+/// unacknowledged.
+async fn flush_stages(
+    settings: &Settings,
+    publisher: &Publisher,
+    ingest: &Ingest,
+    traces: &Arc<trace::Tracing>,
+) -> i32 {
+    let outstanding = publisher
         .flush(Duration::from_millis(settings.kafka.flush_timeout_ms))
         .await;
     ingest
@@ -324,7 +329,7 @@ pub async fn replay(
         .await;
     let flushing = traces.clone();
     let _ = tokio::task::spawn_blocking(move || flushing.shutdown(Duration::from_secs(2))).await;
-    Ok(summary?)
+    outstanding
 }
 
 /// Logs the memory the settings allow at their bounds, and warns when the container's limit

@@ -100,6 +100,7 @@ impl Selection {
     fn admits(&self, letter: &Letter) -> bool {
         if !self.endpoint_ids.is_empty()
             && !letter
+                .peeked
                 .endpoint_id
                 .as_ref()
                 .is_some_and(|id| self.endpoint_ids.contains(id))
@@ -108,6 +109,7 @@ impl Selection {
         }
         if let Some(pattern) = &self.event_type {
             if !letter
+                .peeked
                 .event_type
                 .as_deref()
                 .is_some_and(|t| pattern.matches(t))
@@ -288,8 +290,8 @@ struct Letter {
     /// The broker's append time, when the topic keeps one.
     appended_at: Option<SystemTime>,
     error_kind: Option<String>,
-    endpoint_id: Option<String>,
-    event_type: Option<String>,
+    /// What the unverified body says, for the filters and the report alone.
+    peeked: Peek,
 }
 
 impl Letter {
@@ -330,7 +332,7 @@ impl Letter {
             }
             _ => None,
         };
-        let (endpoint_id, event_type) = peek(&body);
+        let peeked = serde_json::from_slice::<Peek>(&body).unwrap_or_default();
         Letter {
             partition: message.partition(),
             offset: message.offset(),
@@ -340,8 +342,7 @@ impl Letter {
             received_at,
             appended_at,
             error_kind,
-            endpoint_id,
-            event_type,
+            peeked,
         }
     }
 
@@ -350,19 +351,15 @@ impl Letter {
     }
 }
 
-/// `endpoint_id` and `event_type` of an unverified body, for the filters alone.
-fn peek(body: &[u8]) -> (Option<String>, Option<String>) {
-    #[derive(serde::Deserialize)]
-    struct Peek {
-        #[serde(default)]
-        endpoint_id: Option<String>,
-        #[serde(default)]
-        event_type: Option<String>,
-    }
-    match serde_json::from_slice::<Peek>(body) {
-        Ok(p) => (p.endpoint_id, p.event_type),
-        Err(_) => (None, None),
-    }
+/// The identifiers an unverified body names (none when it is not such JSON).
+#[derive(Debug, Default, serde::Deserialize)]
+struct Peek {
+    #[serde(default)]
+    event_id: Option<String>,
+    #[serde(default)]
+    endpoint_id: Option<String>,
+    #[serde(default)]
+    event_type: Option<String>,
 }
 
 /// A record's outcome, as the replay counts it.
@@ -727,7 +724,7 @@ pub async fn run(
                             stayed.push(Stayed {
                                 partition: letter.partition,
                                 offset: letter.offset,
-                                event_id: peek_event_id(&letter.body),
+                                event_id: letter.peeked.event_id.clone(),
                                 reason,
                                 detail,
                             });
@@ -859,17 +856,6 @@ fn is_transient(e: &KafkaError) -> bool {
                 | RDKafkaErrorCode::NotLeaderForPartition
         )
     )
-}
-
-fn peek_event_id(body: &[u8]) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct Peek {
-        #[serde(default)]
-        event_id: Option<String>,
-    }
-    serde_json::from_slice::<Peek>(body)
-        .ok()
-        .and_then(|p| p.event_id)
 }
 
 #[cfg(test)]

@@ -94,6 +94,32 @@ fn rfc3339(unix: i64) -> String {
     .to_string()
 }
 
+/// Writes `n` correctly signed dead letters of `whitelabel_ticket_updated` events
+/// `whev_<prefix>_<i>` over `tickets` tickets (`tk-<prefix><i % tickets>`, the key), received
+/// now and refused as unroutable; returns their event ids. One record a batch, as the bridge
+/// writes dead letters (each waits for its acknowledgement): the test broker answers a fetch
+/// that starts inside a batch of several with records librdkafka never hands over, so a
+/// resumed position must be a batch's start.
+async fn write_signed_letters(dlt: &str, prefix: &str, n: usize, tickets: usize) -> Vec<String> {
+    let received = rfc3339(now());
+    let producer = writer();
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let id = format!("whev_{prefix}_{i}");
+        let ticket = format!("tk-{prefix}{}", i % tickets);
+        let body = event(&id, "whitelabel_ticket_updated", "ep-1", &ticket, i);
+        let sig = verify::header_value(SECRET.as_bytes(), now(), body.as_bytes());
+        let headers = [
+            ("error_kind", "unroutable_event"),
+            ("signature", sig.as_str()),
+            ("received_at", received.as_str()),
+        ];
+        write_with(&producer, dlt, &ticket, &body, &headers).await;
+        ids.push(id);
+    }
+    ids
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fixed_routes_put_every_dead_letter_through_once_in_ticket_order() {
     let topic = unique_topic("replay-main");
@@ -403,26 +429,7 @@ async fn a_replay_stopped_midway_resumes_with_nothing_lost_or_written_twice() {
     create_topic(&topic, 3).await;
     create_topic(&dlt, 3).await;
     const N: usize = 4000;
-    let received = rfc3339(now());
-    let producer = writer();
-    let mut ids = Vec::new();
-    // One record a batch, as the bridge writes dead letters (each waits for its
-    // acknowledgement): the test broker answers a fetch that starts inside a batch of
-    // several with records librdkafka never hands over, so a resumed position must be a
-    // batch's start.
-    for i in 0..N {
-        let id = format!("whev_k_{i}");
-        let ticket = format!("tk-k{}", i % 50);
-        let body = event(&id, "whitelabel_ticket_updated", "ep-1", &ticket, i);
-        let sig = verify::header_value(SECRET.as_bytes(), now(), body.as_bytes());
-        let headers = [
-            ("error_kind", "unroutable_event"),
-            ("signature", sig.as_str()),
-            ("received_at", received.as_str()),
-        ];
-        write_with(&producer, &dlt, &ticket, &body, &headers).await;
-        ids.push(id);
-    }
+    let ids = write_signed_letters(&dlt, "k", N, 50).await;
     let brokers = brokers();
     let env = replay_env(&topic, &dlt, &brokers);
     // One record at a time, so that the signal lands midway; SIGINT as Ctrl-C sends it,
@@ -503,24 +510,7 @@ async fn with_the_shared_store_another_group_writes_nothing_again() {
     let dlt = unique_topic("replay-dlt");
     create_topic(&topic, 1).await;
     create_topic(&dlt, 1).await;
-    let received = rfc3339(now());
-    for i in 0..20 {
-        let body = event(
-            &format!("whev_g_{i}"),
-            "whitelabel_ticket_updated",
-            "ep-1",
-            "tk-g",
-            i,
-        );
-        let sig = verify::header_value(SECRET.as_bytes(), now(), body.as_bytes());
-        write_letter(
-            &dlt,
-            "tk-g",
-            &body,
-            &[("signature", &sig), ("received_at", &received)],
-        )
-        .await;
-    }
+    write_signed_letters(&dlt, "g", 20, 1).await;
     let brokers = brokers();
     let url = redis.url();
     let mut env = replay_env(&topic, &dlt, &brokers);
@@ -564,22 +554,7 @@ async fn ten_thousand_dead_letters_are_replayed_once_each() {
     let dlt = unique_topic("replay-dlt");
     create_topic(&topic, 3).await;
     create_topic(&dlt, 3).await;
-    let received = rfc3339(now());
-    let producer = writer();
-    let mut ids = Vec::new();
-    for i in 0..N {
-        let id = format!("whev_m_{i}");
-        let ticket = format!("tk-m{}", i % 200);
-        let body = event(&id, "whitelabel_ticket_updated", "ep-1", &ticket, i);
-        let sig = verify::header_value(SECRET.as_bytes(), now(), body.as_bytes());
-        let headers = [
-            ("error_kind", "unroutable_event"),
-            ("signature", sig.as_str()),
-            ("received_at", received.as_str()),
-        ];
-        write_with(&producer, &dlt, &ticket, &body, &headers).await;
-        ids.push(id);
-    }
+    let ids = write_signed_letters(&dlt, "m", N, 200).await;
     let brokers = brokers();
     let env = replay_env(&topic, &dlt, &brokers);
     let mut cmd = command(&env);

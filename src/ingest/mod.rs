@@ -589,7 +589,7 @@ impl Ingest {
         let envelope = match Envelope::parse(&verified) {
             Ok(envelope) => envelope,
             Err(e) => {
-                let key = envelope::peek_ticket_id(verified.bytes());
+                let key = || envelope::peek_ticket_id(verified.bytes());
                 return Err(self
                     .refuse_signed(e.into(), &verified, &headers, key, deadline, &replay)
                     .await);
@@ -618,7 +618,7 @@ impl Ingest {
         let destination = match self.routes.route(&envelope, verified.bytes()) {
             Ok(destination) => destination,
             Err(e) => {
-                let key = envelope.ticket_id.as_deref().map(str::to_owned);
+                let key = || envelope.ticket_id.as_deref().map(str::to_owned);
                 return Err(self
                     .refuse_signed(e.into(), &verified, &headers, key, deadline, &replay)
                     .await);
@@ -742,7 +742,7 @@ impl Ingest {
         err: IngestError,
         verified: &VerifiedBody,
         headers: &HeaderMap,
-        key: Option<String>,
+        key: impl FnOnce() -> Option<String>,
         deadline: tokio::time::Instant,
         replay: &Option<Replay>,
     ) -> IngestError {
@@ -750,6 +750,8 @@ impl Ingest {
         let (Some(topic), None) = (&self.dead_letter_topic, replay) else {
             return err;
         };
+        // The ticket id, read only for a letter that is written.
+        let key = key();
         let message = err.to_string();
         let letter = DeadLetter {
             topic,
