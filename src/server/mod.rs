@@ -17,8 +17,10 @@
 //! - shutdown: stop accepting, close idle connections, let requests in flight finish within
 //!   `drain_timeout`.
 
+mod admission;
 mod h2guard;
 mod slot;
+mod socket;
 pub mod tls;
 
 use std::convert::Infallible;
@@ -37,12 +39,13 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 
 use crate::metrics::Metrics;
 use slot::{Connections, InProgress, Phase, Slot};
+use socket::{Peek, Socket};
 use tls::Tls;
 
 /// A connection's byte stream: TCP, or TLS over TCP, behind one type.
@@ -350,18 +353,25 @@ where
         // out to be processing a request stays, and the next is asked.
         let permit = loop {
             tokio::select! {
+                biased;
                 permit = permits.clone().acquire_owned() => break permit.ok(),
                 () = connections.refused.notified() => {
-                    connections.reclaim_one();
+                    // Told of a connection that stayed (possibly before this loop waited):
+                    // another is asked only if no slot is free and none asked is closing.
+                    if permits.available_permits() == 0 && connections.closing() == 0 {
+                        connections.reclaim_one();
+                    }
                 }
                 () = &mut shutdown => break None,
             }
         };
         let Some(permit) = permit else { break };
         let _ = stream.set_nodelay(true);
+        let (socket, peek) = socket::share(stream);
         let (open, slot) = connections.open();
         let connection = Connection {
             slot,
+            peek,
             connections: connections.clone(),
             accepted: Instant::now(),
             limits,
@@ -370,7 +380,7 @@ where
         let (handler, builder, stop) = (handler.clone(), builder.clone(), stop_rx.clone());
         let tls = tls.as_ref().map(|tls| tls.acceptor());
         tokio::spawn(async move {
-            connection.run(stream, tls, builder, handler, stop).await;
+            connection.run(socket, tls, builder, handler, stop).await;
             drop(open);
             drop(permit);
         });
@@ -416,6 +426,8 @@ const MIN_HTTP1_BUFFER: usize = 8192;
 /// One accepted connection and its bounds.
 struct Connection {
     slot: Arc<Slot>,
+    /// Whether request bytes wait in the socket.
+    peek: Peek,
     connections: Arc<Connections>,
     accepted: Instant,
     limits: Limits,
@@ -444,7 +456,7 @@ impl Connection {
     /// the first-request deadline; None when the connection ends before that.
     async fn establish(
         &self,
-        stream: TcpStream,
+        stream: Socket,
         tls: Option<tokio_rustls::TlsAcceptor>,
     ) -> Option<(Protocol, Box<dyn Stream>)> {
         match tls {
@@ -521,9 +533,16 @@ impl Connection {
         }
     }
 
+    /// Whether a connection asked to give its slot up keeps it: a request is being processed,
+    /// or the peer's bytes (a request, a TLS handshake) wait in the socket, however long
+    /// this process took to read them.
+    fn keeps_slot(&self) -> bool {
+        matches!(self.slot.phase(), Phase::Processing) || self.peek.bytes_waiting()
+    }
+
     async fn run<H, Fut>(
         self,
-        stream: TcpStream,
+        stream: Socket,
         tls: Option<tokio_rustls::TlsAcceptor>,
         builder: auto::Builder<TokioExecutor>,
         handler: H,
@@ -533,16 +552,25 @@ impl Connection {
         Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
     {
         let first_deadline = self.accepted + self.limits.header_read_timeout;
-        let established = tokio::select! {
-            established = tokio::time::timeout_at(first_deadline, self.establish(stream, tls)) => {
-                match established {
-                    Ok(Some(established)) => established,
+        let establish = tokio::time::timeout_at(first_deadline, self.establish(stream, tls));
+        tokio::pin!(establish);
+        let established = loop {
+            tokio::select! {
+                biased;
+                established = establish.as_mut() => match established {
+                    Ok(Some(established)) => break established,
                     Ok(None) => return,
                     Err(_) => return self.closed(CloseReason::SlowStart),
+                },
+                () = self.slot.reclaim.notified() => {
+                    if self.keeps_slot() {
+                        self.connections.stays(&self.slot);
+                    } else {
+                        return self.closed(CloseReason::Reclaimed);
+                    }
                 }
+                _ = stop.wait_for(|stop| *stop) => return,
             }
-            () = self.slot.reclaim.notified() => return self.closed(CloseReason::Reclaimed),
-            _ = stop.wait_for(|stop| *stop) => return,
         };
         let (protocol, stream) = established;
         let guarded = |stream, frames| -> Box<dyn Stream> {
@@ -602,6 +630,8 @@ impl Connection {
         let mut closing: Option<(Instant, Instant)> = None;
         loop {
             tokio::select! {
+                // The connection first: what its peer sent is read before a decision is made.
+                biased;
                 ended = connection.as_mut() => {
                     if let Some(abuse) = self.slot.abuse.get() {
                         tracing::info!(%abuse, "closed an HTTP/2 connection that broke a bound");
@@ -636,9 +666,13 @@ impl Connection {
                     }
                 }
                 () = self.slot.reclaim.notified(), if closing.is_none() => {
+                    if self.keeps_slot() {
+                        // A request started since it was picked, or its bytes are here: it
+                        // keeps its slot, and the accept loop asks another.
+                        self.connections.stays(&self.slot);
+                        continue;
+                    }
                     match self.slot.phase() {
-                        // A request started since it was picked: it keeps its slot, and the
-                        // accept loop asks another.
                         Phase::Processing => self.connections.stays(&self.slot),
                         // Nothing it holds was taken: a body not yet received, an answer its
                         // peer does not read.

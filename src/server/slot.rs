@@ -9,10 +9,21 @@
 //! - **stuck**: every request in progress is still receiving its body, or answers wait for
 //!   a peer that does not take them (an HTTP/2 window kept at zero, a socket nobody reads).
 //!
-//! At the bound the victim is, in this order: a connection idle for longer than
-//! [`IDLE_GRACE`] (the longest idle first), one stuck for longer than [`STALL_GRACE`] (the
-//! longest stuck first), one idle for less, one stuck for less. Candidates are chosen by one
-//! scan for up to a batch of accepts, not by a scan per accept.
+//! At the bound the victim is, in this order:
+//! 1. a connection idle for longer than [`IDLE_GRACE`] since its last request (the longest
+//!    idle first);
+//! 2. one stuck for longer than [`STALL_GRACE`] (the longest stuck first);
+//! 3. one whose answers wait for its peer, for less than that;
+//! 4. one whose first request has not arrived yet (the oldest first): its sender may be
+//!    slow to start on a loaded machine or far away, so it never gives way to a connection
+//!    that holds answers its peer does not take;
+//! 5. one idle for less than [`IDLE_GRACE`] since its last request;
+//! 6. one receiving a body, for less than [`STALL_GRACE`].
+//!
+//! None goes before it is [`MIN_AGE`] old, nor while it processes a request, and a connection
+//! asked to go that has request bytes waiting in its socket stays (see
+//! `super::Connection::run`). Candidates are chosen by one scan for up to a batch of
+//! accepts, not by a scan per accept.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -22,6 +33,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use super::admission;
 use super::h2guard::{Abuse, Watch};
 
 /// An idle connection younger than this is taken only when no connection idle for longer,
@@ -53,6 +65,8 @@ pub struct Slot {
     pub answering: AtomicUsize,
     /// Requests from their head to their answer's last byte (see [`InProgress`]).
     in_progress: AtomicUsize,
+    /// Open, asked to give its slot up, or closed (see [`admission::ask`]).
+    state: AtomicUsize,
     /// Whether any request has started.
     pub started: AtomicBool,
     /// When anything last moved (µs on the listener's clock): a request started or ended, a
@@ -63,8 +77,7 @@ pub struct Slot {
     /// Since when a write to the socket has been waiting for the peer to read (µs); 0 when
     /// none is.
     write_blocked_us: AtomicU64,
-    /// Set once the accept loop asked this connection to close for a new one.
-    pub reclaimed: AtomicBool,
+    /// Told when the accept loop asks this connection to close for a new one.
     pub reclaim: Notify,
     /// Set by the HTTP/2 guard when it cuts the connection.
     pub abuse: Arc<OnceLock<Abuse>>,
@@ -90,14 +103,21 @@ impl Slot {
             receiving: AtomicUsize::new(0),
             answering: AtomicUsize::new(0),
             in_progress: AtomicUsize::new(0),
+            state: AtomicUsize::new(admission::OPEN),
             started: AtomicBool::new(false),
             progress_us: AtomicU64::new(now),
             busy_since_us: AtomicU64::new(now),
             write_blocked_us: AtomicU64::new(0),
-            reclaimed: AtomicBool::new(false),
             reclaim: Notify::new(),
             abuse: Default::default(),
         }
+    }
+
+    /// Whether the accept loop has asked this connection to give its slot up (and it has
+    /// neither stayed nor closed since).
+    #[cfg(test)]
+    pub fn asked(&self) -> bool {
+        self.state.load(Ordering::Acquire) == admission::ASKED
     }
 
     fn at(&self, us: u64) -> Instant {
@@ -207,21 +227,24 @@ fn micros(clock: Instant) -> u64 {
 
 /// The rank of a connection as a victim at the bound: lower goes first; None never goes.
 fn rank(slot: &Slot, now: Instant) -> Option<(u8, Instant)> {
-    if slot.reclaimed.load(Ordering::Relaxed)
+    if slot.state.load(Ordering::Acquire) != admission::OPEN
         || now.saturating_duration_since(slot.opened) < MIN_AGE
     {
         return None;
     }
-    match slot.phase() {
+    let phase = slot.phase();
+    let started = slot.started.load(Ordering::Relaxed);
+    let over = |since: Instant, grace: Duration| now.saturating_duration_since(since) >= grace;
+    match phase {
         Phase::Processing => None,
-        Phase::Idle(since) if now.saturating_duration_since(since) >= IDLE_GRACE => {
-            Some((0, since))
-        }
-        Phase::Stuck(since) if now.saturating_duration_since(since) >= STALL_GRACE => {
-            Some((1, since))
-        }
-        Phase::Idle(since) => Some((2, since)),
-        Phase::Stuck(since) => Some((3, since)),
+        // Before its first request: after every connection holding answers, whatever the
+        // time its sender takes to start.
+        Phase::Idle(since) if !started => Some((3, since)),
+        Phase::Idle(since) if over(since, IDLE_GRACE) => Some((0, since)),
+        Phase::Stuck(since) if over(since, STALL_GRACE) => Some((1, since)),
+        Phase::Stuck(since) if slot.receiving.load(Ordering::Acquire) == 0 => Some((2, since)),
+        Phase::Idle(since) => Some((4, since)),
+        Phase::Stuck(since) => Some((5, since)),
     }
 }
 
@@ -263,9 +286,7 @@ pub struct InProgress {
 
 impl Drop for InProgress {
     fn drop(&mut self) {
-        if self.slot.in_progress.fetch_sub(1, Ordering::AcqRel) >= 2 {
-            self.connections.extra.fetch_sub(1, Ordering::AcqRel);
-        }
+        admission::release(&self.slot.in_progress, &self.connections.extra);
     }
 }
 
@@ -279,9 +300,9 @@ pub struct Open {
 
 impl Drop for Open {
     fn drop(&mut self) {
-        if self.slot.reclaimed.load(Ordering::Relaxed) {
-            self.connections.closing.fetch_sub(1, Ordering::AcqRel);
-        }
+        // Closed for good: its stream tasks may keep the slot alive a little longer, but it
+        // can no longer be asked to go.
+        admission::close(&self.slot.state, &self.connections.closing);
         self.connections
             .slots
             .lock()
@@ -315,16 +336,18 @@ impl Connections {
     /// Counts a request on `slot` from its head until its answer is gone; None when it is
     /// not the connection's only one and the bridge is at its bound of such requests.
     pub fn admit(self: &Arc<Self>, slot: &Arc<Slot>) -> Option<InProgress> {
-        let before = slot.in_progress.fetch_add(1, Ordering::AcqRel);
-        if before >= 1 && self.extra.fetch_add(1, Ordering::AcqRel) >= self.max_extra {
-            self.extra.fetch_sub(1, Ordering::AcqRel);
-            slot.in_progress.fetch_sub(1, Ordering::AcqRel);
+        if !admission::admit(&slot.in_progress, &self.extra, self.max_extra) {
             return None;
         }
         Some(InProgress {
             connections: self.clone(),
             slot: slot.clone(),
         })
+    }
+
+    /// Connections asked to give their slot up that have neither closed nor stayed yet.
+    pub fn closing(&self) -> usize {
+        self.closing.load(Ordering::Acquire)
     }
 
     /// Open connections that have not been asked to close.
@@ -350,10 +373,11 @@ impl Connections {
         (open, slot)
     }
 
-    /// A connection asked to close keeps its slot after all (it is processing a request).
+    /// A connection asked to close keeps its slot after all (it is processing a request, or
+    /// a request's bytes wait in its socket). The accept loop, told, asks another unless a
+    /// slot has come free meanwhile.
     pub fn stays(&self, slot: &Slot) {
-        if slot.reclaimed.swap(false, Ordering::AcqRel) {
-            self.closing.fetch_sub(1, Ordering::AcqRel);
+        if admission::stay(&slot.state, &self.closing) {
             self.refused.notify_one();
         }
     }
@@ -373,13 +397,11 @@ impl Connections {
         // Best first: the list is kept in reverse.
         while let Some(weak) = candidates.slots.pop() {
             let Some(slot) = weak.upgrade() else { continue };
-            if rank(&slot, now).is_none() {
+            // Closed meanwhile (its streams' tasks may still hold the slot), turned busy, or
+            // asked already: the next.
+            if rank(&slot, now).is_none() || !admission::ask(&slot.state, &self.closing) {
                 continue;
             }
-            if slot.reclaimed.swap(true, Ordering::AcqRel) {
-                continue;
-            }
-            self.closing.fetch_add(1, Ordering::AcqRel);
             slot.reclaim.notify_one();
             return true;
         }
@@ -429,37 +451,93 @@ mod tests {
         let connections = Arc::new(Connections::new(16, 16));
         let (_a, processing) = connections.open();
         processing.request_started(false);
-        let (_b, idle_old) = connections.open();
+        let (_b, never_started) = connections.open();
         tokio::time::advance(Duration::from_secs(2)).await;
         let (_c, receiving) = connections.open();
         receiving.request_started(true);
-        let (_d, idle_new) = connections.open();
+        let (_d, kept_alive) = connections.open();
+        kept_alive.request_started(false);
+        kept_alive.request_ended();
+        let (_e, answering) = connections.open();
+        answering.request_started(false);
+        answering.answer_started();
+        answering.request_ended();
         tokio::time::advance(Duration::from_millis(300)).await;
-        let (_e, newborn) = connections.open();
+        // Its answer's last byte went 100 ms ago: waiting for its peer for less than the grace.
+        answering.progressed();
+        tokio::time::advance(Duration::from_millis(100)).await;
+        let (_f, newborn) = connections.open();
 
         let named = [
-            ("idle 2.3 s", &idle_old),
-            ("receiving for 0.3 s", &receiving),
-            ("idle 0.3 s", &idle_new),
+            ("never started, 2.4 s", &never_started),
+            ("receiving for 0.4 s", &receiving),
+            ("idle 0.4 s after a request", &kept_alive),
+            ("answer untaken for 0.1 s", &answering),
         ];
         let mut order = Vec::new();
-        for _ in 0..3 {
+        for _ in 0..named.len() {
             assert!(connections.reclaim_one());
             let next = named
                 .iter()
-                .find(|(name, s)| s.reclaimed.load(Ordering::Relaxed) && !order.contains(name))
+                .find(|(name, s)| s.asked() && !order.contains(name))
                 .map(|(name, _)| *name)
                 .expect("one more was asked to close");
             order.push(next);
         }
-        assert_eq!(order, ["idle 2.3 s", "receiving for 0.3 s", "idle 0.3 s"]);
-        assert!(!processing.reclaimed.load(Ordering::Relaxed));
+        assert_eq!(
+            order,
+            [
+                "receiving for 0.4 s",
+                "answer untaken for 0.1 s",
+                "never started, 2.4 s",
+                "idle 0.4 s after a request",
+            ]
+        );
+        assert!(!processing.asked());
         assert!(
             !connections.reclaim_one(),
             "only a processing one and one too young are left"
         );
-        assert!(!newborn.reclaimed.load(Ordering::Relaxed));
+        assert!(!newborn.asked());
         assert_eq!(connections.staying(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_before_its_first_request_goes_after_every_one_holding_answers() {
+        let connections = Arc::new(Connections::new(16, 16));
+        let (_a, waiting) = connections.open();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        // Answers its peer has taken nothing of for 1 ms, on a young connection.
+        let (_b, answering) = connections.open();
+        answering.request_started(false);
+        answering.answer_started();
+        answering.request_ended();
+        tokio::time::advance(MIN_AGE).await;
+        answering.progressed();
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(connections.reclaim_one());
+        assert!(answering.asked() && !waiting.asked());
+        assert!(connections.reclaim_one());
+        assert!(waiting.asked());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_closed_while_its_streams_hold_the_slot_is_not_asked() {
+        let connections = Arc::new(Connections::new(16, 16));
+        let (_a, first) = connections.open();
+        let (b, second) = connections.open();
+        tokio::time::advance(Duration::from_secs(2)).await;
+        // One look at both; the first is asked.
+        assert!(connections.reclaim_one());
+        assert!(first.asked());
+        // The second closes while a stream's task still holds its slot.
+        drop(b);
+        assert!(!connections.reclaim_one(), "a closed connection was asked");
+        assert!(!second.asked());
+        assert_eq!(connections.closing(), 1);
+        drop(_a);
+        assert_eq!(connections.closing(), 0);
+        assert_eq!(connections.staying(), 0);
     }
 
     #[tokio::test(start_paused = true)]
@@ -469,17 +547,16 @@ mod tests {
         stuck.request_started(true);
         tokio::time::advance(Duration::from_secs(3)).await;
         let (_b, idle) = connections.open();
+        idle.request_started(false);
+        idle.request_ended();
         tokio::time::advance(Duration::from_secs(2)).await;
         assert!(connections.reclaim_one());
-        assert!(
-            idle.reclaimed.load(Ordering::Relaxed),
-            "idle past the grace first"
-        );
+        assert!(idle.asked(), "idle past the grace first");
         // It started a request meanwhile: it stays, and the stuck one is asked next.
         idle.request_started(false);
         connections.stays(&idle);
         assert!(connections.reclaim_one());
-        assert!(stuck.reclaimed.load(Ordering::Relaxed));
+        assert!(stuck.asked());
         assert_eq!(connections.staying(), 1);
     }
 }
