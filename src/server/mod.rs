@@ -534,10 +534,15 @@ impl Connection {
     }
 
     /// Whether a connection asked to give its slot up keeps it: a request is being processed,
-    /// or the peer's bytes (a request, a TLS handshake) wait in the socket, however long
-    /// this process took to read them.
+    /// or, on a connection with nothing in progress, the peer's bytes (a request, a TLS
+    /// handshake) wait in the socket, however long this process took to read them. Bytes
+    /// behind answers the peer does not take (pipelined requests) keep nothing.
     fn keeps_slot(&self) -> bool {
-        matches!(self.slot.phase(), Phase::Processing) || self.peek.bytes_waiting()
+        match self.slot.phase() {
+            Phase::Processing => true,
+            Phase::Idle(_) => self.peek.bytes_waiting(),
+            Phase::Stuck(_) => false,
+        }
     }
 
     async fn run<H, Fut>(
