@@ -1,6 +1,6 @@
 //! End-to-end load benchmark: `cargo bench --bench load`.
 //!
-//! Starts tansu (in-memory storage) and the release bridge binary, drives signed ticket
+//! Starts an Apache Kafka node (`.ci/kafka/node`, as the tests do) and the release bridge binary, drives signed ticket
 //! events at fixed concurrency levels over keep-alive HTTP/1.1 for a fixed time, and prints
 //! per run: acknowledged events a second, latency percentiles (hdrhistogram), answers by
 //! status, the bridge's peak resident memory and CPU per acknowledged event (procfs), and
@@ -27,7 +27,7 @@
 //! the benchmark starts; and the first delivery after each of 10 starts per build, sent as
 //! soon as `/readyz` answers; also `tls`, `scrape`, and `tracing`: at 64 connections spans
 //! exported to an OTLP receiver in this process at a ratio of 1 and of 0.01, beside none), `BENCH_CONFIG` (a `--config` file for this build, not the baseline),
-//! `TANSU_BIN` (default: `tansu` on the PATH). Both builds run with the default settings,
+//! `KAFKA_HEAP` (the broker's heap, default 512m). Both builds run with the default settings,
 //! logging at `info` included.
 
 #[path = "../tests/common/tls.rs"]
@@ -585,7 +585,7 @@ async fn create_topic(brokers: &str, topic: &str) {
     }
 }
 
-/// Counts the records of `topic` by consuming it (tansu's offset answers are unreliable).
+/// Counts the records of `topic` by consuming it.
 async fn count_records(brokers: &str, topic: &str, at_least: u64) -> u64 {
     let (brokers, topic) = (brokers.to_owned(), topic.to_owned());
     tokio::task::spawn_blocking(move || {
@@ -887,27 +887,35 @@ fn measured_row(name: &str, c: usize, m: &Measured) {
 }
 
 async fn bench(options: Options, levels: Vec<usize>) {
-    let tansu = std::env::var("TANSU_BIN").unwrap_or_else(|_| "tansu".into());
     let kafka_port = free_port();
-    let url = format!("tcp://127.0.0.1:{kafka_port}");
-    let _tansu = Guard(
-        Command::new(&tansu)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-                "--storage-engine",
-                "memory://tansu/",
-            ])
-            .stdout(Stdio::null())
+    let kafka_dir = tempfile::Builder::new()
+        .prefix("tamio-test-kafka-bench-")
+        .tempdir()
+        .unwrap();
+    let kafka_log = kafka_dir.path().join("kafka.log");
+    let node = concat!(env!("CARGO_MANIFEST_DIR"), "/.ci/kafka/node");
+    let _kafka = Guard(
+        Command::new(node)
+            .arg("single")
+            .arg(kafka_dir.path().join("node"))
+            .arg(kafka_port.to_string())
+            .stdout(std::fs::File::create(&kafka_log).unwrap())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start {tansu} (install it, or run .ci/test once): {e}")
-            }),
+            .unwrap_or_else(|e| panic!("cannot start {node}: {e}")),
     );
+    let started = Instant::now();
+    while !std::fs::read_to_string(&kafka_log)
+        .unwrap_or_default()
+        .contains("Kafka Server started")
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "Kafka did not start: {}",
+            std::fs::read_to_string(&kafka_log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let brokers = format!("127.0.0.1:{kafka_port}");
     wait_port(&brokers).await;
 
@@ -926,7 +934,7 @@ async fn bench(options: Options, levels: Vec<usize>) {
     let duration = options.duration;
     println!(
         "tamio-kafka-bridge load benchmark: {} s per run, {} round(s) per build and level, \
-         2 cores, tansu 0.6 (memory storage), 3 partitions",
+         2 cores, Apache Kafka 4.4.0 (one KRaft node), 3 partitions",
         duration.as_secs(),
         options.rounds
     );

@@ -666,6 +666,16 @@ def cmd_compose() -> None:
         problems.append(f"bridge: stop_grace_period {grace} must exceed {budget:g} s")
     if bridge.get("depends_on", {}).get("kafka-init", {}).get("condition") != "service_completed_successfully":
         problems.append("bridge: does not wait for the topic to be created")
+    # The Kafka compose runs is the one the tests run (.ci/kafka/pom.xml pins it).
+    pom = (DEPLOY.parent / ".ci" / "kafka" / "pom.xml").read_text()
+    tested = re.search(r"<artifactId>kafka_2\.13</artifactId>\s*<version>([^<]+)</version>", pom)
+    for name in ("kafka", "kafka-init"):
+        image = services[name].get("image", "")
+        if not tested or image != f"apache/kafka:{tested.group(1)}":
+            problems.append(
+                f"{name}: image {image!r} is not the Kafka the tests run "
+                f"({tested.group(1) if tested else 'no version in .ci/kafka/pom.xml'})"
+            )
     init = " ".join(services["kafka-init"]["command"])
     if "--partitions 6" not in init or "--topic tamio.tickets" not in init:
         problems.append("kafka-init: does not create tamio.tickets with 6 partitions")

@@ -129,7 +129,7 @@ async fn signed_invalid_envelopes_go_to_the_dead_letter_topic_and_strangers_nowh
 async fn over_the_in_flight_bound_the_answer_is_503_at_once() {
     // A broker of the test's own, frozen so that requests wait for Kafka's acknowledgement:
     // those are the requests the bound counts.
-    let broker = OwnBroker::start_in_memory().await;
+    let broker = OwnBroker::start().await;
     let topic = unique_topic("bound");
     broker.create_topic(&topic, 1).await;
     let address = broker.address();

@@ -1,5 +1,6 @@
-//! TLS and SASL to the broker, and start-up refusals of bad TLS and secret files naming
-//! their setting.
+//! TLS and SASL to Apache Kafka's own listeners (certificates from a test CA, SCRAM
+//! credentials created at format time, as operators do), and start-up refusals of bad TLS
+//! and secret files naming their setting.
 
 mod common;
 
@@ -158,23 +159,46 @@ async fn assert_kept_out(settings: tamio_kafka_bridge::config::Settings, why: &s
     bridge.stop().await;
 }
 
+/// A one-node cluster whose client listener speaks `protocol`, with the broker's certificate
+/// from `pki` (for SSL and SASL_SSL) and `more` settings.
+async fn secured(
+    pki: &Pki,
+    protocol: &'static str,
+    more: &[&str],
+    format_args: &[&str],
+) -> kafka::Cluster {
+    let mut properties: Vec<String> = more.iter().map(|l| l.to_string()).collect();
+    if protocol.ends_with("SSL") {
+        // Kafka reads a PEM key store: the private key (PKCS #8), then the chain.
+        let store = pki.path("broker-store.pem");
+        let key = std::fs::read_to_string(pki.path("broker.key")).unwrap();
+        let chain = std::fs::read_to_string(pki.path("broker.crt")).unwrap();
+        std::fs::write(&store, key + &chain).unwrap();
+        properties.extend([
+            "ssl.keystore.type=PEM".to_owned(),
+            format!("ssl.keystore.location={}", store.display()),
+            "ssl.truststore.type=PEM".to_owned(),
+            format!("ssl.truststore.location={}", pki.ca_file().display()),
+        ]);
+    }
+    kafka::Cluster::start(kafka::Spec {
+        client_protocol: protocol,
+        properties,
+        format_args: format_args.iter().map(|a| a.to_string()).collect(),
+        ..Default::default()
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn produces_over_tls_checking_the_broker_and_presenting_a_client_certificate() {
     let pki = Pki::new();
     pki.issue("broker");
     pki.issue("client");
-    let front_listener = TlsFront::reserve();
-    let front_port = front_listener.local_addr().unwrap().port();
+    let cluster = secured(&pki, "SSL", &["ssl.client.auth=required"], &[]).await;
     let topic = unique_topic("kafka-tls");
-    let broker = OwnBroker::start_secured(Some(front_port), &[], &topic).await;
-    let front = TlsFront::start(
-        front_listener,
-        broker.address(),
-        &pki.path("broker.crt"),
-        &pki.path("broker.key"),
-        Some(&pki.ca_file()),
-    );
-    let bootstrap = front.address();
+    cluster.create_topic_with(&topic, 3, 1, &[]).await;
+    let bootstrap = cluster.bootstrap();
     let (ca, client_crt, client_key) = (
         pki.ca_file(),
         pki.path("client.crt"),
@@ -233,23 +257,23 @@ async fn produces_over_tls_checking_the_broker_and_presenting_a_client_certifica
 async fn authenticates_with_scram_sha_512_over_tls() {
     let pki = Pki::new();
     pki.issue("broker");
-    let front_listener = TlsFront::reserve();
-    let front_port = front_listener.local_addr().unwrap().port();
-    let topic = unique_topic("kafka-scram512");
-    let broker = OwnBroker::start_secured(
-        Some(front_port),
-        &[("alice", "alice-password-61f0", "scram512")],
-        &topic,
+    let cluster = secured(
+        &pki,
+        "SASL_SSL",
+        &[
+            "sasl.enabled.mechanisms=SCRAM-SHA-512",
+            "listener.name.client.scram-sha-512.sasl.jaas.config=\
+             org.apache.kafka.common.security.scram.ScramLoginModule required;",
+        ],
+        &[
+            "--add-scram",
+            "SCRAM-SHA-512=[name=alice,password=alice-password-61f0]",
+        ],
     )
     .await;
-    let front = TlsFront::start(
-        front_listener,
-        broker.address(),
-        &pki.path("broker.crt"),
-        &pki.path("broker.key"),
-        None,
-    );
-    let bootstrap = front.address();
+    let topic = unique_topic("kafka-scram512");
+    cluster.create_topic_with(&topic, 3, 1, &[]).await;
+    let bootstrap = cluster.bootstrap();
     let ca = pki.ca_file();
     let env = |password: &'static str| {
         vec![
@@ -291,13 +315,27 @@ async fn authenticates_with_scram_sha_512_over_tls() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authenticates_with_scram_sha_256_and_a_password_file() {
+    let pki = Pki::new();
+    let cluster = secured(
+        &pki,
+        "SASL_PLAINTEXT",
+        &[
+            "sasl.enabled.mechanisms=SCRAM-SHA-256",
+            "listener.name.client.scram-sha-256.sasl.jaas.config=\
+             org.apache.kafka.common.security.scram.ScramLoginModule required;",
+        ],
+        &[
+            "--add-scram",
+            "SCRAM-SHA-256=[name=bob,password=bob-password-9a3c]",
+        ],
+    )
+    .await;
     let topic = unique_topic("kafka-scram256");
-    let broker =
-        OwnBroker::start_secured(None, &[("bob", "bob-password-9a3c", "scram256")], &topic).await;
+    cluster.create_topic_with(&topic, 3, 1, &[]).await;
     let dir = tempfile::tempdir().unwrap();
     let password_file = dir.path().join("kafka-password");
     std::fs::write(&password_file, "bob-password-9a3c\n").unwrap();
-    let bootstrap = broker.address();
+    let bootstrap = cluster.bootstrap();
     let bridge = Bridge::start_ready(settings(
         &topic,
         &[

@@ -72,7 +72,7 @@ fn assert_fault_was_felt(report: &LoadReport) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_frozen_longer_than_the_request_deadline() {
-    let broker = OwnBroker::start_in_memory().await;
+    let broker = OwnBroker::start().await;
     let topic = unique_topic("loss-freeze");
     broker.create_topic(&topic, 3).await;
     let bridge = Bridge::start_ready(fault_settings(&topic, broker.address())).await;
@@ -104,9 +104,7 @@ async fn broker_killed_and_started_again_with_its_data() {
     when_acked(&acked, 300).await;
     broker.kill();
     // Down for less than the delivery timeout: librdkafka keeps the records and resends them
-    // once the broker is back. (A longer outage makes librdkafka bump the producer epoch,
-    // which tansu 0.6's SQLite engine cannot handle: it panics. Longer outages are covered
-    // by the frozen broker above and the mock cluster below.)
+    // once the broker is back (longer outages: tests/faults.rs).
     tokio::time::sleep(Duration::from_secs(1)).await;
     broker.restart().await;
     let report = run.await.unwrap();

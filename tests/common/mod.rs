@@ -8,6 +8,7 @@ pub mod bridge;
 pub mod broker;
 pub mod client;
 pub mod h2raw;
+pub mod kafka;
 pub mod load;
 pub mod net;
 pub mod otlp;
