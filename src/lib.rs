@@ -265,11 +265,19 @@ pub async fn replay(
         ..
     } = plan;
     let metrics = Arc::new(metrics());
-    let publisher = Arc::new(Publisher::new(
-        producer,
-        metrics.clone(),
-        &settings.kafka.topic,
-    )?);
+    // Records and the group's position are committed together: the producer's transactional
+    // id is the group's name, so that a run fences the one before it and finishes its open
+    // transaction.
+    let publisher = Arc::new(if options.dry_run {
+        Publisher::new(producer, metrics.clone(), &settings.kafka.topic)?
+    } else {
+        Publisher::transactional(
+            producer,
+            metrics.clone(),
+            &settings.kafka.topic,
+            &options.group,
+        )?
+    });
     // Nothing is read before every destination can be written: a missing topic would
     // otherwise stop the replay at its first record.
     if !options.dry_run {
@@ -298,8 +306,10 @@ pub async fn replay(
         )
         .map_err(RunError::Dedup)?,
     );
+    let txn = (!options.dry_run).then(|| publisher.txn());
     let summary = replay::run(
         ingest.clone(),
+        txn,
         &settings.kafka,
         settings.request_timeout(),
         options,

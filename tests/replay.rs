@@ -96,26 +96,65 @@ fn rfc3339(unix: i64) -> String {
 
 /// Writes `n` correctly signed dead letters of `whitelabel_ticket_updated` events
 /// `whev_<prefix>_<i>` over `tickets` tickets (`tk-<prefix><i % tickets>`, the key), received
-/// now and refused as unroutable; returns their event ids. One record a batch, as the bridge
-/// writes dead letters (each waits for its acknowledgement): the test broker answers a fetch
-/// that starts inside a batch of several with records librdkafka never hands over, so a
-/// resumed position must be a batch's start.
+/// now and refused as unroutable; returns their event ids. Written by an idempotent producer
+/// many at a time: a ticket's letters keep their order in its partition.
 async fn write_signed_letters(dlt: &str, prefix: &str, n: usize, tickets: usize) -> Vec<String> {
+    write_signed_letters_at(&brokers(), dlt, prefix, n, tickets).await
+}
+
+/// [`write_signed_letters`] on the brokers at `bootstrap`.
+async fn write_signed_letters_at(
+    bootstrap: &str,
+    dlt: &str,
+    prefix: &str,
+    n: usize,
+    tickets: usize,
+) -> Vec<String> {
     let received = rfc3339(now());
-    let producer = writer();
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
     let mut ids = Vec::new();
+    let mut sends = Vec::new();
     for i in 0..n {
         let id = format!("whev_{prefix}_{i}");
         let ticket = format!("tk-{prefix}{}", i % tickets);
         let body = event(&id, "whitelabel_ticket_updated", "ep-1", &ticket, i);
         let sig = verify::header_value(SECRET.as_bytes(), now(), body.as_bytes());
-        let headers = [
-            ("error_kind", "unroutable_event"),
-            ("signature", sig.as_str()),
-            ("received_at", received.as_str()),
-        ];
-        write_with(&producer, dlt, &ticket, &body, &headers).await;
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "error_kind",
+                value: Some("unroutable_event"),
+            })
+            .insert(Header {
+                key: "signature",
+                value: Some(sig.as_str()),
+            })
+            .insert(Header {
+                key: "received_at",
+                value: Some(received.as_str()),
+            });
+        let record = FutureRecord::to(dlt)
+            .key(&ticket)
+            .payload(&body)
+            .headers(headers);
+        sends.push(
+            producer
+                .send_result(record)
+                .unwrap_or_else(|(e, _)| panic!("queueing a dead letter: {e}")),
+        );
         ids.push(id);
+        if sends.len() == 1000 || i + 1 == n {
+            for delivery in std::mem::take(&mut sends) {
+                delivery
+                    .await
+                    .unwrap()
+                    .unwrap_or_else(|(e, _)| panic!("writing a dead letter: {e}"));
+            }
+        }
     }
     ids
 }
@@ -433,9 +472,10 @@ async fn a_replay_stopped_midway_resumes_with_nothing_lost_or_written_twice() {
     let brokers = brokers();
     let env = replay_env(&topic, &dlt, &brokers);
     // One record at a time, so that the signal lands midway; SIGINT as Ctrl-C sends it,
-    // then SIGTERM as Kubernetes does.
+    // then SIGTERM as Kubernetes does, then SIGHUP as a dropped terminal does.
     let mut published_before = 0;
-    for signal in ["INT", "TERM"] {
+    // SIGHUP too: an SSH session or `kubectl exec` that drops ends the run like Ctrl-C.
+    for signal in ["INT", "TERM", "HUP"] {
         let mut cmd = command(&env);
         cmd.args(["replay", "--output", "json", "--concurrency", "1"]);
         // Each record's outcome is logged at debug: the signal goes once 200 more are out.
@@ -593,4 +633,391 @@ async fn ten_thousand_dead_letters_are_replayed_once_each() {
         N,
         "nothing written twice"
     );
+}
+
+/// Runs `[--config FILE] replay --output json` with `args`; its exit status and summary.
+fn replay_with(
+    env: &[(&str, &str)],
+    config: Option<&std::path::Path>,
+    args: &[&str],
+) -> (i32, serde_json::Value) {
+    let mut all = Vec::new();
+    if let Some(config) = config {
+        all.extend(["--config", config.to_str().unwrap()]);
+    }
+    all.extend(["replay", "--output", "json"]);
+    all.extend_from_slice(args);
+    let (code, stdout, stderr) = run_to_exit(env, &all);
+    let summary = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("replay printed no JSON summary ({e}): {stdout}\n{stderr}"));
+    (code, summary)
+}
+
+/// A notes event: not a ticket event, but it names its ticket.
+fn note(event_id: &str, ticket: &str, seq: usize) -> String {
+    event(event_id, "helpdesk_note_added", "ep-1", ticket, seq)
+}
+
+/// The routes once the cause is fixed: ticket events as by default, and notes keyed by their
+/// ticket.
+const NOTES_ROUTED: &str = "[[routes]]\nevent_type = \"whitelabel_ticket_*\"\nkey = \"/data/ticket/id\"\n\n[[routes]]\nevent_type = \"helpdesk_note_*\"\nkey = \"/data/ticket/id\"\n";
+
+/// The sequence numbers of each ticket's records in `records`, in the order a consumer of
+/// each partition reads them.
+fn seqs_by_ticket(records: &[Record]) -> BTreeMap<String, Vec<u64>> {
+    let mut sorted: Vec<&Record> = records.iter().collect();
+    sorted.sort_by_key(|r| (r.partition, r.offset));
+    let mut seqs: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for r in sorted {
+        let json = r.json();
+        seqs.entry(json["data"]["ticket"]["id"].as_str().unwrap().to_owned())
+            .or_default()
+            .push(json["data"]["ticket"]["seq"].as_u64().unwrap());
+    }
+    seqs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_run_before_the_fix_leaves_every_letter_for_the_same_command_after_it() {
+    let topic = unique_topic("replay-main");
+    let dlt = unique_topic("replay-dlt");
+    create_topic(&topic, 3).await;
+    create_topic(&dlt, 3).await;
+    // The live bridge routes ticket events only: notes are unroutable and dead-lettered.
+    let bridge = Bridge::start_ready(settings_with_file(
+        &topic,
+        "[[routes]]\nevent_type = \"whitelabel_ticket_*\"\nkey = \"/data/ticket/id\"\n",
+        &[("TAMIO_BRIDGE__KAFKA__DEAD_LETTER_TOPIC", dlt.as_str())],
+    ))
+    .await;
+    const TICKETS: usize = 20;
+    const N: usize = 200;
+    for seq in 0..N / TICKETS {
+        for t in 0..TICKETS {
+            let body = note(&format!("whev_n_{t}_{seq}"), &format!("tk-n{t}"), seq);
+            let reply = bridge.send(&body).await;
+            assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text());
+        }
+    }
+    bridge.stop().await;
+    // Every dead letter is keyed by its ticket, though notes are not ticket events.
+    let letters = read_topic(&dlt, N).await;
+    assert_eq!(letters.len(), N);
+    for letter in &letters {
+        let ticket = letter.json()["data"]["ticket"]["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert_eq!(
+            letter.key.as_deref(),
+            Some(ticket.as_str()),
+            "a dead letter's key"
+        );
+    }
+
+    let brokers = brokers();
+    let env = replay_env(&topic, &dlt, &brokers);
+    let dir = tempfile::tempdir().unwrap();
+    let fixed = dir.path().join("fixed.toml");
+    std::fs::write(&fixed, NOTES_ROUTED).unwrap();
+    let fixed = Some(fixed.as_path());
+
+    // Run before the fix, as an operator does to see what is there: every letter stays.
+    let (code, s) = replay_with(&env, None, &[]);
+    assert_eq!(code, 2, "{s:#}");
+    assert_eq!(
+        (s["read"].as_u64(), s["published"].as_u64()),
+        (Some(N as u64), Some(0))
+    );
+    assert_eq!(
+        s["refused"]["unroutable_event"].as_u64(),
+        Some(N as u64),
+        "{s:#}"
+    );
+    // The same again, still before the fix: the same letters, still there.
+    let (code, s) = replay_with(&env, None, &[]);
+    assert_eq!((code, s["read"].as_u64()), (2, Some(N as u64)), "{s:#}");
+
+    // The fix, then a dry run: exactly what will be published.
+    let (code, s) = replay_with(&env, fixed, &["--dry-run"]);
+    assert_eq!(code, 0, "{s:#}");
+    assert_eq!(s["would_publish"].as_u64(), Some(N as u64), "{s:#}");
+    assert_eq!(
+        s["would_publish_to"][topic.as_str()].as_u64(),
+        Some(N as u64)
+    );
+
+    // The same command as before the fix, now with the fixed routes: every letter once.
+    let (code, s) = replay_with(&env, fixed, &[]);
+    assert_eq!(code, 0, "{s:#}");
+    assert_eq!(
+        (s["read"].as_u64(), s["published"].as_u64()),
+        (Some(N as u64), Some(N as u64))
+    );
+    let records = read_topic(&topic, N).await;
+    assert_eq!(records.len(), N, "{:?}", event_ids(&records));
+    let ids: HashSet<String> = records
+        .iter()
+        .map(|r| r.headers["event_id"].clone())
+        .collect();
+    assert_eq!(ids.len(), N, "each letter once");
+    // In each ticket's order.
+    for (ticket, seqs) in seqs_by_ticket(&records) {
+        let mut sorted = seqs.clone();
+        sorted.sort_unstable();
+        assert_eq!(seqs, sorted, "ticket {ticket} out of order");
+        assert_eq!(seqs.len(), N / TICKETS);
+    }
+
+    // A rerun writes nothing, and a dry run after it shows nothing to publish.
+    let (code, s) = replay_with(&env, fixed, &[]);
+    assert_eq!(
+        (code, s["read"].as_u64(), s["published"].as_u64()),
+        (0, Some(0), Some(0)),
+        "{s:#}"
+    );
+    let (code, s) = replay_with(&env, fixed, &["--dry-run"]);
+    assert_eq!((code, s["would_publish"].as_u64()), (0, Some(0)), "{s:#}");
+    assert_eq!(read_topic(&topic, N).await.len(), N);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ticket_whose_letter_stays_keeps_its_later_letters_with_it() {
+    let topic = unique_topic("replay-main");
+    let dlt = unique_topic("replay-dlt");
+    create_topic(&topic, 1).await;
+    create_topic(&dlt, 1).await;
+    let received = rfc3339(now());
+    let producer = writer();
+    // Ticket A: a note (unroutable until the fix), then two updates. Ticket B: updates only.
+    let letters = [
+        ("whev_o_a0", "helpdesk_note_added", "tk-a", 0),
+        ("whev_o_b0", "whitelabel_ticket_updated", "tk-b", 0),
+        ("whev_o_a1", "whitelabel_ticket_updated", "tk-a", 1),
+        ("whev_o_b1", "whitelabel_ticket_updated", "tk-b", 1),
+        ("whev_o_a2", "whitelabel_ticket_updated", "tk-a", 2),
+    ];
+    for (id, kind, ticket, seq) in letters {
+        let body = event(id, kind, "ep-1", ticket, seq);
+        let sig = verify::header_value(SECRET.as_bytes(), now(), body.as_bytes());
+        let headers = [
+            ("error_kind", "unroutable_event"),
+            ("signature", sig.as_str()),
+            ("received_at", received.as_str()),
+        ];
+        write_with(&producer, &dlt, ticket, &body, &headers).await;
+    }
+    let brokers = brokers();
+    let env = replay_env(&topic, &dlt, &brokers);
+    // Before the fix: ticket B goes through; ticket A's updates stay behind its note.
+    let (code, s) = replay(&env, &[]);
+    assert_eq!(code, 2, "{s:#}");
+    assert_eq!(s["published"].as_u64(), Some(2), "{s:#}");
+    assert_eq!(s["refused"]["unroutable_event"].as_u64(), Some(1), "{s:#}");
+    assert_eq!(
+        s["refused"]["held_for_ticket_order"].as_u64(),
+        Some(2),
+        "{s:#}"
+    );
+    assert_eq!(
+        event_ids(&read_topic(&topic, 2).await),
+        ["whev_o_b0", "whev_o_b1"]
+    );
+
+    // After it: ticket A's three, in order, and nothing of B again.
+    let dir = tempfile::tempdir().unwrap();
+    let routes = dir.path().join("fixed.toml");
+    std::fs::write(&routes, NOTES_ROUTED).unwrap();
+    let (code, s) = replay_with(&env, Some(&routes), &[]);
+    assert_eq!(code, 0, "{s:#}");
+    assert_eq!(
+        (s["read"].as_u64(), s["published"].as_u64()),
+        (Some(3), Some(3)),
+        "{s:#}"
+    );
+    let records = read_topic(&topic, 5).await;
+    assert_eq!(
+        event_ids(&records),
+        [
+            "whev_o_b0",
+            "whev_o_b1",
+            "whev_o_a0",
+            "whev_o_a1",
+            "whev_o_a2"
+        ]
+    );
+}
+
+/// Starts `replay --output json` with debug logs of each record; returns the child and a
+/// channel of its log lines.
+fn spawn_replay(
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    let mut cmd = command(env);
+    cmd.args(["replay", "--output", "json"]).args(args);
+    cmd.env("RUST_LOG", "info,tamio_kafka_bridge::replay=debug");
+    cmd.stdout(std::process::Stdio::piped());
+    cmd.stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines_tx.send(line);
+        }
+    });
+    (child, lines)
+}
+
+/// Waits until the replay has logged `n` published records.
+fn wait_published(lines: &std::sync::mpsc::Receiver<String>, n: usize) {
+    let (mut seen, mut log) = (0, Vec::new());
+    while seen < n {
+        match lines.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) => {
+                seen += usize::from(line.contains("\"message\":\"published\""));
+                log.push(line);
+            }
+            Err(_) => panic!(
+                "the replay published {seen} records and then nothing for 30 s:\n{}",
+                log[log.len().saturating_sub(40)..].join("\n")
+            ),
+        }
+    }
+}
+
+/// Each id of `records` once, and each ticket's in order.
+fn assert_once_in_order(records: &[Record], ids: &[String]) {
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for r in records {
+        *counts.entry(r.headers["event_id"].as_str()).or_default() += 1;
+    }
+    let twice: Vec<_> = counts.iter().filter(|(_, &n)| n > 1).collect();
+    assert!(twice.is_empty(), "written twice: {twice:?}");
+    let missing: Vec<_> = ids
+        .iter()
+        .filter(|id| !counts.contains_key(id.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "missing: {} of {}",
+        missing.len(),
+        ids.len()
+    );
+    assert_eq!(records.len(), ids.len());
+    for (ticket, seqs) in seqs_by_ticket(records) {
+        let mut sorted = seqs.clone();
+        sorted.sort_unstable();
+        assert_eq!(seqs, sorted, "ticket {ticket} out of order");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_halted_by_kafka_writes_nothing_twice_for_read_committed_readers() {
+    let broker = OwnBroker::start().await;
+    let (topic, dlt) = (unique_topic("replay-main"), unique_topic("replay-dlt"));
+    broker.create_topic(&topic, 3).await;
+    broker.create_topic(&dlt, 3).await;
+    const N: usize = 3000;
+    let bootstrap = broker.address();
+    let ids = write_signed_letters_at(&bootstrap, &dlt, "h", N, 60).await;
+    let mut env = replay_env(&topic, &dlt, &bootstrap);
+    env.extend([
+        ("TAMIO_BRIDGE__KAFKA__DELIVERY_TIMEOUT_MS", "2000"),
+        ("TAMIO_BRIDGE__SERVER__REQUEST_TIMEOUT_MS", "3000"),
+    ]);
+    let (child, lines) = spawn_replay(&env, &[]);
+    wait_published(&lines, 300);
+    // Frozen with records in flight: their deliveries time out, though the broker may still
+    // write them once it runs again; the replay halts.
+    broker.freeze();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    broker.thaw();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(out.status.code(), Some(3), "halted: {summary:#}");
+    assert!(
+        summary["stopped"].as_str().unwrap().contains("Kafka"),
+        "{summary:#}"
+    );
+
+    let (code, s) = replay(&env, &[]);
+    assert_eq!(code, 0, "{s:#}");
+    let committed = read_topic_from(
+        &bootstrap,
+        &topic,
+        N,
+        Duration::from_secs(2),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_once_in_order(&committed, &ids);
+    let uncommitted = read_topic_with(
+        &bootstrap,
+        &[("isolation.level", "read_uncommitted")],
+        &topic,
+        N,
+        Duration::from_secs(2),
+        Duration::from_secs(60),
+    )
+    .await;
+    println!(
+        "halted by a frozen broker: {} records in the topic, {} of them in aborted transactions",
+        uncommitted.len(),
+        uncommitted.len() - committed.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_killed_at_random_points_leaves_every_letter_once() {
+    let (topic, dlt) = (unique_topic("replay-main"), unique_topic("replay-dlt"));
+    create_topic(&topic, 3).await;
+    create_topic(&dlt, 3).await;
+    const N: usize = 6000;
+    let ids = write_signed_letters(&dlt, "x", N, 60).await;
+    let brokers = brokers();
+    let env = replay_env(&topic, &dlt, &brokers);
+    // The kill points: printed, so that a failure can be run again the same way.
+    let mut seed = std::env::var("TAMIO_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| now() as u64);
+    println!("kill points from seed {seed} (TAMIO_TEST_SEED)");
+    let mut kills = 0;
+    for _ in 0..25 {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let after = Duration::from_millis(150 + (seed >> 33) % 800);
+        // One record at a time: each run gets a few hundred through before its kill.
+        let (mut child, _lines) = spawn_replay(&env, &["--concurrency", "1"]);
+        tokio::time::sleep(after).await;
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        kills += 1;
+    }
+    assert!(kills >= 20, "only {kills} runs were killed before the end");
+    let (code, s) = replay(&env, &[]);
+    assert_eq!(code, 0, "{s:#}");
+    let records = read_topic_from(
+        &brokers,
+        &topic,
+        N,
+        Duration::from_secs(2),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_once_in_order(&records, &ids);
+    println!("{kills} runs killed with SIGKILL, then one to the end: {N} letters, each once");
 }

@@ -137,16 +137,39 @@ pub fn run(config: Option<&Path>, args: Args) -> anyhow::Result<i32> {
         plan,
         options,
         progress,
-        crate::shutdown_signal(),
+        stop_signal(),
     ))?;
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
-    match args.output.as_str() {
-        "json" => println!("{}", serde_json::to_string_pretty(&summary)?),
-        _ => print!("{}", table(&summary)),
-    }
+    let text = match args.output.as_str() {
+        "json" => serde_json::to_string_pretty(&summary)? + "\n",
+        _ => table(&summary),
+    };
+    // A terminal that dropped takes no summary: the exit status still tells.
+    let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());
     Ok(summary.exit_code())
+}
+
+/// Ctrl-C, SIGTERM, or SIGHUP (the terminal or SSH session that ran the command dropped):
+/// each ends the replay the same way, committing what is finished.
+async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut hangup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!(
+            "cannot install the SIGTERM and SIGHUP handlers: only SIGINT stops the replay"
+        );
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = hangup.recv() => tracing::info!("SIGHUP received: the terminal dropped"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
 }
 
 fn line(c: &Counts) -> String {
@@ -199,11 +222,23 @@ fn table(s: &Summary) -> String {
     );
     row(
         "complete",
-        match &s.stopped {
-            None => "yes: every partition read to its end".to_owned(),
-            Some(why) => format!("no: {why}; run the same command again to resume"),
+        match (&s.stopped, s.crowded.is_empty()) {
+            (Some(why), _) => format!("no: {why}; run the same command again to resume"),
+            (None, false) => format!(
+                "no: partitions {:?} keep more letters that stay than one run can track; fix \
+                 their cause, then run the same command again",
+                s.crowded
+            ),
+            (None, true) => "yes: every partition read to its end".to_owned(),
         },
     );
+    let to_do: usize = s.to_do.values().sum();
+    if to_do > 0 && !s.dry_run {
+        row(
+            "left for the next run",
+            format!("{to_do}: the same command takes up exactly these once their cause is fixed"),
+        );
+    }
     if !s.positions.is_empty() {
         let at: Vec<String> = s
             .positions

@@ -127,18 +127,45 @@ struct Replay {
 }
 
 /// Where a replayed dead letter went: a partition of -1 for a dry run.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ReplayAccepted {
     pub event_id: String,
     pub topic: Arc<str>,
     pub partition: i32,
     pub offset: i64,
     pub duplicate: bool,
+    /// The event's duplicate claim, written but not yet committed: the replay acknowledges
+    /// it once its transaction has committed, or drops it (releasing the id) on an abort.
+    pub held: Option<HeldClaim>,
+}
+
+/// A published event's duplicate claim, not yet acknowledged.
+pub struct HeldClaim {
+    guard: dedup::ClaimGuard,
+    original: Original,
+}
+
+impl HeldClaim {
+    /// The record is committed: later deliveries of the event are duplicates.
+    pub fn acknowledged(self) {
+        self.guard.acknowledged(self.original);
+    }
+}
+
+impl std::fmt::Debug for HeldClaim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeldClaim")
+            .field("original", &self.original)
+            .finish()
+    }
 }
 
 /// What the sender is told about an accepted event.
 #[derive(Debug, serde::Serialize)]
 struct Accepted {
+    /// A replayed event's claim, held for its transaction (never serialized).
+    #[serde(skip)]
+    held: Option<HeldClaim>,
     /// A slice of the body: the envelope's `event_id`, valid UTF-8.
     #[serde(serialize_with = "as_text")]
     event_id: Bytes,
@@ -157,14 +184,16 @@ fn as_text<S: serde::Serializer>(bytes: &Bytes, s: S) -> Result<S::Ok, S::Error>
     s.serialize_str(std::str::from_utf8(bytes).unwrap_or_default())
 }
 
-/// Publishes `record`, and records Kafka's verdict in the duplicate claim and in its
-/// producer span (ended with the verdict, also when the request ended first).
+/// Publishes `record`, and records Kafka's verdict in the duplicate claim (or, with `hold`,
+/// hands the claim back unacknowledged) and in its producer span (ended with the verdict,
+/// also when the request ended first).
 async fn deliver(
     publisher: Arc<Publisher>,
     record: Record,
     claim: Option<dedup::ClaimGuard>,
     span: Option<trace::BoxedSpan>,
-) -> Result<(crate::publish::Delivered, Arc<str>), PublishError> {
+    hold: bool,
+) -> Result<(crate::publish::Delivered, Arc<str>, Option<HeldClaim>), PublishError> {
     let result = publisher.publish(&record, None).await;
     if let Some(mut span) = span.filter(|s| s.is_recording()) {
         match &result {
@@ -183,13 +212,19 @@ async fn deliver(
         span.end();
     }
     let delivered = result?;
-    if let Some(guard) = claim {
-        guard.acknowledged(Original {
-            topic: record.topic.clone(),
-            delivered,
-        });
-    }
-    Ok((delivered, record.topic))
+    let original = Original {
+        topic: record.topic.clone(),
+        delivered,
+    };
+    let held = match claim {
+        Some(guard) if hold => Some(HeldClaim { guard, original }),
+        Some(guard) => {
+            guard.acknowledged(original);
+            None
+        }
+        None => None,
+    };
+    Ok((delivered, record.topic, held))
 }
 
 /// A future awaited in place which, dropped before it is done, is finished by a task of its
@@ -550,6 +585,7 @@ impl Ingest {
             partition: accepted.partition,
             offset: accepted.offset,
             duplicate: accepted.duplicate,
+            held: accepted.held,
         })
     }
 
@@ -618,7 +654,15 @@ impl Ingest {
         let destination = match self.routes.route(&envelope, verified.bytes()) {
             Ok(destination) => destination,
             Err(e) => {
-                let key = || envelope.ticket_id.as_deref().map(str::to_owned);
+                // Keyed by the ticket whatever the event type, so that a ticket's letters
+                // share a partition and are replayed in order.
+                let key = || {
+                    envelope
+                        .ticket_id
+                        .as_deref()
+                        .map(str::to_owned)
+                        .or_else(|| envelope::peek_ticket_id(verified.bytes()))
+                };
                 return Err(self
                     .refuse_signed(e.into(), &verified, &headers, key, deadline, &replay)
                     .await);
@@ -627,6 +671,7 @@ impl Ingest {
 
         if let Some(Replay { dry_run: true, .. }) = &replay {
             return Ok(Accepted {
+                held: None,
                 event_id: slice_or_own(verified.bytes(), envelope.event_id.clone()),
                 topic: destination.topic.clone(),
                 partition: -1,
@@ -666,6 +711,7 @@ impl Ingest {
                 Err(Unclaimed::StoreUnavailable) => return Err(IngestError::DedupUnavailable),
                 Ok(Claim::Duplicate(original)) => {
                     return Ok(Accepted {
+                        held: None,
                         event_id: slice_or_own(verified.bytes(), envelope.event_id.clone()),
                         topic: original.topic,
                         partition: original.delivered.partition,
@@ -716,16 +762,21 @@ impl Ingest {
             None => (None, self.tracing.unbuilt_child(cx)),
         };
         record.trace = Some(self.tracing.headers_of(&producer_cx));
+        // A replayed record is written inside the replay's transaction: its claim is
+        // acknowledged once that commits.
+        let hold = replay.is_some();
         record.replayed = replay.map(|r| r.replayed);
         let event_id = record.event_id.clone();
-        let mut delivery = Finish::new(deliver(self.publisher.clone(), record, claim, span));
-        let (delivered, topic) = match tokio::time::timeout_at(deadline, &mut delivery).await {
+        let mut delivery = Finish::new(deliver(self.publisher.clone(), record, claim, span, hold));
+        let (delivered, topic, held) = match tokio::time::timeout_at(deadline, &mut delivery).await
+        {
             Err(_) => return Err(PublishError::Timeout(self.request_timeout).into()),
             Ok(result) => result?,
         };
         self.metrics.dedup_entries.set(self.dedup.len() as i64);
 
         Ok(Accepted {
+            held,
             event_id,
             topic,
             partition: delivered.partition,

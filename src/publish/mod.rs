@@ -16,9 +16,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
+use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureRecord, Producer};
 use rdkafka::util::Timeout;
+use rdkafka::TopicPartitionList;
 
 use crate::metrics::Metrics;
 use probe::{ProbeError, ProbeFailure};
@@ -197,6 +199,9 @@ pub struct Publisher {
     /// id the broker no longer takes, with no record delivered since; 0 when none has.
     pid_errors_since_ms: AtomicU64,
     clock: std::time::Instant,
+    /// A transactional producer (the replay's): never replaced, since a replacement would
+    /// lose the transaction's state; a fatal error ends its deliveries.
+    transactional: bool,
 }
 
 /// How long an idempotent producer has to recover from the errors of a producer id the
@@ -223,7 +228,30 @@ impl Publisher {
             reachable: AtomicBool::new(true),
             pid_errors_since_ms: AtomicU64::new(0),
             clock: std::time::Instant::now(),
+            transactional: false,
         })
+    }
+
+    /// A transactional producer with `config` and `transactional.id` `id` (see [`Txn`]).
+    pub fn transactional(
+        mut config: ClientConfig,
+        metrics: Arc<Metrics>,
+        topic: &str,
+        id: &str,
+    ) -> Result<Publisher, KafkaError> {
+        config
+            .set("transactional.id", id)
+            .set("transaction.timeout.ms", TRANSACTION_TIMEOUT_MS.to_string());
+        let mut publisher = Publisher::new(config, metrics, topic)?;
+        publisher.transactional = true;
+        Ok(publisher)
+    }
+
+    /// The transactions of a transactional producer.
+    pub fn txn(&self) -> Txn {
+        Txn {
+            producer: self.producer(),
+        }
     }
 
     /// Hands the record to librdkafka and waits for Kafka to acknowledge it with `acks=all`:
@@ -281,6 +309,14 @@ impl Publisher {
             .clone();
         if !seen.fatal.load(Ordering::SeqCst) {
             return Ok(seen);
+        }
+        if self.transactional {
+            return Err(PublishError::Kafka {
+                reason: DeliveryFailure::Other,
+                detail: "the transactional producer failed for good (fenced by another run \
+                         with the same transactional id?)"
+                    .into(),
+            });
         }
         let waited = tokio::time::Instant::now();
         let Ok(_turn) = with_deadline(deadline, self.replacing.lock()).await else {
@@ -415,7 +451,10 @@ impl Publisher {
                         tracing::error!(%err, "librdkafka declared the Kafka producer dead; it will be replaced");
                         fatal.store(true, Ordering::SeqCst);
                         warm_up.done();
-                    } else if is_producer_id_error(&err) && self.pid_errors_persist() {
+                    } else if is_producer_id_error(&err)
+                        && !self.transactional
+                        && self.pid_errors_persist()
+                    {
                         tracing::error!(
                             %err,
                             recovery_ms = PID_RECOVERY.as_millis() as u64,
@@ -495,6 +534,86 @@ impl Publisher {
             .into_iter()
             .map(|(k, v)| (k.to_owned(), crate::config::shown_value(k, v).to_owned()))
             .collect()
+    }
+}
+
+/// How long a transaction may stay open before the broker aborts it (a replay that died
+/// mid-transaction and is not run again): Kafka's own default.
+const TRANSACTION_TIMEOUT_MS: u64 = 60_000;
+
+/// The transactions of a transactional [`Publisher`]: librdkafka's blocking calls, each on a
+/// thread of its own.
+pub struct Txn {
+    producer: BridgeProducer,
+}
+
+/// Why a transaction step failed, and what may follow.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct TxnError {
+    pub error: KafkaError,
+    /// The transaction must be aborted (its records and offsets are not committed).
+    pub abort: bool,
+    /// The step may be tried again.
+    pub retriable: bool,
+}
+
+impl TxnError {
+    fn of(error: KafkaError) -> TxnError {
+        let (abort, retriable) = match &error {
+            KafkaError::Transaction(e) => (e.txn_requires_abort(), e.is_retriable()),
+            // The flush before a commit timed out: records are still in flight.
+            _ => (true, false),
+        };
+        TxnError {
+            error,
+            abort,
+            retriable,
+        }
+    }
+}
+
+impl Txn {
+    async fn blocking<T: Send + 'static>(
+        &self,
+        step: impl FnOnce(&BridgeProducer) -> Result<T, KafkaError> + Send + 'static,
+    ) -> Result<T, TxnError> {
+        let producer = self.producer.clone();
+        tokio::task::spawn_blocking(move || step(&producer))
+            .await
+            .unwrap_or(Err(KafkaError::Canceled))
+            .map_err(TxnError::of)
+    }
+
+    /// Gets the producer id, fencing any earlier producer with the same transactional id
+    /// (a run that died) and finishing its open transaction.
+    pub async fn init(&self, timeout: Duration) -> Result<(), TxnError> {
+        self.blocking(move |p| p.init_transactions(timeout)).await
+    }
+
+    pub async fn begin(&self) -> Result<(), TxnError> {
+        self.blocking(|p| p.begin_transaction()).await
+    }
+
+    /// Adds the consumer group's `offsets` to the transaction and commits it: the records
+    /// written since [`Txn::begin`] and the offsets become visible together.
+    pub async fn commit(
+        &self,
+        offsets: TopicPartitionList,
+        group: Arc<ConsumerGroupMetadata>,
+        timeout: Duration,
+    ) -> Result<(), TxnError> {
+        if offsets.count() > 0 {
+            self.blocking(move |p| p.send_offsets_to_transaction(&offsets, &group, timeout))
+                .await?;
+        }
+        self.blocking(move |p| p.commit_transaction(timeout)).await
+    }
+
+    /// Aborts the transaction: nothing written since [`Txn::begin`] is visible to
+    /// `read_committed` consumers, and the offsets are not moved.
+    pub async fn abort(&self, timeout: Duration) -> Result<(), TxnError> {
+        self.blocking(move |p| p.abort_transaction(timeout)).await
     }
 }
 

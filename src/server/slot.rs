@@ -33,7 +33,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::admission;
+use super::admission::{self};
 use super::h2guard::{Abuse, Watch};
 
 /// An idle connection younger than this is taken only when no connection idle for longer,
