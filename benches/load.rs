@@ -35,6 +35,7 @@
 mod tls;
 
 #[path = "../tests/common/net.rs"]
+#[allow(dead_code)]
 mod net;
 
 #[path = "../tests/common/otlp.rs"]

@@ -389,8 +389,11 @@ def cmd_settings() -> None:
 
 
 def shutdown_budget_secs(settings_path: Path) -> float:
+    """SIGTERM's deadlines in turn: requests in flight, the producer's flush and, with the
+    shared duplicate store, its writes (each within kafka.flush_timeout_ms)."""
     s = merged_settings(settings_path)
-    return (s["server"]["drain_timeout_ms"] + s["kafka"]["flush_timeout_ms"]) / 1000
+    flushes = 2 if s.get("dedup", {}).get("store", "memory") == "redis" else 1
+    return (s["server"]["drain_timeout_ms"] + flushes * s["kafka"]["flush_timeout_ms"]) / 1000
 
 
 # --- Kubernetes -------------------------------------------------------------------------------

@@ -480,6 +480,9 @@ pub struct Tracing {
     pub sampler_arg: String,
     /// Spans waiting for export at most; beyond, new ones are dropped and counted.
     pub max_queue_spans: usize,
+    /// Bytes of spans waiting for export or being exported at most; beyond, new ones are
+    /// dropped and counted. Spans of refused requests take at most half.
+    pub max_queue_bytes: usize,
     /// Longest one export may take before its spans count as dropped.
     pub export_timeout_ms: u64,
 }
@@ -493,6 +496,7 @@ impl fmt::Debug for Tracing {
             .field("sampler", &self.sampler)
             .field("sampler_arg", &self.sampler_arg)
             .field("max_queue_spans", &self.max_queue_spans)
+            .field("max_queue_bytes", &self.max_queue_bytes)
             .field("export_timeout_ms", &self.export_timeout_ms)
             .finish()
     }

@@ -334,9 +334,19 @@ async fn flush_stages(
     let outstanding = publisher
         .flush(Duration::from_millis(settings.kafka.flush_timeout_ms))
         .await;
-    ingest
-        .flush_dedup(Duration::from_millis(settings.dedup.redis_timeout_ms * 4))
+    // The acknowledgements of what was just flushed: until they are in the store, another
+    // replica would write those events again once their claims expire. A writer retrying
+    // after a failure pauses up to a second between rounds: it gets the producer's budget.
+    let unwritten = ingest
+        .flush_dedup(Duration::from_millis(settings.kafka.flush_timeout_ms))
         .await;
+    if unwritten > 0 {
+        tracing::warn!(
+            unwritten,
+            "acknowledgements not written to the shared duplicate store before the deadline: \
+             another replica may write those events again once their claims expire"
+        );
+    }
     let flushing = traces.clone();
     let _ = tokio::task::spawn_blocking(move || flushing.shutdown(Duration::from_secs(2))).await;
     outstanding

@@ -40,8 +40,8 @@ pub struct Budget {
     /// and the connections still closing beside it, each with a request in progress and at
     /// its worst, a head grown to the bound or HTTP/2 streams all open.
     pub connections: u64,
-    /// `http2_max_pending_streams × REQUEST_BYTES`: the HTTP/2 requests beyond one per
-    /// connection.
+    /// `http2_max_pending_streams × (REQUEST_BYTES + max_header_bytes)`: the HTTP/2 requests
+    /// beyond one per connection, each with a decoded header list up to the bound.
     pub streams: u64,
     /// `server.body_memory_bytes`.
     pub bodies: u64,
@@ -49,6 +49,10 @@ pub struct Budget {
     pub producer_queue: u64,
     /// `dedup.max_entries × DEDUP_ENTRY_BYTES` (0 with `dedup.window_secs = 0`).
     pub dedup: u64,
+    /// With spans exported: `2 × tracing.max_queue_bytes` (the queue, and an export's
+    /// encoded copy) `+ (connections + http2_max_pending_streams) × MAX_SPAN_BYTES` (the
+    /// spans of the requests in progress); 0 without an endpoint.
+    pub tracing: u64,
 }
 
 impl Budget {
@@ -67,16 +71,30 @@ impl Budget {
         Budget {
             base: BASE_BYTES,
             connections: connections * (CONNECTION_BYTES + REQUEST_BYTES + head.max(streams)),
-            streams: s.http2_max_pending_streams as u64 * REQUEST_BYTES,
+            streams: s.http2_max_pending_streams as u64
+                * (REQUEST_BYTES + s.max_header_bytes as u64),
             bodies: s.body_memory_bytes as u64,
             producer_queue: u64::from(k.queue_max_kbytes) * 1024
                 + u64::from(k.queue_max_messages) * QUEUED_RECORD_BYTES,
             dedup,
+            tracing: if settings.tracing.endpoint.is_empty() {
+                0
+            } else {
+                2 * settings.tracing.max_queue_bytes as u64
+                    + (connections + s.http2_max_pending_streams as u64)
+                        * crate::trace::MAX_SPAN_BYTES as u64
+            },
         }
     }
 
     pub fn total(&self) -> u64 {
-        self.base + self.connections + self.streams + self.bodies + self.producer_queue + self.dedup
+        self.base
+            + self.connections
+            + self.streams
+            + self.bodies
+            + self.producer_queue
+            + self.dedup
+            + self.tracing
     }
 }
 
@@ -86,7 +104,7 @@ impl fmt::Display for Budget {
         write!(
             f,
             "{:.1} MiB = base {:.1} + connections {:.1} + HTTP/2 streams {:.1} + bodies {:.1} + \
-             producer queue {:.1} + duplicate filter {:.1}",
+             producer queue {:.1} + duplicate filter {:.1} + tracing {:.1}",
             mib(self.total()),
             mib(self.base),
             mib(self.connections),
@@ -94,6 +112,7 @@ impl fmt::Display for Budget {
             mib(self.bodies),
             mib(self.producer_queue),
             mib(self.dedup),
+            mib(self.tracing),
         )
     }
 }

@@ -11,9 +11,17 @@
 //!   that a task drains in batches; a full queue, or an export that fails or takes longer
 //!   than its deadline, drops spans and counts them
 //!   (`tamio_bridge_trace_spans_dropped_total`).
+//! - **Bounded in bytes, whatever a sender sends.** Every part of a span that comes from the
+//!   request is cut to a bound (an unknown method is `_OTHER`, its original cut to
+//!   [`MAX_METHOD_BYTES`]; a `tracestate` is kept to its members within
+//!   [`MAX_TRACESTATE_BYTES`], as W3C allows), and the queue is bounded in bytes as well as in
+//!   spans, the export in progress included. Spans of refused requests, which anyone can
+//!   make sampled with a `traceparent`, take at most half of it.
 //! - **At no cost when off**: no span is built, nothing is queued.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
@@ -40,6 +48,24 @@ pub type BoxedSpan = opentelemetry_sdk::trace::Span;
 /// Spans one export carries at most.
 const BATCH: usize = 512;
 
+/// The longest `http.request.method_original` kept for a method that is not HTTP's.
+pub const MAX_METHOD_BYTES: usize = 64;
+
+/// The longest `tracestate` continued: its leading members within this, as W3C's
+/// "at least 512 characters" asks; longer ones are cut at a member's end.
+pub const MAX_TRACESTATE_BYTES: usize = 512;
+
+/// The longest value of an attribute that comes from a request (a path, an id, a key).
+pub const MAX_ATTRIBUTE_BYTES: usize = 256;
+
+/// A span's own size besides its name, attributes, events and trace state (SpanData's
+/// fields, its vectors' headers, the resource and scope it points to).
+const SPAN_OVERHEAD_BYTES: usize = 512;
+
+/// The largest a span of the bridge can be with every cut above: the bound the memory formula
+/// uses for spans of requests in progress.
+pub const MAX_SPAN_BYTES: usize = 2 << 10;
+
 /// How often spans waiting are exported, at the latest.
 const EXPORT_EVERY: Duration = Duration::from_secs(1);
 
@@ -52,6 +78,8 @@ pub struct Plan {
     pub service_name: String,
     pub sampler: SamplerChoice,
     pub max_queue_spans: usize,
+    /// Bytes of spans waiting for export or being exported, at most.
+    pub max_queue_bytes: usize,
     pub export_timeout: Duration,
 }
 
@@ -157,6 +185,12 @@ impl Plan {
         if t.max_queue_spans == 0 {
             return Err(bad("tracing.max_queue_spans", "must be above 0".into()));
         }
+        if t.max_queue_bytes < 64 << 10 {
+            return Err(bad(
+                "tracing.max_queue_bytes",
+                "must be at least 65536 (64 KiB)".into(),
+            ));
+        }
         if t.export_timeout_ms == 0 {
             return Err(bad("tracing.export_timeout_ms", "must be above 0".into()));
         }
@@ -166,6 +200,7 @@ impl Plan {
             service_name: set("OTEL_SERVICE_NAME").unwrap_or_else(|| t.service_name.clone()),
             sampler,
             max_queue_spans: t.max_queue_spans,
+            max_queue_bytes: t.max_queue_bytes,
             export_timeout: Duration::from_millis(t.export_timeout_ms),
         })
     }
@@ -220,15 +255,26 @@ impl Tracing {
         exporter.set_resource(&resource);
         let (tx, rx) = mpsc::channel(plan.max_queue_spans);
         let (flush, flushes) = mpsc::unbounded_channel();
+        let bytes = Arc::new(QueueBytes {
+            max: plan.max_queue_bytes,
+            all: AtomicUsize::new(0),
+            refused: AtomicUsize::new(0),
+        });
         tokio::spawn(export(
             exporter,
             rx,
             flushes,
             plan.export_timeout,
             dropped.clone(),
+            bytes.clone(),
         ));
         let provider = SdkTracerProvider::builder()
-            .with_span_processor(Queue { tx, flush, dropped })
+            .with_span_processor(Queue {
+                tx,
+                flush,
+                dropped,
+                bytes,
+            })
             .with_sampler(plan.sampler.sampler())
             .with_resource(resource)
             .build();
@@ -245,13 +291,12 @@ impl Tracing {
     }
 
     /// The trace context a request's headers carry (empty when they carry none, or an
-    /// invalid one).
+    /// invalid one), its `tracestate` cut to [`MAX_TRACESTATE_BYTES`].
     pub fn extract(&self, headers: &http::HeaderMap) -> Context {
         if !headers.contains_key("traceparent") {
             return Context::new();
         }
-        self.propagator
-            .extract(&opentelemetry_http::HeaderExtractor(headers))
+        self.propagator.extract(&Bounded(headers))
     }
 
     /// The trace context any carrier holds (a record's headers, for a consumer).
@@ -312,6 +357,54 @@ impl Injector for Headers {
     }
 }
 
+/// A request's headers as the propagator reads them, `tracestate` cut to its leading members
+/// within [`MAX_TRACESTATE_BYTES`].
+struct Bounded<'a>(&'a http::HeaderMap);
+
+impl Extractor for Bounded<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        let value = self.0.get(key)?.to_str().ok()?;
+        if key != "tracestate" || value.len() <= MAX_TRACESTATE_BYTES {
+            return Some(value);
+        }
+        let end = value[..=MAX_TRACESTATE_BYTES].rfind(',')?;
+        Some(&value[..end])
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+/// `text` cut to at most `max` bytes, at a character's boundary.
+pub fn cut(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
+}
+
+/// The methods HTTP defines (RFC 9110 and PATCH): any other is recorded as `_OTHER`.
+pub fn known_method(method: &http::Method) -> Option<&'static str> {
+    use http::Method;
+    Some(match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::CONNECT => "CONNECT",
+        Method::OPTIONS => "OPTIONS",
+        Method::TRACE => "TRACE",
+        Method::PATCH => "PATCH",
+        _ => return None,
+    })
+}
+
 /// Reads trace context from any string map (a record's headers, in the example consumer).
 pub struct MapExtractor<'a>(pub &'a BTreeMap<String, String>);
 
@@ -325,20 +418,113 @@ impl Extractor for MapExtractor<'_> {
     }
 }
 
-/// Ended spans into a bounded queue; what does not fit is dropped and counted.
+/// Bytes of spans queued or being exported, and of those the spans of refused requests.
+#[derive(Debug)]
+struct QueueBytes {
+    max: usize,
+    all: AtomicUsize,
+    refused: AtomicUsize,
+}
+
+impl QueueBytes {
+    /// Takes `bytes` of the bound (and of the refused requests' half); false when they do
+    /// not fit.
+    fn take(&self, bytes: usize, refused: bool) -> bool {
+        let fits =
+            |limit: usize| move |held: usize| (held + bytes <= limit).then_some(held + bytes);
+        if refused
+            && self
+                .refused
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, fits(self.max / 2))
+                .is_err()
+        {
+            return false;
+        }
+        if self
+            .all
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, fits(self.max))
+            .is_err()
+        {
+            if refused {
+                self.refused.fetch_sub(bytes, Ordering::AcqRel);
+            }
+            return false;
+        }
+        true
+    }
+
+    fn give_back(&self, bytes: usize, refused: usize) {
+        self.all.fetch_sub(bytes, Ordering::AcqRel);
+        self.refused.fetch_sub(refused, Ordering::AcqRel);
+    }
+}
+
+/// A span in the queue, with the bytes it holds of the bound.
+#[derive(Debug)]
+struct Queued {
+    span: SpanData,
+    bytes: usize,
+    refused: bool,
+}
+
+/// What a span holds in memory, as near as its parts tell.
+fn span_bytes(span: &SpanData) -> usize {
+    let value = |v: &opentelemetry::Value| match v {
+        opentelemetry::Value::String(s) => s.as_str().len(),
+        _ => 16,
+    };
+    let attributes = |attrs: &[KeyValue]| -> usize {
+        attrs
+            .iter()
+            .map(|kv| kv.key.as_str().len() + value(&kv.value) + 32)
+            .sum()
+    };
+    let events: usize = span
+        .events
+        .iter()
+        .map(|e| e.name.len() + attributes(&e.attributes) + 64)
+        .sum();
+    let state = span.span_context.trace_state();
+    let state = if *state == TraceState::default() {
+        0
+    } else {
+        state.header().len()
+    };
+    SPAN_OVERHEAD_BYTES + span.name.len() + attributes(&span.attributes) + events + state
+}
+
+/// Whether a span is a refused request's: a server span ended in error.
+fn refused(span: &SpanData) -> bool {
+    span.span_kind == SpanKind::Server && matches!(span.status, Status::Error { .. })
+}
+
+/// Ended spans into a queue bounded in spans and in bytes; what does not fit is dropped and
+/// counted.
 #[derive(Debug)]
 struct Queue {
-    tx: mpsc::Sender<SpanData>,
+    tx: mpsc::Sender<Queued>,
     /// Asks the export task to export what waits now, and to say when it is done.
     flush: mpsc::UnboundedSender<std::sync::mpsc::Sender<()>>,
     dropped: IntCounter,
+    bytes: Arc<QueueBytes>,
 }
 
 impl SpanProcessor for Queue {
     fn on_start(&self, _span: &mut opentelemetry_sdk::trace::Span, _cx: &Context) {}
 
     fn on_end(&self, span: SpanData) {
-        if self.tx.try_send(span).is_err() {
+        let (bytes, refused) = (span_bytes(&span), refused(&span));
+        if !self.bytes.take(bytes, refused) {
+            self.dropped.inc();
+            return;
+        }
+        let queued = Queued {
+            span,
+            bytes,
+            refused,
+        };
+        if self.tx.try_send(queued).is_err() {
+            self.bytes.give_back(bytes, if refused { bytes } else { 0 });
             self.dropped.inc();
         }
     }
@@ -358,15 +544,18 @@ impl SpanProcessor for Queue {
 }
 
 /// Exports the queue's spans in batches, every [`EXPORT_EVERY`] or [`BATCH`] spans; an
-/// export that fails or takes longer than `timeout` drops its spans (counted).
+/// export that fails or takes longer than `timeout` drops its spans (counted). A batch's
+/// bytes are given back once its export is over.
 async fn export(
     exporter: opentelemetry_otlp::SpanExporter,
-    mut rx: mpsc::Receiver<SpanData>,
+    mut rx: mpsc::Receiver<Queued>,
     mut flushes: mpsc::UnboundedReceiver<std::sync::mpsc::Sender<()>>,
     timeout: Duration,
     dropped: IntCounter,
+    bytes: Arc<QueueBytes>,
 ) {
     let mut batch = Vec::with_capacity(BATCH);
+    let out = |batch: &mut Vec<Queued>| std::mem::replace(batch, Vec::with_capacity(BATCH));
     loop {
         let deadline = tokio::time::Instant::now() + EXPORT_EVERY;
         while batch.len() < BATCH {
@@ -377,8 +566,7 @@ async fn export(
                         Ok(0) => {
                             // Every sender is gone: the last batch, then stop.
                             if !batch.is_empty() {
-                                send(&exporter, std::mem::take(&mut batch), timeout, &dropped)
-                                    .await;
+                                send(&exporter, out(&mut batch), timeout, &dropped, &bytes).await;
                             }
                             return;
                         }
@@ -391,33 +579,42 @@ async fn export(
                     while let Ok(span) = rx.try_recv() {
                         batch.push(span);
                         if batch.len() == BATCH {
-                            let out = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
-                            send(&exporter, out, timeout, &dropped).await;
+                            send(&exporter, out(&mut batch), timeout, &dropped, &bytes).await;
                         }
                     }
                     if !batch.is_empty() {
-                        let out = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
-                        send(&exporter, out, timeout, &dropped).await;
+                        send(&exporter, out(&mut batch), timeout, &dropped, &bytes).await;
                     }
                     let _ = done.send(());
                 }
             }
         }
         if !batch.is_empty() {
-            let out = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
-            send(&exporter, out, timeout, &dropped).await;
+            send(&exporter, out(&mut batch), timeout, &dropped, &bytes).await;
         }
     }
 }
 
 async fn send(
     exporter: &opentelemetry_otlp::SpanExporter,
-    batch: Vec<SpanData>,
+    batch: Vec<Queued>,
     timeout: Duration,
     dropped: &IntCounter,
+    bytes: &QueueBytes,
 ) {
     let n = batch.len() as u64;
-    match tokio::time::timeout(timeout, exporter.export(batch)).await {
+    let (mut held, mut refused) = (0, 0);
+    let spans: Vec<SpanData> = batch
+        .into_iter()
+        .map(|q| {
+            held += q.bytes;
+            if q.refused {
+                refused += q.bytes;
+            }
+            q.span
+        })
+        .collect();
+    match tokio::time::timeout(timeout, exporter.export(spans)).await {
         Ok(Ok(())) => {}
         Ok(Err(err)) => {
             dropped.inc_by(n);
@@ -428,6 +625,7 @@ async fn send(
             tracing::debug!(spans = n, "span export timed out; the spans are dropped");
         }
     }
+    bytes.give_back(held, refused);
 }
 
 /// Starts a span on `tracer`, child of `parent`, with `attributes`.
@@ -499,6 +697,51 @@ mod tests {
         t.sampler_arg = "1".into();
         t.sampler = "sometimes".into();
         assert!(Plan::build(&t, |_| None).is_err());
+    }
+
+    #[test]
+    fn a_long_tracestate_keeps_its_leading_members_within_the_bound() {
+        let tracing = Tracing::off();
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+                .parse()
+                .unwrap(),
+        );
+        let members: Vec<String> = (0..32)
+            .map(|i| format!("v{i}={}", "x".repeat(250)))
+            .collect();
+        headers.insert("tracestate", members.join(",").parse().unwrap());
+        let out = tracing.headers_of(&tracing.unbuilt_child(&tracing.extract(&headers)));
+        let state = out.tracestate.unwrap();
+        assert!(state.len() <= MAX_TRACESTATE_BYTES, "{}", state.len());
+        assert!(state.starts_with("v0="), "{state}");
+    }
+
+    #[test]
+    fn spans_of_refused_requests_take_at_most_half_the_queue() {
+        let q = QueueBytes {
+            max: 1000,
+            all: AtomicUsize::new(0),
+            refused: AtomicUsize::new(0),
+        };
+        assert!(q.take(400, true));
+        assert!(!q.take(200, true), "past half for refused requests");
+        assert!(q.take(500, false), "accepted ones still have room");
+        assert!(!q.take(200, false), "past the bound");
+        q.give_back(400, 400);
+        assert!(q.take(200, true));
+        assert_eq!(q.all.load(Ordering::Relaxed), 700);
+        assert_eq!(q.refused.load(Ordering::Relaxed), 200);
+    }
+
+    #[test]
+    fn cuts_fall_on_character_boundaries() {
+        assert_eq!(cut("abc", 8), "abc");
+        assert_eq!(cut("ééé", 3), "é");
+        assert_eq!(known_method(&http::Method::POST), Some("POST"));
+        assert_eq!(known_method(&"PURGE".parse().unwrap()), None);
     }
 
     #[test]

@@ -8,8 +8,12 @@
 //! headers). For each attack, run at and past the bound it aims at: signed deliveries on
 //! fresh connections are answered 200 within 1 s while it runs and are all in Kafka after,
 //! the abusive connections are closed, the bridge's CPU stays under a core and its peak
-//! memory under the pod's limit. Each test prints its figures. The attacks run one at a
-//! time: they share two cores with the broker and the bridge.
+//! memory under the pod's limit. Every attack runs with tracing on, at the example
+//! overlay's sampling (parent-based, one in ten), exporting to a collector that accepts
+//! connections and never answers, so that spans pile up to their bounds; one more class
+//! aims at the spans themselves (methods of 15,000 bytes, 15 KB `tracestate` headers, all
+//! marked sampled). Each test prints its figures. The attacks run one at a time: they share
+//! two cores with the broker and the bridge.
 
 mod common;
 
@@ -34,6 +38,7 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 struct Target {
     bridge: Process,
     topic: String,
+    _collector: Blackhole,
     _turn: tokio::sync::MutexGuard<'static, ()>,
 }
 
@@ -57,10 +62,16 @@ async fn start(extra: &[(&str, &str)]) -> Target {
     let topic = unique_topic("abuse");
     create_topic(&topic, 1).await;
     let brokers = brokers();
+    let collector = Blackhole::start().await;
+    let endpoint = collector.url();
     let mut env = vec![
         ("TAMIO_BRIDGE__KAFKA__BROKERS", brokers.as_str()),
         ("TAMIO_BRIDGE__KAFKA__TOPIC", topic.as_str()),
         ("TAMIO_BRIDGE__SIGNATURE__SECRETS", SECRET),
+        // The example overlay's tracing (deploy/kubernetes/overlays/example/bridge.toml).
+        ("TAMIO_BRIDGE__TRACING__ENDPOINT", endpoint.as_str()),
+        ("TAMIO_BRIDGE__TRACING__SAMPLER", "parentbased_traceidratio"),
+        ("TAMIO_BRIDGE__TRACING__SAMPLER_ARG", "0.1"),
     ];
     env.extend_from_slice(extra);
     let bridge = Process::spawn(&env);
@@ -68,6 +79,7 @@ async fn start(extra: &[(&str, &str)]) -> Target {
     Target {
         bridge,
         topic,
+        _collector: collector,
         _turn: turn,
     }
 }
@@ -824,4 +836,73 @@ async fn http2_dribbles_refills_and_shuffles_are_cut_off() {
     .await;
     let metrics = get(target.admin, "/metrics").await.text();
     assert!(abuse_closes(&metrics) >= 3.0, "{metrics}");
+}
+
+/// Sends `request` again and again on one keep-alive connection, reading whatever comes
+/// back, until the bridge closes it or `stop`.
+async fn request_flood(addr: SocketAddr, stop: Arc<AtomicBool>, request: Arc<Vec<u8>>) -> Ended {
+    let Ok(mut s) = TcpStream::connect(addr).await else {
+        return Ended::Dropped;
+    };
+    let mut buf = vec![0u8; 16 << 10];
+    while !stop.load(Ordering::Relaxed) {
+        if s.write_all(&request).await.is_err() {
+            return Ended::Closed;
+        }
+        match tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return Ended::Closed,
+            _ => {}
+        }
+    }
+    Ended::Dropped
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_a_stranger_shapes_stay_within_their_bounds() {
+    let target = start(&[]).await;
+    // Sampled whatever the ratio: the parent says so.
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let long_method = format!(
+        "{} /webhooks/tamio HTTP/1.1\r\nHost: bridge\r\ntraceparent: {traceparent}\r\n\r\n",
+        "M".repeat(15_000)
+    );
+    let members: Vec<String> = (0..60)
+        .map(|i| format!("k{i}={}", "v".repeat(240)))
+        .collect();
+    let long_state = format!(
+        "POST /elsewhere HTTP/1.1\r\nHost: bridge\r\ntraceparent: {traceparent}\r\n\
+         tracestate: {}\r\n\r\n",
+        members.join(",")
+    );
+    for (name, request) in [
+        (
+            "15,000-byte methods, sampled by their traceparent",
+            long_method,
+        ),
+        (
+            "15 KB tracestate headers, sampled by their traceparent",
+            long_state,
+        ),
+    ] {
+        let request = Arc::new(request.into_bytes());
+        let figures = siege(
+            &target,
+            name,
+            SIEGE_SECS + 2,
+            16,
+            Work::Requests,
+            move |addr, stop| {
+                let request = request.clone();
+                async move { request_flood(addr, stop, request).await }
+            },
+        )
+        .await;
+        let metrics = report(&target, &figures).await;
+        let dropped = sample(&metrics, "tamio_bridge_trace_spans_dropped_total");
+        println!("  spans dropped so far: {dropped}");
+        assert!(
+            dropped > 0.0,
+            "the collector never answers: spans must be dropped"
+        );
+    }
 }

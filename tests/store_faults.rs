@@ -385,3 +385,69 @@ async fn a_cluster_that_loses_a_master_under_load_loses_nothing_and_suppression_
         "suppression did not resume"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_waits_for_the_stores_writes_through_a_pause() {
+    let redis = OwnRedis::start().await;
+    let broker = OwnBroker::start().await;
+    let topic = unique_topic("store-sigterm");
+    broker.create_topic(&topic, 3).await;
+    let bootstrap = broker.address();
+    let url = redis.url();
+    let spawn = || {
+        Process::spawn(&[
+            ("TAMIO_BRIDGE__KAFKA__BROKERS", bootstrap.as_str()),
+            ("TAMIO_BRIDGE__KAFKA__TOPIC", topic.as_str()),
+            ("TAMIO_BRIDGE__SIGNATURE__SECRETS", SECRET),
+            ("TAMIO_BRIDGE__DEDUP__STORE", "redis"),
+            ("TAMIO_BRIDGE__DEDUP__REDIS_URL", url.as_str()),
+        ])
+    };
+    let first = spawn();
+    first.wait_ready().await;
+    // Deliveries claimed in the store and waiting for Kafka, which is frozen.
+    broker.freeze();
+    const N: usize = 30;
+    let bodies: Vec<String> = (0..N)
+        .map(|i| ticket_event(&format!("whev_sigterm_{i}"), &format!("tk-{i}"), i))
+        .collect();
+    let first = Arc::new(first);
+    let mut sent = Vec::new();
+    for body in bodies.clone() {
+        let first = first.clone();
+        sent.push(tokio::spawn(async move { deliver(&first, &body).await }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The store pauses (a fork, a failover) as the bridge is told to stop and Kafka comes
+    // back: the acknowledgements of the deliveries it finishes wait behind the pause.
+    redis.pause(3000);
+    first.signal("TERM");
+    broker.thaw();
+    for answer in sent {
+        assert_eq!(answer.await.unwrap().status, StatusCode::OK);
+    }
+    let mut first = Arc::into_inner(first).expect("no other handle");
+    let code = tokio::task::spawn_blocking(move || first.wait(Duration::from_secs(40)))
+        .await
+        .unwrap();
+    assert_eq!(code, 0);
+
+    // Another replica takes the same events as duplicates: their acknowledgements reached
+    // the store before the first one exited.
+    let second = spawn();
+    second.wait_ready().await;
+    for body in &bodies {
+        let reply = deliver(&second, body).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        assert_eq!(reply.json()["duplicate"], true, "{}", reply.text());
+    }
+    let records = read_topic_from(
+        &bootstrap,
+        &topic,
+        N,
+        Duration::from_secs(1),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(records.len(), N, "each event once");
+}

@@ -174,7 +174,8 @@ impl Bodies {
             .is_ok()
     }
 
-    /// Charges `bytes` more to `charge`, cutting older bodies when the budget is taken.
+    /// Charges `bytes` more to `charge`, cutting older bodies when the budget is taken and
+    /// they can free enough.
     async fn grow(
         self: &Arc<Self>,
         me: &Registered<'_>,
@@ -183,9 +184,18 @@ impl Bodies {
         deadline: Instant,
     ) -> Result<(), BodyError> {
         loop {
+            // Both registered before anything is looked at: a release or a cut between the
+            // look and the wait is not missed.
             let released = self.released.notified();
             tokio::pin!(released);
             released.as_mut().enable();
+            let evicted = me.receiver.wake.notified();
+            tokio::pin!(evicted);
+            evicted.as_mut().enable();
+            // Cut while it waited here: it takes nothing more.
+            if me.receiver.evicted.load(Ordering::Acquire) {
+                return Err(BodyError::Evicted);
+            }
             if self.try_charge(bytes) {
                 charge.bytes += bytes;
                 me.receiver.charged.store(charge.bytes, Ordering::Relaxed);
@@ -197,31 +207,46 @@ impl Bodies {
             // The cut bodies give their bytes back as soon as their readers run.
             tokio::select! {
                 () = released => {}
-                () = me.receiver.wake.notified() => return Err(BodyError::Evicted),
+                () = evicted => return Err(BodyError::Evicted),
                 () = tokio::time::sleep_until(deadline) => return Err(BodyError::NoMemory),
             }
         }
     }
 
-    /// Cuts the oldest bodies received before `seq`, until they hold `bytes`; false when no
-    /// older body holds any.
+    /// Cuts the oldest bodies received before `seq` that, with the budget left, make room for
+    /// `bytes`; cuts none and returns false when all of them together could not.
     fn cut_older(&self, seq: u64, bytes: usize) -> bool {
         let receiving = self.receiving.lock().unwrap_or_else(|p| p.into_inner());
+        let free = self.limits.memory_bytes.saturating_sub(self.used());
+        let need = bytes.saturating_sub(free);
+        if need == 0 {
+            // Given back meanwhile: charge again.
+            return true;
+        }
+        let mut victims = Vec::new();
         let mut freed = 0;
         for (_, receiver) in receiving.range(..seq) {
-            if freed >= bytes {
+            if freed >= need {
                 break;
             }
             let held = receiver.charged.load(Ordering::Relaxed);
             if held == 0 {
                 continue;
             }
-            if !receiver.evicted.swap(true, Ordering::AcqRel) {
-                receiver.wake.notify_one();
-            }
+            // One cut already counts: its bytes come back when its reader runs.
+            victims.push(receiver);
             freed += held;
         }
-        freed > 0
+        if freed < need {
+            return false;
+        }
+        for receiver in victims {
+            if !receiver.evicted.swap(true, Ordering::AcqRel) {
+                // Every waiter of the body: its read loop, or its own wait for memory.
+                receiver.wake.notify_waiters();
+            }
+        }
+        true
     }
 
     /// Reads `body` whole: at most `max` bytes (`declared` is its Content-Length, if any),
@@ -505,6 +530,98 @@ mod tests {
             took >= Duration::from_secs(2) && took < Duration::from_secs(4),
             "{took:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_body_cut_while_it_waits_for_memory_gives_up_at_once() {
+        let bodies = Bodies::new(limits(100_000));
+        let timeout = Duration::from_secs(60);
+        // The oldest: 40 kB arrived, the rest never; its reader is never run again, so its
+        // bytes stay taken.
+        let (old_tx, old_body) = chunks(4);
+        old_tx.send(Bytes::from(vec![b'o'; 40_000])).await.unwrap();
+        let mut oldest = Box::pin(bodies.read(old_body, None, 900_000, far(), timeout));
+        assert!(futures_util::FutureExt::now_or_never(oldest.as_mut()).is_none());
+        // Then a body of 30 kB that needs 40 kB more: it cuts the oldest and waits for its bytes.
+        let (tx, body) = chunks(4);
+        tx.send(Bytes::from(vec![b'a'; 30_000])).await.unwrap();
+        let waiting = {
+            let bodies = bodies.clone();
+            tokio::spawn(async move { bodies.read(body, None, 900_000, far(), timeout).await })
+        };
+        while bodies.used() < 70_000 {
+            tokio::task::yield_now().await;
+        }
+        tx.send(Bytes::from(vec![b'a'; 40_000])).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // A newcomer needs more than the oldest frees: the waiting body is cut too, and gives
+        // up at once rather than when memory comes back.
+        let newcomer = {
+            let bodies = bodies.clone();
+            tokio::spawn(async move {
+                bodies
+                    .read(
+                        Full::new(Bytes::from(vec![b'n'; 75_000])),
+                        None,
+                        900_000,
+                        far(),
+                        timeout,
+                    )
+                    .await
+            })
+        };
+        let cut = tokio::time::timeout(Duration::from_secs(2), waiting)
+            .await
+            .expect("the cut body still waits for memory")
+            .unwrap();
+        assert_eq!(cut.unwrap_err(), BodyError::Evicted);
+        drop(oldest);
+        let got = newcomer.await.unwrap().unwrap();
+        assert_eq!(got.len(), 75_000);
+        drop((old_tx, tx));
+    }
+
+    #[tokio::test]
+    async fn older_bodies_are_cut_only_when_they_free_enough() {
+        let bodies = Bodies::new(limits(100_000));
+        let timeout = Duration::from_secs(60);
+        // 20 kB still arriving, then 60 kB received whole (being published).
+        let (tx, body) = chunks(4);
+        tx.send(Bytes::from(vec![b'a'; 20_000])).await.unwrap();
+        let arriving = {
+            let bodies = bodies.clone();
+            tokio::spawn(async move { bodies.read(body, None, 900_000, far(), timeout).await })
+        };
+        while bodies.used() < 20_000 {
+            tokio::task::yield_now().await;
+        }
+        let received = bodies
+            .read(
+                Full::new(Bytes::from(vec![b'r'; 60_000])),
+                None,
+                900_000,
+                far(),
+                timeout,
+            )
+            .await
+            .unwrap();
+        // 50 kB more cannot be had even by cutting the one arriving: it is refused, and the
+        // one arriving is left alone.
+        let e = bodies
+            .read(
+                Full::new(Bytes::from(vec![b'n'; 50_000])),
+                None,
+                900_000,
+                far(),
+                timeout,
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e, BodyError::NoMemory);
+        tx.send(Bytes::from(vec![b'a'; 20_000])).await.unwrap();
+        drop(tx);
+        assert_eq!(arriving.await.unwrap().unwrap().len(), 40_000);
+        drop(received);
     }
 
     /// A body whose frames come from a channel (or were queued before), as a peer sends them.

@@ -358,9 +358,10 @@ impl Ingest {
         }
     }
 
-    /// Waits up to `timeout` for the writes to the shared duplicate store (on shutdown).
-    pub async fn flush_dedup(&self, timeout: Duration) {
-        self.dedup.flush(timeout).await;
+    /// Waits up to `timeout` for the writes to the shared duplicate store (on shutdown);
+    /// returns how many are left.
+    pub async fn flush_dedup(&self, timeout: Duration) -> u64 {
+        self.dedup.flush(timeout).await
     }
 
     /// The verifier in force; a request keeps the one it started with.
@@ -411,26 +412,41 @@ impl Ingest {
         let parent = self.tracing.extract(req.headers());
         let cx = match self.tracing.tracer() {
             Some(tracer) => {
+                // Semantic conventions: a method HTTP does not define is `_OTHER` (its
+                // original cut short) and names the span `HTTP`; nothing a sender controls
+                // goes into a span uncut.
                 let routed = req.uri().path() == self.path;
-                let name = if routed {
-                    Cow::Borrowed(self.span_name)
-                } else {
-                    Cow::Owned(req.method().to_string())
+                let method = trace::known_method(req.method());
+                let name = match method {
+                    Some("POST") if routed => self.span_name,
+                    Some(method) => method,
+                    None => "HTTP",
                 };
-                let span =
-                    trace::start_span(tracer, name, trace::SpanKind::Server, &parent, || {
+                let span = trace::start_span(
+                    tracer,
+                    Cow::Borrowed(name),
+                    trace::SpanKind::Server,
+                    &parent,
+                    || {
                         let mut attributes = vec![
-                            KeyValue::new("http.request.method", req.method().to_string()),
+                            KeyValue::new("http.request.method", method.unwrap_or("_OTHER")),
                             KeyValue::new(
                                 "url.path",
-                                req.uri().path().chars().take(256).collect::<String>(),
+                                trace::cut(req.uri().path(), trace::MAX_ATTRIBUTE_BYTES),
                             ),
                         ];
+                        if method.is_none() {
+                            attributes.push(KeyValue::new(
+                                "http.request.method_original",
+                                trace::cut(req.method().as_str(), trace::MAX_METHOD_BYTES),
+                            ));
+                        }
                         if routed {
                             attributes.push(KeyValue::new("http.route", self.path.clone()));
                         }
                         attributes
-                    });
+                    },
+                );
                 parent.with_span(span)
             }
             None => parent,
@@ -749,7 +765,10 @@ impl Ingest {
                         if let Some(key) = &record.key {
                             attributes.push(KeyValue::new(
                                 "messaging.kafka.message.key",
-                                String::from_utf8_lossy(key).into_owned(),
+                                trace::cut(
+                                    &String::from_utf8_lossy(key),
+                                    trace::MAX_ATTRIBUTE_BYTES,
+                                ),
                             ));
                         }
                         attributes

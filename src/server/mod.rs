@@ -418,7 +418,7 @@ pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// The send buffer of every accepted connection (see [`bind`]).
-const SEND_BUFFER_BYTES: u32 = 64 * 1024;
+const SEND_BUFFER_BYTES: u32 = 16 * 1024;
 
 /// hyper's smallest HTTP/1 read buffer.
 const MIN_HTTP1_BUFFER: usize = 8192;

@@ -214,9 +214,11 @@ impl Dedup {
     }
 
     /// Waits up to `timeout` for the writes to the shared store to be done (on shutdown).
-    pub async fn flush(&self, timeout: Duration) {
-        if let Some(shared) = &self.shared {
-            shared.flush(timeout).await;
+    /// Waits up to `timeout` for the shared store's writes; returns how many are left.
+    pub async fn flush(&self, timeout: Duration) -> u64 {
+        match &self.shared {
+            Some(shared) => shared.flush(timeout).await,
+            None => 0,
         }
     }
 }

@@ -296,11 +296,12 @@ impl Shared {
 
     /// Waits until the claims held are given up or acknowledged and the writes queued are
     /// done, up to `timeout` (on shutdown, after the producer's flush).
-    pub async fn flush(&self, timeout: Duration) {
+    pub async fn flush(&self, timeout: Duration) -> u64 {
         let until = Instant::now() + timeout;
         while self.pending.load(Ordering::Relaxed) > 0 && Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        self.pending.load(Ordering::Relaxed)
     }
 
     /// Runs one command (or pipeline) on the link within the command deadline.
