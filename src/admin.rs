@@ -1,6 +1,7 @@
 //! The admin listener: `GET /metrics` (Prometheus text), `GET /healthz` (the process runs
-//! its loops) and `GET /readyz` (a broker answers and the topic exists, and the bridge is not
-//! shutting down).
+//! its loops) and `GET /readyz` (a broker answers, every topic exists with a partition that
+//! can take records, the producer holds its producer id, and the bridge is not shutting
+//! down).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,7 +15,9 @@ use crate::metrics::Metrics;
 
 /// Whether the bridge should be sent traffic, and if not, why.
 pub struct Readiness {
-    kafka: Mutex<Result<(), String>>,
+    /// Ready, with the partitions that cannot take records (named, not a reason to take the
+    /// replica out of service), or why not.
+    kafka: Mutex<Result<Vec<String>, String>>,
     shutting_down: AtomicBool,
     metrics: Arc<Metrics>,
 }
@@ -29,7 +32,7 @@ impl Readiness {
     }
 
     /// Records the latest probe; returns true when this changes the state or its reason.
-    pub fn set_kafka(&self, state: Result<(), String>) -> bool {
+    pub fn set_kafka(&self, state: Result<Vec<String>, String>) -> bool {
         let shutting_down = self.shutting_down.load(Ordering::SeqCst);
         self.metrics
             .kafka_up
@@ -45,8 +48,8 @@ impl Readiness {
         self.metrics.kafka_up.set(0);
     }
 
-    /// `Ok` when ready, else the reason.
-    pub fn check(&self) -> Result<(), String> {
+    /// `Ok` when ready (with the partitions that cannot take records), else the reason.
+    pub fn check(&self) -> Result<Vec<String>, String> {
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err("the bridge is shutting down".into());
         }
@@ -80,10 +83,17 @@ impl Admin {
                 r#"{"status":"ok"}"#.into(),
             ),
             "/readyz" => match self.readiness.check() {
-                Ok(()) => text(
+                Ok(degraded) if degraded.is_empty() => text(
                     StatusCode::OK,
                     "application/json",
                     r#"{"ready":true}"#.into(),
+                ),
+                // Other partitions take records: the replica stays in service, and names
+                // the ones whose records are refused or held.
+                Ok(degraded) => text(
+                    StatusCode::OK,
+                    "application/json",
+                    serde_json::json!({ "ready": true, "degraded": degraded }).to_string(),
                 ),
                 Err(reason) => text(
                     StatusCode::SERVICE_UNAVAILABLE,

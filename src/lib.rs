@@ -288,6 +288,11 @@ pub async fn replay(
                     .max(Duration::from_secs(5)),
             )
             .await
+            // The transactional producer gets its id when the replay starts its transactions.
+            .or_else(|e| match e.failure {
+                publish::probe::ProbeFailure::NoProducerId => Ok(Vec::new()),
+                _ => Err(e),
+            })
             .map_err(|e| RunError::Destinations(e.to_string()))?;
     }
     let traces = Arc::new(
@@ -406,15 +411,23 @@ async fn probe_kafka(
     loop {
         let state = publisher.probe(&topics, timeout).await;
         let ok = state.is_ok();
-        let failed = state.as_ref().err().cloned();
+        let seen = state.clone();
         if readiness.set_kafka(state.map_err(|e| e.to_string())) {
-            match failed {
-                None => tracing::info!(?topics, "Kafka is reachable: ready"),
-                Some(e) => tracing::warn!(
+            match seen {
+                Ok(degraded) if degraded.is_empty() => {
+                    tracing::info!(?topics, "Kafka is reachable: ready")
+                }
+                Ok(degraded) => tracing::warn!(
+                    ?topics,
+                    ?degraded,
+                    "ready, but some partitions cannot take records: their deliveries are \
+                     refused (too few in-sync replicas) or held (no leader)"
+                ),
+                Err(e) => tracing::warn!(
                     ?topics,
                     failure = e.failure.as_str(),
                     reason = %e,
-                    "Kafka is unreachable: not ready"
+                    "Kafka cannot take records: not ready"
                 ),
             }
         }

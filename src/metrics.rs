@@ -51,6 +51,9 @@ pub struct Metrics {
     pub producer_queue_bytes: IntGauge,
     pub broker_rtt: GaugeVec,
     pub broker_up: IntGaugeVec,
+    /// Partitions the last readiness probe found unable to take records, by topic and
+    /// reason (`no_leader`, `too_few_in_sync_replicas`).
+    pub partitions_unwritable: IntGaugeVec,
     pub broker_request_errors: IntCounterVec,
     pub broker_retries: IntCounterVec,
 }
@@ -236,6 +239,16 @@ impl Metrics {
             &["broker"],
         )
         .unwrap();
+        let partitions_unwritable = IntGaugeVec::new(
+            Opts::new(
+                "tamio_bridge_kafka_partitions_unwritable",
+                "Partitions the last readiness probe found unable to take records: no leader, \
+                 or fewer in-sync replicas than the topic's min.insync.replicas (deliveries \
+                 to those are answered 503 at once).",
+            ),
+            &["topic", "reason"],
+        )
+        .unwrap();
         let broker_request_errors = IntCounterVec::new(
             Opts::new(
                 "tamio_bridge_kafka_broker_request_errors_total",
@@ -310,6 +323,7 @@ impl Metrics {
             Box::new(producer_queue_bytes.clone()),
             Box::new(broker_rtt.clone()),
             Box::new(broker_up.clone()),
+            Box::new(partitions_unwritable.clone()),
             Box::new(broker_request_errors.clone()),
             Box::new(broker_retries.clone()),
         ] {
@@ -349,6 +363,7 @@ impl Metrics {
             producer_queue_bytes,
             broker_rtt,
             broker_up,
+            partitions_unwritable,
             broker_request_errors,
             broker_retries,
         }

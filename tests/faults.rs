@@ -276,6 +276,7 @@ async fn under_load(
         per_ticket: 30,
         max_attempts: 50,
         retry_pause: Duration::from_millis(20),
+        until: None,
     };
     let acked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let run = tokio::spawn({

@@ -36,6 +36,7 @@ fn start_load(url: String) -> (Arc<AtomicUsize>, tokio::task::JoinHandle<LoadRep
         per_ticket: PER_TICKET,
         max_attempts: 400,
         retry_pause: Duration::from_millis(100),
+        until: None,
     };
     let acked = Arc::new(AtomicUsize::new(0));
     let run = tokio::spawn({

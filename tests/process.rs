@@ -245,6 +245,7 @@ async fn bridge_killed_mid_load_and_started_again_loses_nothing_acknowledged() {
         per_ticket: 40,
         max_attempts: 400,
         retry_pause: Duration::from_millis(100),
+        until: None,
     };
     let run = tokio::spawn({
         let acked = acked.clone();

@@ -170,6 +170,7 @@ async fn redis_killed_under_load_loses_nothing_and_suppression_resumes() {
         per_ticket: 40,
         max_attempts: 100,
         retry_pause: Duration::from_millis(50),
+        until: None,
     };
     let acked = Arc::new(AtomicUsize::new(0));
     let run = tokio::spawn({

@@ -11,7 +11,7 @@ pub mod producer;
 pub mod record;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +23,7 @@ use rdkafka::util::Timeout;
 use rdkafka::TopicPartitionList;
 
 use crate::metrics::Metrics;
-use probe::{ProbeError, ProbeFailure};
+use probe::{Health, PartitionState, ProbeClient, ProbeError, ProbeFailure};
 use producer::{BridgeProducer, StatsContext};
 use record::{DeadLetter, Record};
 
@@ -36,17 +36,20 @@ pub enum DeliveryFailure {
     UnknownTopic,
     Authorization,
     BrokerUnavailable,
+    /// The record's partition has fewer in-sync replicas than `min.insync.replicas`.
+    NotEnoughReplicas,
     Other,
 }
 
 impl DeliveryFailure {
-    pub const ALL: [DeliveryFailure; 7] = [
+    pub const ALL: [DeliveryFailure; 8] = [
         DeliveryFailure::Timeout,
         DeliveryFailure::QueueFull,
         DeliveryFailure::MessageTooLarge,
         DeliveryFailure::UnknownTopic,
         DeliveryFailure::Authorization,
         DeliveryFailure::BrokerUnavailable,
+        DeliveryFailure::NotEnoughReplicas,
         DeliveryFailure::Other,
     ];
 
@@ -58,6 +61,7 @@ impl DeliveryFailure {
             DeliveryFailure::UnknownTopic => "unknown_topic",
             DeliveryFailure::Authorization => "authorization",
             DeliveryFailure::BrokerUnavailable => "broker_unavailable",
+            DeliveryFailure::NotEnoughReplicas => "not_enough_replicas",
             DeliveryFailure::Other => "other",
         }
     }
@@ -123,10 +127,12 @@ impl PublishError {
                 | RDKafkaErrorCode::Authentication,
             ) => DeliveryFailure::Authorization,
             Some(
+                RDKafkaErrorCode::NotEnoughReplicas
+                | RDKafkaErrorCode::NotEnoughReplicasAfterAppend,
+            ) => DeliveryFailure::NotEnoughReplicas,
+            Some(
                 RDKafkaErrorCode::AllBrokersDown
                 | RDKafkaErrorCode::BrokerTransportFailure
-                | RDKafkaErrorCode::NotEnoughReplicas
-                | RDKafkaErrorCode::NotEnoughReplicasAfterAppend
                 | RDKafkaErrorCode::LeaderNotAvailable
                 | RDKafkaErrorCode::NotLeaderForPartition,
             ) => DeliveryFailure::BrokerUnavailable,
@@ -155,6 +161,8 @@ struct Current {
     warm_up: Arc<probe::WarmUp>,
     /// When it was made, if it replaced a dead one.
     replaced_at: Option<std::time::Instant>,
+    /// Its producer id, from its statistics (-1: none yet).
+    producer_id: Arc<AtomicI64>,
 }
 
 /// A replacement that dies in turn is replaced no sooner than this after it was made: an
@@ -171,13 +179,15 @@ fn create(
     topic: &Arc<str>,
 ) -> Result<Current, KafkaError> {
     let fatal = Arc::new(AtomicBool::new(false));
-    let context = StatsContext::new(metrics.clone(), fatal.clone());
+    let producer_id = Arc::new(AtomicI64::new(-1));
+    let context = StatsContext::new(metrics.clone(), fatal.clone(), producer_id.clone());
     let producer: BridgeProducer = config.create_with_context(context)?;
     Ok(Current {
         warm_up: probe::WarmUp::start(producer.clone(), topic.clone()),
         producer,
         fatal,
         replaced_at: None,
+        producer_id,
     })
 }
 
@@ -195,19 +205,20 @@ pub struct Publisher {
     /// False while the readiness probe finds no broker answering: records are then refused
     /// at once instead of waiting out the delivery timeout.
     reachable: AtomicBool,
-    /// Since when (ms on `clock`, from 1) records have failed with the errors of a producer
-    /// id the broker no longer takes, with no record delivered since; 0 when none has.
-    pid_errors_since_ms: AtomicU64,
-    clock: std::time::Instant,
+    /// The readiness probe's own client.
+    probe_client: Arc<ProbeClient>,
+    /// What the last probe saw of each partition; `degraded` while any cannot take records
+    /// (only then is a record's partition looked up).
+    health: std::sync::RwLock<Arc<Health>>,
+    degraded: AtomicBool,
     /// A transactional producer (the replay's): never replaced, since a replacement would
     /// lose the transaction's state; a fatal error ends its deliveries.
     transactional: bool,
 }
 
-/// How long an idempotent producer has to recover from the errors of a producer id the
-/// broker no longer takes (drain, bump its epoch, resend) before it is replaced: a broker
-/// that keeps refusing the bumped epoch would otherwise refuse every record for ever.
-const PID_RECOVERY: Duration = Duration::from_secs(1);
+/// How long a request of the readiness probe's client may take, before librdkafka drops the
+/// connection to the broker that does not answer (the probe asks another then).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl Publisher {
     /// A producer with `config` (see [`producer::build`]), warmed up with the metadata of
@@ -219,6 +230,7 @@ impl Publisher {
     ) -> Result<Publisher, KafkaError> {
         let topic: Arc<str> = topic.into();
         let current = create(&config, &metrics, &topic)?;
+        let probe_client = Arc::new(ProbeClient::new(&config, PROBE_TIMEOUT)?);
         Ok(Publisher {
             current: std::sync::RwLock::new(current),
             replacing: tokio::sync::Mutex::new(()),
@@ -226,8 +238,9 @@ impl Publisher {
             metrics,
             topic,
             reachable: AtomicBool::new(true),
-            pid_errors_since_ms: AtomicU64::new(0),
-            clock: std::time::Instant::now(),
+            probe_client,
+            health: std::sync::RwLock::new(Arc::new(Health::default())),
+            degraded: AtomicBool::new(false),
             transactional: false,
         })
     }
@@ -367,7 +380,6 @@ impl Publisher {
             fresh.clone(),
         );
         self.metrics.producer_restarts.inc();
-        self.pid_errors_since_ms.store(0, Ordering::Relaxed);
         tracing::warn!(
             built_ms = started.elapsed().as_millis() as u64,
             "replaced the Kafka producer after its fatal error"
@@ -384,19 +396,6 @@ impl Publisher {
             drop(retired)
         });
         Ok(fresh)
-    }
-
-    /// Notes a producer-id error; true when such errors have gone on, with no record
-    /// delivered, for longer than [`PID_RECOVERY`].
-    fn pid_errors_persist(&self) -> bool {
-        let now = self.clock.elapsed().as_millis() as u64 + 1;
-        match self
-            .pid_errors_since_ms
-            .compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire)
-        {
-            Ok(_) => false,
-            Err(since) => now.saturating_sub(since) >= PID_RECOVERY.as_millis() as u64,
-        }
     }
 
     /// librdkafka's `message.timeout.ms`: how long a record may take.
@@ -425,6 +424,11 @@ impl Publisher {
                 "no broker answered the last readiness probe".into(),
             ));
         }
+        if self.degraded.load(Ordering::Relaxed) {
+            if let Some(refusal) = self.unwritable(record.topic, record.key) {
+                return Err(refusal);
+            }
+        }
         let started = tokio::time::Instant::now();
         let Current {
             producer,
@@ -451,23 +455,10 @@ impl Publisher {
                         tracing::error!(%err, "librdkafka declared the Kafka producer dead; it will be replaced");
                         fatal.store(true, Ordering::SeqCst);
                         warm_up.done();
-                    } else if is_producer_id_error(&err)
-                        && !self.transactional
-                        && self.pid_errors_persist()
-                    {
-                        tracing::error!(
-                            %err,
-                            recovery_ms = PID_RECOVERY.as_millis() as u64,
-                            "the broker still refuses the Kafka producer's id after its epoch \
-                             bump; it will be replaced"
-                        );
-                        fatal.store(true, Ordering::SeqCst);
-                        warm_up.done();
                     }
                     Err(PublishError::from_kafka(&err))
                 }
                 Ok(Ok(Ok(d))) => {
-                    self.pid_errors_since_ms.store(0, Ordering::Relaxed);
                     warm_up.done();
                     Ok(Delivered {
                         partition: d.partition,
@@ -482,26 +473,83 @@ impl Publisher {
         result
     }
 
-    /// Probes every topic the bridge writes to (see [`probe::probe_topic`]), and refuses
-    /// records at once while no broker answers.
-    pub async fn probe(&self, topics: &[String], timeout: Duration) -> Result<(), ProbeError> {
-        let producer = self.producer();
+    /// The refusal of a record whose partition has too few in-sync replicas to take it, as
+    /// the last probe saw it. A partition without a leader is not refused: librdkafka holds
+    /// its records until one is elected.
+    fn unwritable(&self, topic: &str, key: Option<&[u8]>) -> Option<PublishError> {
+        let health = self
+            .health
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let (partition, state) = health.of_key(topic, key?)?;
+        match state {
+            PartitionState::TooFewReplicas { in_sync, min } => Some(PublishError::Kafka {
+                reason: DeliveryFailure::NotEnoughReplicas,
+                detail: format!(
+                    "partition {partition} of {topic} has {in_sync} in-sync replica(s) and \
+                     needs {min} (min.insync.replicas): Kafka takes none of its records now"
+                ),
+            }),
+            _ => None,
+        }
+    }
+
+    /// Probes every topic the bridge writes to through the probe's own client: readiness,
+    /// and which partitions' records are refused at once. Records are refused at once while
+    /// no broker answers; the bridge is not ready until the producer holds a producer id.
+    pub async fn probe(
+        &self,
+        topics: &[String],
+        timeout: Duration,
+    ) -> Result<Vec<String>, ProbeError> {
+        let client = self.probe_client.clone();
         let topics = topics.to_vec();
-        let result = tokio::task::spawn_blocking(move || {
-            topics
-                .iter()
-                .try_for_each(|topic| probe::probe_topic(&producer, topic, timeout))
-        })
-        .await
-        .unwrap_or_else(|e| {
-            Err(ProbeError::new(
-                ProbeFailure::Internal,
-                format!("readiness probe failed: {e}"),
-            ))
-        });
-        let unreachable = matches!(&result, Err(e) if e.failure.refuses_records());
+        let (health, failed) = tokio::task::spawn_blocking(move || client.probe(&topics, timeout))
+            .await
+            .unwrap_or_else(|e| {
+                let failed = ProbeError::new(
+                    ProbeFailure::Internal,
+                    format!("readiness probe failed: {e}"),
+                );
+                (Health::default(), Some(failed))
+            });
+        let unreachable = failed.as_ref().is_some_and(|e| e.failure.refuses_records());
         self.reachable.store(!unreachable, Ordering::Relaxed);
-        result
+        self.metrics.partitions_unwritable.reset();
+        for (topic, states) in &health.topics {
+            for state in states {
+                if let Some(reason) = state.reason() {
+                    self.metrics
+                        .partitions_unwritable
+                        .with_label_values(&[topic.as_str(), reason])
+                        .inc();
+                }
+            }
+        }
+        let degraded = health.degraded();
+        self.degraded
+            .store(health.any_degraded(), Ordering::Relaxed);
+        // Partitions seen, even when none of a topic can take records: theirs are refused.
+        *self.health.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(health);
+        if let Some(failed) = failed {
+            return Err(failed);
+        }
+        let has_id = self
+            .current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .producer_id
+            .load(Ordering::Relaxed)
+            >= 0;
+        if !has_id {
+            return Err(ProbeError::new(
+                ProbeFailure::NoProducerId,
+                "the producer has no producer id yet: it could not write (the cluster's \
+                 transaction coordinator may still be loading)",
+            ));
+        }
+        Ok(degraded)
     }
 
     /// Waits up to `timeout` for every queued record to be acknowledged; returns how many
@@ -628,15 +676,6 @@ async fn with_deadline<F: std::future::Future>(
     }
 }
 
-/// The errors of a producer id the broker no longer takes, from which an idempotent
-/// producer recovers by itself (see [`kills_the_producer`]).
-fn is_producer_id_error(err: &KafkaError) -> bool {
-    matches!(
-        err.rdkafka_error_code(),
-        Some(RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch)
-    )
-}
-
 /// Whether a record's error means its producer can deliver nothing more: librdkafka's own
 /// verdict (`Fatal`, which its error callback reports too, a moment later), and the two
 /// errors it reports on a record only when it has just declared the producer dead (a
@@ -645,9 +684,9 @@ fn is_producer_id_error(err: &KafkaError) -> bool {
 /// sends the records again without reporting them). An idempotent producer recovers by
 /// itself from an invalid epoch or a fenced id (KIP-360), and a record failed that way was
 /// not written: replacing the producer for those would purge records Kafka may have
-/// written, and their senders' retries would write them again. It is replaced for them only
-/// when they go on for [`PID_RECOVERY`] with nothing delivered: a broker that refuses the
-/// bumped epoch too (tansu does, after an outage longer than the delivery timeout).
+/// written, and their senders' retries would write them again. Apache Kafka takes the bumped
+/// epoch, also after every broker was down for longer than the delivery timeout
+/// (tests/broker_faults.rs: no producer replaced through any fault).
 fn kills_the_producer(err: &KafkaError) -> bool {
     matches!(
         err.rdkafka_error_code(),

@@ -1,10 +1,21 @@
-//! The readiness probe: asks a broker for the metadata of every topic the bridge writes to.
+//! The readiness probe: a Kafka client of its own asks for the metadata of every topic the
+//! bridge writes to, and for their `min.insync.replicas`, and tells which partitions can take
+//! records; and the producer's warm-up.
+//!
+//! The probe's client has connections of its own: a broker answers a connection's requests
+//! in order, and a metadata request queued behind a produce request that waits for a dead
+//! follower to leave the in-sync replicas (up to `broker.session.timeout.ms`) would time out
+//! though the broker is up.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::Producer;
 use rdkafka::util::Timeout;
 
@@ -21,16 +32,23 @@ pub enum ProbeFailure {
     TopicUnavailable,
     /// A topic has no partitions.
     NoPartitions,
+    /// No partition of a topic can take records (no leader, or too few in-sync replicas).
+    NoWritablePartition,
+    /// The producer has no producer id yet: it could not write (the cluster's transaction
+    /// coordinator may still be loading).
+    NoProducerId,
     /// The probe itself could not run.
     Internal,
 }
 
 impl ProbeFailure {
-    pub const ALL: [ProbeFailure; 5] = [
+    pub const ALL: [ProbeFailure; 7] = [
         ProbeFailure::NoBroker,
         ProbeFailure::TopicMissing,
         ProbeFailure::TopicUnavailable,
         ProbeFailure::NoPartitions,
+        ProbeFailure::NoWritablePartition,
+        ProbeFailure::NoProducerId,
         ProbeFailure::Internal,
     ];
 
@@ -40,12 +58,15 @@ impl ProbeFailure {
             ProbeFailure::TopicMissing => "topic_missing",
             ProbeFailure::TopicUnavailable => "topic_unavailable",
             ProbeFailure::NoPartitions => "no_partitions",
+            ProbeFailure::NoWritablePartition => "no_writable_partition",
+            ProbeFailure::NoProducerId => "no_producer_id",
             ProbeFailure::Internal => "internal",
         }
     }
 
     /// Whether records should be refused at once while it lasts: only when no broker
-    /// answers. A missing topic is left to librdkafka to report per record.
+    /// answers the probe's own client. A missing topic is left to librdkafka to report per
+    /// record; partitions that cannot take records are refused one by one.
     pub fn refuses_records(self) -> bool {
         self == ProbeFailure::NoBroker
     }
@@ -68,44 +89,309 @@ impl ProbeError {
     }
 }
 
-/// Asks a broker for `topic`'s metadata: `Ok` when one answered within `timeout` and the
-/// topic exists with partitions. Blocks: run it off the async runtime.
-pub fn probe_topic(
-    producer: &BridgeProducer,
-    topic: &str,
-    timeout: Duration,
-) -> Result<(), ProbeError> {
-    let md = producer
-        .client()
-        .fetch_metadata(Some(topic), Timeout::After(timeout))
-        .map_err(|e| {
-            ProbeError::new(
-                ProbeFailure::NoBroker,
-                format!("no broker answered a metadata request: {e}"),
-            )
-        })?;
-    let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
-        return Err(ProbeError::new(
-            ProbeFailure::TopicMissing,
-            format!("topic `{topic}` is missing from the metadata"),
-        ));
-    };
-    if let Some(err) = t.error() {
-        return Err(ProbeError::new(
-            ProbeFailure::TopicUnavailable,
-            format!(
-                "topic `{topic}` is not available: {}",
-                RDKafkaErrorCode::from(err)
-            ),
-        ));
+/// Whether a partition can take records, as the last probe saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PartitionState {
+    Writable,
+    /// No leader: being elected (librdkafka waits for it; records are not refused).
+    NoLeader,
+    /// Fewer in-sync replicas than `min.insync.replicas`: Kafka refuses every record with
+    /// `acks=all` until the replicas catch up.
+    TooFewReplicas {
+        in_sync: usize,
+        min: usize,
+    },
+}
+
+impl PartitionState {
+    pub fn reason(self) -> Option<&'static str> {
+        match self {
+            PartitionState::Writable => None,
+            PartitionState::NoLeader => Some("no_leader"),
+            PartitionState::TooFewReplicas { .. } => Some("too_few_in_sync_replicas"),
+        }
     }
-    if t.partitions().is_empty() {
-        return Err(ProbeError::new(
-            ProbeFailure::NoPartitions,
-            format!("topic `{topic}` has no partitions"),
-        ));
+}
+
+/// Every probed topic's partitions, by partition id.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Health {
+    pub topics: HashMap<String, Vec<PartitionState>>,
+}
+
+impl Health {
+    /// The state of the partition `key` goes to (the murmur2 partitioner's choice), when
+    /// the topic was probed.
+    pub fn of_key(&self, topic: &str, key: &[u8]) -> Option<(i32, PartitionState)> {
+        let partitions = self.topics.get(topic)?;
+        if partitions.is_empty() {
+            return None;
+        }
+        let p = (murmur2(key) & 0x7fff_ffff) as usize % partitions.len();
+        Some((p as i32, partitions[p]))
     }
-    Ok(())
+
+    /// Partitions that cannot take records, each in a phrase for `/readyz`.
+    pub fn degraded(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut topics: Vec<&String> = self.topics.keys().collect();
+        topics.sort();
+        for topic in topics {
+            for (p, state) in self.topics[topic].iter().enumerate() {
+                match state {
+                    PartitionState::Writable => {}
+                    PartitionState::NoLeader => out.push(format!("{topic}[{p}]: no leader")),
+                    PartitionState::TooFewReplicas { in_sync, min } => out.push(format!(
+                        "{topic}[{p}]: {in_sync} in-sync replica(s), min.insync.replicas is {min}"
+                    )),
+                }
+            }
+        }
+        out
+    }
+
+    pub fn any_degraded(&self) -> bool {
+        self.topics
+            .values()
+            .any(|ps| ps.iter().any(|s| *s != PartitionState::Writable))
+    }
+}
+
+/// Kafka's murmur2 (the Java client's and librdkafka's `murmur2_random` partitioner).
+pub fn murmur2(data: &[u8]) -> i32 {
+    const SEED: u32 = 0x9747_b28c;
+    const M: u32 = 0x5bd1_e995;
+    const R: u32 = 24;
+    let mut h: u32 = SEED ^ data.len() as u32;
+    let mut chunks = data.chunks_exact(4);
+    for chunk in &mut chunks {
+        let mut k = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> R;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    let rest = chunks.remainder();
+    if rest.len() >= 3 {
+        h ^= u32::from(rest[2]) << 16;
+    }
+    if rest.len() >= 2 {
+        h ^= u32::from(rest[1]) << 8;
+    }
+    if !rest.is_empty() {
+        h ^= u32::from(rest[0]);
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h as i32
+}
+
+/// Options of the producer's client that the probe's client shares: where the brokers are
+/// and how to reach them.
+const CONNECTION_OPTIONS: &[&str] = &[
+    "bootstrap.servers",
+    "metadata.broker.list",
+    "security.",
+    "ssl.",
+    "sasl.",
+    "socket.",
+    "broker.",
+    "reconnect.",
+    "client.dns.lookup",
+];
+
+/// How long a topic's `min.insync.replicas` is kept before it is asked again.
+const MIN_ISR_FOR: Duration = Duration::from_secs(60);
+
+/// The readiness probe's own client.
+pub struct ProbeClient {
+    admin: AdminClient<DefaultClientContext>,
+    /// Each topic's `min.insync.replicas` (None: it could not be read; 1 is assumed) and when
+    /// it was read.
+    min_isr: Mutex<HashMap<String, (Option<usize>, Instant)>>,
+}
+
+impl ProbeClient {
+    /// A client with the connection options of the producer's `config`, whose requests time
+    /// out after `timeout`.
+    pub fn new(config: &ClientConfig, timeout: Duration) -> Result<ProbeClient, KafkaError> {
+        let mut own = ClientConfig::new();
+        for (k, v) in config.config_map() {
+            if CONNECTION_OPTIONS
+                .iter()
+                .any(|o| k == *o || (o.ends_with('.') && k.starts_with(o)))
+            {
+                own.set(k, v);
+            }
+        }
+        own.set("client.id", "tamio-kafka-bridge-probe");
+        // librdkafka sends a metadata request to the broker it used last: a request to a
+        // frozen broker must time out in librdkafka too (which then drops that connection),
+        // not only for the caller, or every probe would wait on the same broker.
+        own.set(
+            "socket.timeout.ms",
+            timeout.as_millis().max(100).to_string(),
+        );
+        Ok(ProbeClient {
+            admin: own.create()?,
+            min_isr: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Probes `topics` within `timeout` each: every partition's state seen, and why the
+    /// bridge cannot take records, if it cannot. Blocks: run it off the async runtime.
+    pub fn probe(&self, topics: &[String], timeout: Duration) -> (Health, Option<ProbeError>) {
+        let mut health = Health::default();
+        let mut failed = None;
+        for topic in topics {
+            let min = self.min_isr(topic, timeout).unwrap_or(1);
+            // A broker that does not answer was dropped by the timeout: another is asked
+            // before "no broker answered" is said.
+            let states = match self
+                .partitions(topic, min, timeout)
+                .or_else(|e| match e.failure {
+                    ProbeFailure::NoBroker => self.partitions(topic, min, timeout),
+                    _ => Err(e),
+                }) {
+                Ok(states) => states,
+                Err(e) => return (health, Some(e)),
+            };
+            if failed.is_none() && states.iter().all(|s| *s != PartitionState::Writable) {
+                let mut h = Health::default();
+                h.topics.insert(topic.clone(), states.clone());
+                failed = Some(ProbeError::new(
+                    ProbeFailure::NoWritablePartition,
+                    format!(
+                        "no partition of `{topic}` can take records: {}",
+                        h.degraded().join("; ")
+                    ),
+                ));
+            }
+            health.topics.insert(topic.clone(), states);
+        }
+        (health, failed)
+    }
+
+    fn partitions(
+        &self,
+        topic: &str,
+        min: usize,
+        timeout: Duration,
+    ) -> Result<Vec<PartitionState>, ProbeError> {
+        let md = self
+            .admin
+            .inner()
+            .fetch_metadata(Some(topic), Timeout::After(timeout))
+            .map_err(|e| {
+                ProbeError::new(
+                    ProbeFailure::NoBroker,
+                    format!("no broker answered a metadata request: {e}"),
+                )
+            })?;
+        let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
+            return Err(ProbeError::new(
+                ProbeFailure::TopicMissing,
+                format!("topic `{topic}` is missing from the metadata"),
+            ));
+        };
+        if let Some(err) = t.error() {
+            return Err(ProbeError::new(
+                ProbeFailure::TopicUnavailable,
+                format!(
+                    "topic `{topic}` is not available: {}",
+                    RDKafkaErrorCode::from(err)
+                ),
+            ));
+        }
+        if t.partitions().is_empty() {
+            return Err(ProbeError::new(
+                ProbeFailure::NoPartitions,
+                format!("topic `{topic}` has no partitions"),
+            ));
+        }
+        let mut states = vec![PartitionState::NoLeader; t.partitions().len()];
+        for p in t.partitions() {
+            let Some(slot) = usize::try_from(p.id()).ok().and_then(|i| states.get_mut(i)) else {
+                continue;
+            };
+            *slot = if p.leader() < 0 || p.error().is_some() {
+                PartitionState::NoLeader
+            } else if p.isr().len() < min {
+                PartitionState::TooFewReplicas {
+                    in_sync: p.isr().len(),
+                    min,
+                }
+            } else {
+                PartitionState::Writable
+            };
+        }
+        Ok(states)
+    }
+
+    /// The topic's `min.insync.replicas`, read at most once a minute; None when it cannot
+    /// be read (no DESCRIBE_CONFIGS on the topic).
+    fn min_isr(&self, topic: &str, timeout: Duration) -> Option<usize> {
+        if let Some((min, at)) = self
+            .min_isr
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(topic)
+        {
+            if at.elapsed() < MIN_ISR_FOR {
+                return *min;
+            }
+        }
+        let read = block_on(self.admin.describe_configs(
+            &[ResourceSpecifier::Topic(topic)],
+            &AdminOptions::new().request_timeout(Some(timeout)),
+        ));
+        let min = read.ok().and_then(|results| {
+            results
+                .into_iter()
+                .next()?
+                .ok()?
+                .entries
+                .into_iter()
+                .find_map(|e| {
+                    (e.name == "min.insync.replicas")
+                        .then(|| e.value?.parse().ok())
+                        .flatten()
+                })
+        });
+        if min.is_none() {
+            tracing::debug!(topic, "min.insync.replicas could not be read; 1 assumed");
+        }
+        self.min_isr
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(topic.to_owned(), (min, Instant::now()));
+        min
+    }
+}
+
+/// Waits for an admin future on this (blocking) thread: librdkafka's background thread
+/// completes it.
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    loop {
+        if let std::task::Poll::Ready(out) = future.as_mut().poll(&mut cx) {
+            return out;
+        }
+        std::thread::park_timeout(Duration::from_millis(50));
+    }
+}
+
+struct Unpark(std::thread::Thread);
+
+impl std::task::Wake for Unpark {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
 }
 
 /// How long after its creation a producer is warmed up: by then librdkafka's own 500 ms
@@ -189,5 +475,52 @@ impl WarmUp {
         if let Some(thread) = thread {
             let _ = thread.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn murmur2_is_kafkas() {
+        // Kafka's own test vectors (clients' UtilsTest).
+        for (text, hash) in [
+            ("21", -973_932_308),
+            ("foobar", -790_332_482),
+            ("a-little-bit-long-string", -985_981_536),
+            ("a-little-bit-longer-string", -1_486_304_829),
+            (
+                "lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+                -58_897_971,
+            ),
+            ("abc", 479_470_107),
+        ] {
+            assert_eq!(murmur2(text.as_bytes()), hash, "{text}");
+        }
+    }
+
+    #[test]
+    fn a_key_finds_its_partitions_state() {
+        let mut health = Health::default();
+        health.topics.insert(
+            "t".into(),
+            vec![
+                PartitionState::Writable,
+                PartitionState::TooFewReplicas { in_sync: 1, min: 2 },
+                PartitionState::Writable,
+            ],
+        );
+        // toPositive(murmur2("abc")) % 3 == 479470107 % 3 == 0.
+        assert_eq!(
+            health.of_key("t", b"abc"),
+            Some((0, PartitionState::Writable))
+        );
+        assert!(health.any_degraded());
+        assert_eq!(
+            health.degraded(),
+            ["t[1]: 1 in-sync replica(s), min.insync.replicas is 2"]
+        );
+        assert_eq!(health.of_key("other", b"abc"), None);
     }
 }

@@ -4,7 +4,7 @@
 //! may not undo the former; and the context that turns librdkafka's statistics into metrics.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 
 use rdkafka::client::ClientContext;
@@ -118,7 +118,8 @@ pub fn producer_config(kafka: &Kafka, brokers: &str, max_body_bytes: usize) -> C
         .set("max.in.flight.requests.per.connection", "1")
         .set("socket.nagle.disable", "true")
         .set("allow.auto.create.topics", "false")
-        .set("statistics.interval.ms", "5000")
+        // Also how soon readiness sees the producer id once it is assigned.
+        .set("statistics.interval.ms", "1000")
         // Reconnect promptly after a broker returns, so readiness recovers within seconds.
         .set("reconnect.backoff.max.ms", "1000")
         // Half of it (at least 11 ms) is how long librdkafka waits between connecting to
@@ -272,16 +273,23 @@ pub struct StatsContext {
     last: std::sync::Mutex<std::collections::HashMap<String, (u64, u64)>>,
     /// Set when librdkafka reports a fatal error: this producer can deliver nothing more.
     fatal: Arc<AtomicBool>,
+    /// The producer id librdkafka holds, from its statistics; -1 while it has none.
+    producer_id: Arc<AtomicI64>,
 }
 
 impl StatsContext {
     /// A context counting into `metrics` that sets `fatal` when librdkafka reports a fatal
-    /// error.
-    pub fn new(metrics: Arc<Metrics>, fatal: Arc<AtomicBool>) -> StatsContext {
+    /// error, and `producer_id` to the producer id its statistics show (-1: none).
+    pub fn new(
+        metrics: Arc<Metrics>,
+        fatal: Arc<AtomicBool>,
+        producer_id: Arc<AtomicI64>,
+    ) -> StatsContext {
         StatsContext {
             metrics,
             last: Default::default(),
             fatal,
+            producer_id,
         }
     }
 }
@@ -297,6 +305,13 @@ impl ClientContext for StatsContext {
     }
 
     fn stats(&self, stats: Statistics) {
+        // Once assigned, the id stays (an epoch bump after a broker's death keeps it, and the
+        // producer recovers by itself): readiness waits only for the first.
+        if let Some(eos) = &stats.eos {
+            if eos.producer_id >= 0 {
+                self.producer_id.store(eos.producer_id, Ordering::Relaxed);
+            }
+        }
         let m = &self.metrics;
         m.producer_queue_messages.set(stats.msg_cnt as i64);
         m.producer_queue_bytes.set(stats.msg_size as i64);

@@ -78,6 +78,17 @@ impl Node {
         self.child = Some(child);
     }
 
+    /// Starts the node again (killing it first if it runs), without waiting for it.
+    pub fn launch_only(&mut self) {
+        self.kill();
+        self.launch();
+    }
+
+    /// Waits until the node has started.
+    pub async fn wait_started(&mut self) {
+        self.started(Duration::from_secs(120)).await;
+    }
+
     /// Waits for the node's "started" line in its current log.
     async fn started(&mut self, within: Duration) {
         let begun = Instant::now();

@@ -21,6 +21,8 @@ pub struct Load {
     /// Tries per event before its sender gives up.
     pub max_attempts: usize,
     pub retry_pause: Duration,
+    /// Once set, senders start no new event (the one in hand is still delivered).
+    pub until: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// What the senders saw.
@@ -54,9 +56,13 @@ impl Load {
             let acked = acked.clone();
             let (per_ticket, max_attempts, pause) =
                 (self.per_ticket, self.max_attempts, self.retry_pause);
+            let until = self.until.clone();
             senders.push(tokio::spawn(async move {
                 let ticket_id = format!("ticket-{ticket:04}");
                 for seq in 0..per_ticket {
+                    if until.as_ref().is_some_and(|u| u.load(Ordering::SeqCst)) {
+                        return;
+                    }
                     let id = event_id(ticket, seq);
                     let body = ticket_event(&id, &ticket_id, seq);
                     let mut delivered = false;
