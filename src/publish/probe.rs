@@ -206,6 +206,30 @@ const CONNECTION_OPTIONS: &[&str] = &[
 /// How long a topic's `min.insync.replicas` is kept before it is asked again.
 const MIN_ISR_FOR: Duration = Duration::from_secs(60);
 
+/// The options of the probe's client: the connection options of the producer's `config`,
+/// with requests that time out after `timeout`.
+fn probe_config(config: &ClientConfig, timeout: Duration) -> ClientConfig {
+    let mut own = ClientConfig::new();
+    // `config_map` shows secrets as a placeholder: the values come from `get`.
+    for k in config.config_map().into_keys() {
+        let shared = CONNECTION_OPTIONS
+            .iter()
+            .any(|o| k == *o || (o.ends_with('.') && k.starts_with(o)));
+        if let (true, Some(v)) = (shared, config.get(k)) {
+            own.set(k, v);
+        }
+    }
+    own.set("client.id", "tamio-kafka-bridge-probe");
+    // librdkafka sends a metadata request to the broker it used last: a request to a
+    // frozen broker must time out in librdkafka too (which then drops that connection),
+    // not only for the caller, or every probe would wait on the same broker.
+    own.set(
+        "socket.timeout.ms",
+        timeout.as_millis().max(100).to_string(),
+    );
+    own
+}
+
 /// The readiness probe's own client.
 pub struct ProbeClient {
     admin: AdminClient<DefaultClientContext>,
@@ -218,25 +242,8 @@ impl ProbeClient {
     /// A client with the connection options of the producer's `config`, whose requests time
     /// out after `timeout`.
     pub fn new(config: &ClientConfig, timeout: Duration) -> Result<ProbeClient, KafkaError> {
-        let mut own = ClientConfig::new();
-        for (k, v) in config.config_map() {
-            if CONNECTION_OPTIONS
-                .iter()
-                .any(|o| k == *o || (o.ends_with('.') && k.starts_with(o)))
-            {
-                own.set(k, v);
-            }
-        }
-        own.set("client.id", "tamio-kafka-bridge-probe");
-        // librdkafka sends a metadata request to the broker it used last: a request to a
-        // frozen broker must time out in librdkafka too (which then drops that connection),
-        // not only for the caller, or every probe would wait on the same broker.
-        own.set(
-            "socket.timeout.ms",
-            timeout.as_millis().max(100).to_string(),
-        );
         Ok(ProbeClient {
-            admin: own.create()?,
+            admin: probe_config(config, timeout).create()?,
             min_isr: Mutex::new(HashMap::new()),
         })
     }
@@ -481,6 +488,28 @@ impl WarmUp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_probe_shares_the_producers_connection_and_its_secrets() {
+        let mut producer = ClientConfig::new();
+        producer
+            .set("bootstrap.servers", "k1:9092")
+            .set("security.protocol", "sasl_ssl")
+            .set("sasl.mechanisms", "SCRAM-SHA-512")
+            .set("sasl.username", "alice")
+            .set("sasl.password", "pw-61f0")
+            .set("ssl.key.password", "key-pw")
+            .set("acks", "all")
+            .set("transactional.id", "t");
+        let probe = probe_config(&producer, Duration::from_secs(3));
+        assert_eq!(probe.get("sasl.password"), Some("pw-61f0"));
+        assert_eq!(probe.get("ssl.key.password"), Some("key-pw"));
+        assert_eq!(probe.get("sasl.mechanisms"), Some("SCRAM-SHA-512"));
+        assert_eq!(probe.get("bootstrap.servers"), Some("k1:9092"));
+        assert_eq!(probe.get("socket.timeout.ms"), Some("3000"));
+        assert_eq!(probe.get("acks"), None);
+        assert_eq!(probe.get("transactional.id"), None);
+    }
 
     #[test]
     fn murmur2_is_kafkas() {
