@@ -88,6 +88,9 @@ fn main() {
         .set("group.id", &args.group)
         .set("enable.auto.commit", "true")
         .set("auto.offset.reset", "earliest")
+        // Records of aborted transactions (a replay that failed midway) are never seen, and
+        // records of open ones only once committed: each dead letter replayed appears once.
+        .set("isolation.level", "read_committed")
         .create()
         .expect("consumer");
     if args.from_beginning {

@@ -68,7 +68,10 @@ pub async fn read_topic_with(
             .set("bootstrap.servers", &bootstrap)
             .set("group.id", unique_topic("reader"))
             .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "false");
+            .set("enable.partition.eof", "false")
+            // As consumers should: aborted transactions' records are not seen (an option
+            // may ask for read_uncommitted).
+            .set("isolation.level", "read_committed");
         for (k, v) in &options {
             config.set(k, v);
         }
