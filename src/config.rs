@@ -1112,9 +1112,24 @@ impl Settings {
             files.push(self.server.tls_cert_file.clone());
             files.push(self.server.tls_key_file.clone());
         }
+        files.extend(self.kafka_tls_files());
         files.sort();
         files.dedup();
         files
+    }
+
+    /// The files of `kafka.tls` (CA, client certificate and key) set while TLS is on: a
+    /// change to their content renews the Kafka clients, which read them when built.
+    pub fn kafka_tls_files(&self) -> Vec<PathBuf> {
+        let tls = &self.kafka.tls;
+        if !tls.enabled {
+            return Vec::new();
+        }
+        [&tls.ca_file, &tls.cert_file, &tls.key_file]
+            .into_iter()
+            .filter(|p| !p.as_os_str().is_empty())
+            .cloned()
+            .collect()
     }
 
     /// True when at least one secret is configured.

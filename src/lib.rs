@@ -189,12 +189,14 @@ pub async fn run_with_reloads(
     warn_about_weak_settings(&settings);
     announce_memory(&settings);
     let reload_task = tokio::spawn(reload::apply(
-        reload::Running {
-            in_force: settings.clone(),
-            ingest: ingest.clone(),
-            tls: tls.clone(),
-            metrics: metrics.clone(),
-        },
+        reload::Running::new(
+            settings.clone(),
+            ingest.clone(),
+            tls.clone(),
+            metrics.clone(),
+            publisher.clone(),
+        )
+        .await,
         reloads,
     ));
     tracing::info!(

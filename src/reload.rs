@@ -17,6 +17,7 @@ use crate::ingest::verify::Verifier;
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
 use crate::plan::Plan;
+use crate::publish::Publisher;
 use crate::server::tls::Tls;
 
 /// A reload: the settings loaded again from their sources and compiled, or why they could
@@ -178,12 +179,65 @@ pub struct Running {
     pub ingest: Arc<Ingest>,
     pub tls: Option<Arc<Tls>>,
     pub metrics: Arc<Metrics>,
+    /// Renewed when the content of the `kafka.tls` files changes.
+    pub publisher: Arc<Publisher>,
+    /// The digest of the `kafka.tls` files the Kafka clients in force were built with.
+    pub kafka_tls_seen: Vec<Option<[u8; 32]>>,
+}
+
+impl Running {
+    /// What a reload needs of the bridge started with `settings`.
+    pub async fn new(
+        settings: Settings,
+        ingest: Arc<Ingest>,
+        tls: Option<Arc<Tls>>,
+        metrics: Arc<Metrics>,
+        publisher: Arc<Publisher>,
+    ) -> Running {
+        let kafka_tls_seen = fingerprint_off_runtime(&settings.kafka_tls_files()).await;
+        Running {
+            in_force: settings,
+            ingest,
+            tls,
+            metrics,
+            publisher,
+            kafka_tls_seen,
+        }
+    }
+
+    /// Renews the Kafka clients when the content of the `kafka.tls` files changed since they
+    /// were built (a rotated client certificate, a new CA). A renewal that fails leaves the
+    /// clients in force, and the next reload tries again.
+    async fn renew_kafka_clients(&mut self) -> Result<bool, String> {
+        let now = fingerprint_off_runtime(&self.in_force.kafka_tls_files()).await;
+        if now == self.kafka_tls_seen {
+            return Ok(false);
+        }
+        // librdkafka reads the files when a client is built: the new producer must hold a
+        // producer id within the delivery timeout, or the clients in force stay.
+        let within = Duration::from_millis(self.in_force.kafka.delivery_timeout_ms);
+        self.publisher.renew_clients(within).await?;
+        self.kafka_tls_seen = now;
+        Ok(true)
+    }
 }
 
 /// Applies each reload received until the channel closes.
 pub async fn apply(mut running: Running, mut reloads: mpsc::Receiver<Reload>) {
     while let Some(reload) = reloads.recv().await {
-        let result = reload.and_then(|plan| running.put_in_force(plan));
+        let mut result = reload.and_then(|plan| running.put_in_force(plan));
+        if result.is_ok() {
+            match running.renew_kafka_clients().await {
+                Ok(true) => tracing::info!(
+                    "renewed the Kafka clients: the kafka.tls files changed, and the brokers \
+                     took the new ones"
+                ),
+                Ok(false) => {}
+                Err(reason) => {
+                    result = Err(format!("renewing the Kafka clients failed: {reason}"));
+                }
+            }
+        }
         let outcome = match result {
             Ok(ignored) if ignored.is_empty() => {
                 tracing::info!("reloaded: signature settings and TLS certificate in force");

@@ -23,7 +23,7 @@ use rdkafka::util::Timeout;
 use rdkafka::TopicPartitionList;
 
 use crate::metrics::Metrics;
-use probe::{Health, PartitionState, ProbeClient, ProbeError, ProbeFailure};
+use probe::{Health, LastError, PartitionState, ProbeClient, ProbeError, ProbeFailure};
 use producer::{BridgeProducer, StatsContext};
 use record::{DeadLetter, Record};
 
@@ -177,10 +177,16 @@ fn create(
     config: &ClientConfig,
     metrics: &Arc<Metrics>,
     topic: &Arc<str>,
+    last_error: &Arc<LastError>,
 ) -> Result<Current, KafkaError> {
     let fatal = Arc::new(AtomicBool::new(false));
     let producer_id = Arc::new(AtomicI64::new(-1));
-    let context = StatsContext::new(metrics.clone(), fatal.clone(), producer_id.clone());
+    let context = StatsContext::new(
+        metrics.clone(),
+        fatal.clone(),
+        producer_id.clone(),
+        last_error.clone(),
+    );
     let producer: BridgeProducer = config.create_with_context(context)?;
     Ok(Current {
         warm_up: probe::WarmUp::start(producer.clone(), topic.clone()),
@@ -205,8 +211,10 @@ pub struct Publisher {
     /// False while the readiness probe finds no broker answering: records are then refused
     /// at once instead of waiting out the delivery timeout.
     reachable: AtomicBool,
-    /// The readiness probe's own client.
-    probe_client: Arc<ProbeClient>,
+    /// The readiness probe's own client; renewed with the producer.
+    probe_client: std::sync::RwLock<Arc<ProbeClient>>,
+    /// The last connection error the producer reported, which the probe names.
+    last_error: Arc<LastError>,
     /// What the last probe saw of each partition; `degraded` while any cannot take records
     /// (only then is a record's partition looked up).
     health: std::sync::RwLock<Arc<Health>>,
@@ -229,8 +237,13 @@ impl Publisher {
         topic: &str,
     ) -> Result<Publisher, KafkaError> {
         let topic: Arc<str> = topic.into();
-        let current = create(&config, &metrics, &topic)?;
-        let probe_client = Arc::new(ProbeClient::new(&config, PROBE_TIMEOUT)?);
+        let last_error = Arc::new(LastError::default());
+        let current = create(&config, &metrics, &topic, &last_error)?;
+        let probe_client = Arc::new(ProbeClient::new(
+            &config,
+            PROBE_TIMEOUT,
+            last_error.clone(),
+        )?);
         Ok(Publisher {
             current: std::sync::RwLock::new(current),
             replacing: tokio::sync::Mutex::new(()),
@@ -238,7 +251,8 @@ impl Publisher {
             metrics,
             topic,
             reachable: AtomicBool::new(true),
-            probe_client,
+            probe_client: std::sync::RwLock::new(probe_client),
+            last_error,
             health: std::sync::RwLock::new(Arc::new(Health::default())),
             degraded: AtomicBool::new(false),
             transactional: false,
@@ -354,13 +368,16 @@ impl Publisher {
             }
         }
         tracing::warn!("the Kafka producer is dead: building a new one");
-        let (config, metrics, topic) = (
+        let (config, metrics, topic, last_error) = (
             self.config.clone(),
             self.metrics.clone(),
             self.topic.clone(),
+            self.last_error.clone(),
         );
         let started = std::time::Instant::now();
-        let fresh = tokio::task::spawn_blocking(move || create(&config, &metrics, &topic)).await;
+        let fresh =
+            tokio::task::spawn_blocking(move || create(&config, &metrics, &topic, &last_error))
+                .await;
         let fresh = match fresh {
             Ok(Ok(fresh)) => Current {
                 replaced_at: Some(std::time::Instant::now()),
@@ -396,6 +413,65 @@ impl Publisher {
             drop(retired)
         });
         Ok(fresh)
+    }
+
+    /// Builds a new producer and probe client with the same options, which reads the files
+    /// they name again (the client certificate and key, the CA), and puts them in force once
+    /// the new producer holds a producer id, i.e. the brokers took its credentials. Until then,
+    /// and for good if they do not within `within`, the clients in force stay. Records handed
+    /// to the old producer are still reported by it: it is flushed before it is dropped.
+    pub async fn renew_clients(&self, within: Duration) -> Result<(), String> {
+        if self.transactional {
+            return Err("a transactional producer is not renewed".into());
+        }
+        let _turn = self.replacing.lock().await;
+        let (config, metrics, topic, last_error) = (
+            self.config.clone(),
+            self.metrics.clone(),
+            self.topic.clone(),
+            self.last_error.clone(),
+        );
+        let built = tokio::task::spawn_blocking(move || {
+            Ok::<_, KafkaError>((
+                create(&config, &metrics, &topic, &last_error)?,
+                ProbeClient::new(&config, PROBE_TIMEOUT, last_error.clone())?,
+            ))
+        })
+        .await
+        .map_err(|e| format!("building the new Kafka clients failed: {e}"))?
+        .map_err(|e| format!("cannot build the new Kafka clients: {e}"))?;
+        let (fresh, probe_client) = built;
+        let started = tokio::time::Instant::now();
+        while fresh.producer_id.load(Ordering::SeqCst) < 0 {
+            if started.elapsed() > within {
+                // Dropping a client joins librdkafka's threads: not on the runtime's.
+                std::thread::spawn(move || {
+                    fresh.warm_up.stop();
+                    drop((fresh, probe_client))
+                });
+                return Err(format!(
+                    "the new Kafka producer got no producer id within {within:?}: the brokers \
+                     did not take its credentials (see the Kafka client errors logged); the \
+                     clients in force stay"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let retired = std::mem::replace(
+            &mut *self.current.write().unwrap_or_else(|p| p.into_inner()),
+            fresh,
+        );
+        let retired_probe = std::mem::replace(
+            &mut *self.probe_client.write().unwrap_or_else(|p| p.into_inner()),
+            Arc::new(probe_client),
+        );
+        retired.warm_up.done();
+        let drain = self.delivery_timeout();
+        std::thread::spawn(move || {
+            let _ = retired.producer.flush(Timeout::After(drain));
+            drop((retired, retired_probe))
+        });
+        Ok(())
     }
 
     /// librdkafka's `message.timeout.ms`: how long a record may take.
@@ -503,7 +579,11 @@ impl Publisher {
         topics: &[String],
         timeout: Duration,
     ) -> Result<Vec<String>, ProbeError> {
-        let client = self.probe_client.clone();
+        let client = self
+            .probe_client
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let topics = topics.to_vec();
         let (health, failed) = tokio::task::spawn_blocking(move || client.probe(&topics, timeout))
             .await

@@ -230,9 +230,127 @@ fn probe_config(config: &ClientConfig, timeout: Duration) -> ClientConfig {
     own
 }
 
+/// How long a connection error is shown as the likely cause of brokers not answering
+/// (librdkafka reports an identical error again only every 30 s).
+const ERROR_RECENT: Duration = Duration::from_secs(300);
+
+/// The last error librdkafka reported on a connection of the producer (an authentication
+/// refused, a certificate not trusted or expired), so that the probe's "no broker answered"
+/// can say why. librdkafka's error texts name the broker and the cause, never a secret.
+#[derive(Default)]
+pub struct LastError(Mutex<Option<(String, Instant)>>);
+
+impl LastError {
+    /// The error, if recent.
+    pub fn recent(&self) -> Option<String> {
+        let last = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        last.as_ref()
+            .filter(|(_, at)| at.elapsed() < ERROR_RECENT)
+            .map(|(e, _)| e.clone())
+    }
+
+    pub fn remember(&self, mut text: String) {
+        // Shown by /readyz: cut to a bound, at a character boundary.
+        if text.len() > 400 {
+            let mut end = 400;
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            text.truncate(end);
+        }
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((text, Instant::now()));
+    }
+}
+
+/// How long a check of the brokers' certificate is taken as still true.
+const DIAGNOSIS_FOR: Duration = Duration::from_secs(30);
+
+/// A broker whose TLS certificate can be checked the way librdkafka checks it: against the
+/// CA file, or the system's CAs.
+struct TlsTarget {
+    /// `host:port` of the first bootstrap broker.
+    address: String,
+    ca_file: Option<String>,
+}
+
+impl TlsTarget {
+    /// The target of a client with `config`, when it speaks TLS and verifies the brokers.
+    fn of(config: &ClientConfig) -> Option<TlsTarget> {
+        let protocol = config.get("security.protocol")?.to_ascii_lowercase();
+        if !protocol.ends_with("ssl")
+            || config.get("enable.ssl.certificate.verification") == Some("false")
+        {
+            return None;
+        }
+        let first = config.get("bootstrap.servers")?.split(',').next()?.trim();
+        let address = first.rsplit_once("://").map_or(first, |(_, a)| a);
+        Some(TlsTarget {
+            address: address.to_owned(),
+            ca_file: config.get("ssl.ca.location").map(str::to_owned),
+        })
+    }
+
+    /// Connects and verifies the broker's certificate chain with rustls; why it is refused
+    /// (e.g. "invalid peer certificate: certificate expired: ..."), or None when it is not,
+    /// or the check could not be made.
+    fn check(&self, within: Duration) -> Option<String> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, ServerName};
+        use std::net::ToSocketAddrs;
+        let (host, _) = self.address.rsplit_once(':')?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let mut roots = rustls::RootCertStore::empty();
+        match &self.ca_file {
+            Some(path) => {
+                for cert in CertificateDer::pem_file_iter(path).ok()? {
+                    roots.add(cert.ok()?).ok()?;
+                }
+            }
+            None => {
+                for cert in rustls_native_certs::load_native_certs().certs {
+                    let _ = roots.add(cert);
+                }
+            }
+        }
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .ok()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let name = ServerName::try_from(host.to_owned()).ok()?;
+        let mut conn = rustls::ClientConnection::new(Arc::new(config), name).ok()?;
+        let addr = self.address.to_socket_addrs().ok()?.next()?;
+        let mut socket = std::net::TcpStream::connect_timeout(&addr, within).ok()?;
+        socket.set_read_timeout(Some(within)).ok()?;
+        socket.set_write_timeout(Some(within)).ok()?;
+        while conn.is_handshaking() {
+            if let Err(err) = conn.complete_io(&mut socket) {
+                // Only the certificate's verdict: a broker that then wants a client
+                // certificate, which this check does not present, says nothing of it.
+                return match err
+                    .get_ref()
+                    .and_then(|e| e.downcast_ref::<rustls::Error>())
+                {
+                    Some(e @ rustls::Error::InvalidCertificate(_)) => Some(e.to_string()),
+                    _ => None,
+                };
+            }
+        }
+        None
+    }
+}
+
 /// The readiness probe's own client.
 pub struct ProbeClient {
     admin: AdminClient<DefaultClientContext>,
+    /// The producer's last connection error.
+    last_error: Arc<LastError>,
+    /// Where the brokers' certificates are checked, when they are.
+    tls: Option<TlsTarget>,
+    /// Why the brokers' certificate was refused, as checked here, and when.
+    diagnosis: Mutex<Option<(Option<String>, Instant)>>,
     /// Each topic's `min.insync.replicas` (None: it could not be read; 1 is assumed) and when
     /// it was read.
     min_isr: Mutex<HashMap<String, (Option<usize>, Instant)>>,
@@ -241,9 +359,16 @@ pub struct ProbeClient {
 impl ProbeClient {
     /// A client with the connection options of the producer's `config`, whose requests time
     /// out after `timeout`.
-    pub fn new(config: &ClientConfig, timeout: Duration) -> Result<ProbeClient, KafkaError> {
+    pub fn new(
+        config: &ClientConfig,
+        timeout: Duration,
+        last_error: Arc<LastError>,
+    ) -> Result<ProbeClient, KafkaError> {
         Ok(ProbeClient {
             admin: probe_config(config, timeout).create()?,
+            last_error,
+            tls: TlsTarget::of(config),
+            diagnosis: Mutex::new(None),
             min_isr: Mutex::new(HashMap::new()),
         })
     }
@@ -282,6 +407,28 @@ impl ProbeClient {
         (health, failed)
     }
 
+    /// When librdkafka could not verify a broker's certificate (OpenSSL says no more than
+    /// "certificate verify failed"), why: the first bootstrap broker's certificate checked
+    /// against the same CAs, once every [`DIAGNOSIS_FOR`]. Blocks for up to a handshake.
+    fn certificate_diagnosis(&self, cause: &str) -> Option<String> {
+        let target = self.tls.as_ref()?;
+        if !cause.contains("certificate verify failed") {
+            return None;
+        }
+        let mut diagnosis = self.diagnosis.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((why, at)) = diagnosis.as_ref() {
+            if at.elapsed() < DIAGNOSIS_FOR {
+                return why.clone();
+            }
+        }
+        let why = target.check(Duration::from_secs(2));
+        if let Some(why) = &why {
+            tracing::error!(broker = %target.address, %why, "the broker's TLS certificate is refused");
+        }
+        *diagnosis = Some((why.clone(), Instant::now()));
+        why
+    }
+
     fn partitions(
         &self,
         topic: &str,
@@ -293,9 +440,19 @@ impl ProbeClient {
             .inner()
             .fetch_metadata(Some(topic), Timeout::After(timeout))
             .map_err(|e| {
+                let why = match self.last_error.recent() {
+                    Some(cause) => match self.certificate_diagnosis(&cause) {
+                        Some(checked) => format!(
+                            " (last connection error: {cause}; the broker's certificate, \
+                             checked by the bridge: {checked})"
+                        ),
+                        None => format!(" (last connection error: {cause})"),
+                    },
+                    None => String::new(),
+                };
                 ProbeError::new(
                     ProbeFailure::NoBroker,
-                    format!("no broker answered a metadata request: {e}"),
+                    format!("no broker answered a metadata request: {e}{why}"),
                 )
             })?;
         let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {

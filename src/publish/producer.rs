@@ -275,21 +275,26 @@ pub struct StatsContext {
     fatal: Arc<AtomicBool>,
     /// The producer id librdkafka holds, from its statistics; -1 while it has none.
     producer_id: Arc<AtomicI64>,
+    /// Where the last error on a connection is kept, for the readiness probe to name.
+    last_error: Arc<super::probe::LastError>,
 }
 
 impl StatsContext {
     /// A context counting into `metrics` that sets `fatal` when librdkafka reports a fatal
-    /// error, and `producer_id` to the producer id its statistics show (-1: none).
+    /// error, `producer_id` to the producer id its statistics show (-1: none), and keeps
+    /// other errors in `last_error`.
     pub fn new(
         metrics: Arc<Metrics>,
         fatal: Arc<AtomicBool>,
         producer_id: Arc<AtomicI64>,
+        last_error: Arc<super::probe::LastError>,
     ) -> StatsContext {
         StatsContext {
             metrics,
             last: Default::default(),
             fatal,
             producer_id,
+            last_error,
         }
     }
 }
@@ -301,6 +306,12 @@ impl ClientContext for StatsContext {
             self.fatal.store(true, Ordering::SeqCst);
         } else {
             tracing::warn!(%error, %reason, "Kafka client error");
+            // librdkafka's reason names the broker and the cause (e.g. "SASL authentication
+            // error: ..." or "SSL handshake failed: ..."), never a secret. "All brokers are
+            // down" follows the cause and would hide it.
+            if error.rdkafka_error_code() != Some(RDKafkaErrorCode::AllBrokersDown) {
+                self.last_error.remember(reason.to_owned());
+            }
         }
     }
 

@@ -399,6 +399,34 @@ impl Cluster {
         .await
     }
 
+    /// Adds the ACLs `args` describe, as an operator does: Kafka's own `kafka-acls` tool
+    /// (`AclCommand`), through the brokers' internal listener, e.g. `["--allow-principal",
+    /// "User:bridge", "--operation", "Write", "--topic", "tickets"]`.
+    pub async fn acl(&self, args: &[&str]) {
+        self.acl_command("--add", args).await
+    }
+
+    /// Removes the ACLs `args` describe (as [`Cluster::acl`] adds them).
+    pub async fn acl_remove(&self, args: &[&str]) {
+        let mut all = vec!["--force"];
+        all.extend_from_slice(args);
+        self.acl_command("--remove", &all).await
+    }
+
+    async fn acl_command(&self, action: &str, args: &[&str]) {
+        let mut cmd = tokio::process::Command::new(node_script());
+        cmd.args(["tool", "org.apache.kafka.tools.AclCommand"])
+            .args(["--bootstrap-server", &self.internal_bootstrap(), action])
+            .args(args);
+        let out = cmd.output().await.expect("kafka-acls runs");
+        assert!(
+            out.status.success(),
+            "kafka-acls {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// The id of the active controller, from a controller's quorum state on disk.
     pub fn active_controller(&self) -> Option<u32> {
         self.nodes.iter().filter(|n| n.controller).find_map(|n| {
