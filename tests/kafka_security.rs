@@ -1,5 +1,7 @@
-//! TLS and SASL to Apache Kafka's own listeners (certificates from a test CA, SCRAM
-//! credentials created at format time, as operators do), and start-up refusals of bad TLS
+//! TLS and SASL to Apache Kafka's own listeners (certificates from a test CA; SCRAM
+//! credentials created at format time and through the Admin API, as operators do; PLAIN),
+//! KRaft's `StandardAuthorizer` with exactly the ACLs the README lists, the refusals named
+//! within seconds, client certificates rotated with SIGHUP, and start-up refusals of bad TLS
 //! and secret files naming their setting.
 
 mod common;
@@ -314,32 +316,49 @@ async fn authenticates_with_scram_sha_512_over_tls() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn authenticates_with_scram_sha_256_and_a_password_file() {
+async fn authenticates_with_scram_sha_256_over_tls_created_through_the_admin_api() {
     let pki = Pki::new();
+    pki.issue("broker");
     let cluster = secured(
         &pki,
-        "SASL_PLAINTEXT",
+        "SASL_SSL",
         &[
             "sasl.enabled.mechanisms=SCRAM-SHA-256",
             "listener.name.client.scram-sha-256.sasl.jaas.config=\
              org.apache.kafka.common.security.scram.ScramLoginModule required;",
         ],
-        &[
-            "--add-scram",
-            "SCRAM-SHA-256=[name=bob,password=bob-password-9a3c]",
-        ],
+        &[],
     )
     .await;
+    // Created on the running cluster, as operators add users: kafka-configs, which uses the
+    // Admin API's AlterUserScramCredentials.
+    cluster
+        .tool(
+            "org.apache.kafka.tools.ConfigCommand",
+            &[
+                "--alter",
+                "--add-config",
+                "SCRAM-SHA-256=[iterations=8192,password=bob-password-9a3c]",
+                "--entity-type",
+                "users",
+                "--entity-name",
+                "bob",
+            ],
+        )
+        .await;
     let topic = unique_topic("kafka-scram256");
     cluster.create_topic_with(&topic, 3, 1, &[]).await;
     let dir = tempfile::tempdir().unwrap();
     let password_file = dir.path().join("kafka-password");
     std::fs::write(&password_file, "bob-password-9a3c\n").unwrap();
     let bootstrap = cluster.bootstrap();
+    let ca = pki.ca_file();
     let bridge = Bridge::start_ready(settings(
         &topic,
         &[
             ("TAMIO_BRIDGE__KAFKA__BROKERS", &bootstrap),
+            ("TAMIO_BRIDGE__KAFKA__TLS__ENABLED", "true"),
+            ("TAMIO_BRIDGE__KAFKA__TLS__CA_FILE", ca.to_str().unwrap()),
             ("TAMIO_BRIDGE__KAFKA__SASL__MECHANISM", "SCRAM-SHA-256"),
             ("TAMIO_BRIDGE__KAFKA__SASL__USERNAME", "bob"),
             (
@@ -354,12 +373,11 @@ async fn authenticates_with_scram_sha_256_and_a_password_file() {
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     bridge.stop().await;
 
-    let reader = vec![
-        ("security.protocol", "sasl_plaintext".to_owned()),
-        ("sasl.mechanism", "SCRAM-SHA-256".to_owned()),
-        ("sasl.username", "bob".to_owned()),
-        ("sasl.password", "bob-password-9a3c".to_owned()),
-    ];
+    let mut reader = tls_reader(&ca);
+    reader[0].1 = "sasl_ssl".into();
+    reader.push(("sasl.mechanism", "SCRAM-SHA-256".into()));
+    reader.push(("sasl.username", "bob".into()));
+    reader.push(("sasl.password", "bob-password-9a3c".into()));
     let records = read_with(&bootstrap, &reader, &topic).await;
     assert_eq!(records.len(), 1);
     assert_eq!(records[0].value, body.as_bytes());

@@ -414,14 +414,23 @@ impl Cluster {
     }
 
     async fn acl_command(&self, action: &str, args: &[&str]) {
+        let mut all = vec![action];
+        all.extend_from_slice(args);
+        self.tool("org.apache.kafka.tools.AclCommand", &all).await
+    }
+
+    /// Runs one of Kafka's command-line tools (`class`) against the brokers' internal
+    /// listener, e.g. `org.apache.kafka.tools.ConfigCommand` (kafka-configs), and asserts
+    /// that it succeeds.
+    pub async fn tool(&self, class: &str, args: &[&str]) {
         let mut cmd = tokio::process::Command::new(node_script());
-        cmd.args(["tool", "org.apache.kafka.tools.AclCommand"])
-            .args(["--bootstrap-server", &self.internal_bootstrap(), action])
+        cmd.args(["tool", class])
+            .args(["--bootstrap-server", &self.internal_bootstrap()])
             .args(args);
-        let out = cmd.output().await.expect("kafka-acls runs");
+        let out = cmd.output().await.expect("the Kafka tool runs");
         assert!(
             out.status.success(),
-            "kafka-acls {args:?} failed: {}{}",
+            "{class} {args:?} failed: {}{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
