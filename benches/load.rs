@@ -25,8 +25,9 @@
 //! connections the shared duplicate store on, one Redis and a 3-master Cluster, beside a run
 //! with it off, on `redis-server`s
 //! the benchmark starts; and the first delivery after each of 10 starts per build, sent as
-//! soon as `/readyz` answers; also `tls`, `scrape`, and `tracing`: at 64 connections spans
-//! exported to an OTLP receiver in this process at a ratio of 1 and of 0.01, beside none), `BENCH_CONFIG` (a `--config` file for this build, not the baseline),
+//! soon as `/readyz` answers; also `tls`, `scrape`, `tracing`: at 64 connections spans
+//! exported to an OTLP receiver in this process at a ratio of 1 and of 0.01, beside none, and
+//! `exactly_once`: `kafka.exactly_once` beside the default at each level), `BENCH_CONFIG` (a `--config` file for this build, not the baseline),
 //! `KAFKA_HEAP` (the broker's heap, default 512m). Both builds run with the default settings,
 //! logging at `info` included.
 
@@ -1107,6 +1108,50 @@ async fn bench(options: Options, levels: Vec<usize>) {
             );
         }
         println!("spans received: {}\n", receiver.spans().len());
+    }
+
+    // kafka.exactly_once beside the default, interleaved, at each level.
+    if options.extra.contains("exactly_once") {
+        let eos = [
+            ("TAMIO_BRIDGE__KAFKA__EXACTLY_ONCE", "true".to_owned()),
+            (
+                "TAMIO_BRIDGE__KAFKA__TRANSACTIONAL_ID",
+                format!("bench-{}", now_nanos()),
+            ),
+        ];
+        for &level in &levels {
+            let (mut off_total, mut on_total) = (None, None);
+            for round in 0..options.rounds {
+                for turn in 0..2 {
+                    if (round + turn) % 2 == 0 {
+                        absorb(
+                            &mut off_total,
+                            measure_once(new_bin, &brokers, level, duration, &[], None).await,
+                        );
+                    } else {
+                        absorb(
+                            &mut on_total,
+                            measure_once(new_bin, &brokers, level, duration, &eos, None).await,
+                        );
+                    }
+                }
+            }
+            let (off, on) = (off_total.unwrap(), on_total.unwrap());
+            measured_row("at least once", level, &off);
+            measured_row("exactly once", level, &on);
+            println!(
+                "exactly once at {level}: events/s {:.0} -> {:.0} ({:.2}x), p50 {:.2} -> {:.2} ms, p99 {:.2} -> {:.2} ms, CPU per event {:.1} -> {:.1} µs\n",
+                off.run.throughput(),
+                on.run.throughput(),
+                on.run.throughput() / off.run.throughput(),
+                off.run.pct(0.50),
+                on.run.pct(0.50),
+                off.run.pct(0.99),
+                on.run.pct(0.99),
+                off.cpu_us_per_event(),
+                on.cpu_us_per_event(),
+            );
+        }
     }
 
     // The first delivery after a start, sent as soon as `/readyz` answers 200: what a sender

@@ -137,6 +137,18 @@ pub struct Kafka {
     pub dead_letter_topic: String,
     /// Add the CloudEvents Kafka binding headers to records.
     pub cloudevents: bool,
+    /// Write deliveries in Kafka transactions committed together, and answer each only once
+    /// its transaction is committed (200) or aborted (503).
+    #[serde(default)]
+    pub exactly_once: bool,
+    /// The transactional id of this replica's producer with `exactly_once`; empty:
+    /// `tamio-kafka-bridge-` and the host name.
+    #[serde(default)]
+    pub transactional_id: String,
+    /// With `exactly_once`, how long a transaction stays open for more deliveries once it
+    /// holds one.
+    #[serde(default = "default_transaction_linger_ms")]
+    pub transaction_linger_ms: u64,
     /// TLS to the brokers.
     pub tls: KafkaTls,
     /// SASL authentication to the brokers.
@@ -196,7 +208,28 @@ pub struct KafkaSasl {
     pub password_file: PathBuf,
 }
 
+fn default_transaction_linger_ms() -> u64 {
+    5
+}
+
 impl Kafka {
+    /// The transactional id of this replica's producer with `exactly_once`.
+    pub fn transactional_id(&self) -> String {
+        if !self.transactional_id.is_empty() {
+            return self.transactional_id.clone();
+        }
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .filter(|h| !h.is_empty())
+            .or_else(|| {
+                std::fs::read_to_string("/etc/hostname")
+                    .ok()
+                    .map(|h| h.trim().to_owned())
+            })
+            .unwrap_or_else(|| "bridge".to_owned());
+        format!("tamio-kafka-bridge-{host}")
+    }
+
     /// librdkafka's `security.protocol` for these settings.
     pub fn security_protocol(&self) -> &'static str {
         match (self.tls.enabled, self.sasl.mechanism.is_some()) {
@@ -614,6 +647,9 @@ impl fmt::Debug for Kafka {
             .field("queue_max_kbytes", &self.queue_max_kbytes)
             .field("dead_letter_topic", &self.dead_letter_topic)
             .field("cloudevents", &self.cloudevents)
+            .field("exactly_once", &self.exactly_once)
+            .field("transactional_id", &self.transactional_id)
+            .field("transaction_linger_ms", &self.transaction_linger_ms)
             .field("librdkafka", &librdkafka)
             .finish()
     }
@@ -934,6 +970,18 @@ impl Settings {
         let k = &self.kafka;
         if !valid_topic(&k.topic) {
             return Err(invalid("kafka.topic", TOPIC_RULE));
+        }
+        if k.exactly_once && self.embedded_kafka() {
+            return Err(invalid(
+                "kafka.exactly_once",
+                "needs Kafka brokers (kafka.brokers): the embedded broker has no transactions",
+            ));
+        }
+        if k.transaction_linger_ms > 1000 {
+            return Err(invalid(
+                "kafka.transaction_linger_ms",
+                "must be at most 1000: every delivery waits for it",
+            ));
         }
         if !k.dead_letter_topic.is_empty() {
             if !valid_topic(&k.dead_letter_topic) {

@@ -115,11 +115,23 @@ pub async fn run_with_reloads(
     } = plan;
     let tls = certificate.map(|c| Arc::new(Tls::new(c)));
     let metrics = Arc::new(metrics());
-    let publisher = Arc::new(Publisher::new(
-        producer,
-        metrics.clone(),
-        &settings.kafka.topic,
-    )?);
+    let publisher = if settings.kafka.exactly_once {
+        let id = settings.kafka.transactional_id();
+        tracing::info!(transactional_id = %id, "exactly once: deliveries are written in Kafka transactions");
+        Publisher::exactly_once(
+            producer,
+            metrics.clone(),
+            &settings.kafka.topic,
+            &id,
+            Duration::from_millis(settings.kafka.transaction_linger_ms),
+        )?
+    } else {
+        Arc::new(Publisher::new(
+            producer,
+            metrics.clone(),
+            &settings.kafka.topic,
+        )?)
+    };
     tracing::info!(
         brokers = %settings.kafka.brokers,
         topic = %settings.kafka.topic,

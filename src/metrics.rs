@@ -56,6 +56,10 @@ pub struct Metrics {
     pub partitions_unwritable: IntGaugeVec,
     pub broker_request_errors: IntCounterVec,
     pub broker_retries: IntCounterVec,
+    /// With `kafka.exactly_once`: transactions ended, by `result` (committed, aborted).
+    pub transactions: IntCounterVec,
+    /// With `kafka.exactly_once`: records a transaction held.
+    pub transaction_records: Histogram,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -249,6 +253,26 @@ impl Metrics {
             &["topic", "reason"],
         )
         .unwrap();
+        let transactions = IntCounterVec::new(
+            Opts::new(
+                "tamio_bridge_kafka_transactions_total",
+                "With kafka.exactly_once: Kafka transactions ended, by result (committed, or \
+                 aborted: their deliveries were answered 503 and nothing of them is visible \
+                 to read_committed consumers).",
+            ),
+            &["result"],
+        )
+        .unwrap();
+        let transaction_records = Histogram::with_opts(
+            HistogramOpts::new(
+                "tamio_bridge_kafka_transaction_records",
+                "With kafka.exactly_once: records one transaction held (group commit).",
+            )
+            .buckets(vec![
+                1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0,
+            ]),
+        )
+        .unwrap();
         let broker_request_errors = IntCounterVec::new(
             Opts::new(
                 "tamio_bridge_kafka_broker_request_errors_total",
@@ -326,6 +350,8 @@ impl Metrics {
             Box::new(partitions_unwritable.clone()),
             Box::new(broker_request_errors.clone()),
             Box::new(broker_retries.clone()),
+            Box::new(transactions.clone()),
+            Box::new(transaction_records.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -366,6 +392,8 @@ impl Metrics {
             partitions_unwritable,
             broker_request_errors,
             broker_retries,
+            transactions,
+            transaction_records,
         }
     }
 

@@ -11,7 +11,8 @@
 //! - every broker down for longer than the delivery timeout, then back.
 //!
 //! For each: every event answered 200 is in Kafka, in its ticket's order; what was written
-//! twice is counted (at least once, see README Guarantees); deliveries are not refused in
+//! twice is counted (at least once, see README Guarantees), and is none with
+//! `kafka.exactly_once` (a leader killed, a leader frozen, every broker down); deliveries are not refused in
 //! under a second while the cluster can take their records; `/readyz` is not ready only
 //! while no partition can take records, without flapping. Each fault's figures are printed
 //! (the README's fault table).
@@ -134,6 +135,17 @@ impl Fault {
         }
     }
 
+    fn exactly_once_name(self) -> &'static str {
+        match self {
+            Fault::LeaderKill => "exactly once: leader SIGKILL + restart",
+            Fault::RollingRestart => "exactly once: rolling restart (SIGTERM), every broker",
+            Fault::TwoBrokersDown => "exactly once: two brokers down 20 s, then one back",
+            Fault::ControllerKill => "exactly once: active controller SIGKILL",
+            Fault::LeaderFreeze => "exactly once: leader SIGSTOP 15 s",
+            Fault::AllBrokersDown => "exactly once: every broker down 25 s, then back",
+        }
+    }
+
     /// Whether the cluster can take every partition's records all along (a leader moves).
     fn cluster_can_take(self) -> bool {
         !matches!(self, Fault::TwoBrokersDown | Fault::AllBrokersDown)
@@ -198,18 +210,27 @@ impl Fault {
 
 /// Runs the senders against a bridge on a topic of its own while `fault` runs, then checks
 /// the topic.
-async fn under_load(cluster: &mut Cluster, fault: Fault) -> Row {
-    let name = fault.name();
+async fn under_load(cluster: &mut Cluster, fault: Fault, exactly_once: bool) -> Row {
+    let name = if exactly_once {
+        fault.exactly_once_name()
+    } else {
+        fault.name()
+    };
     let topic = unique_topic("faults");
     cluster
         .create_topic_with(&topic, 6, 3, &[("min.insync.replicas", "2")])
         .await;
     let bootstrap = cluster.bootstrap();
-    let bridge = Process::spawn(&[
+    let mut env = vec![
         ("TAMIO_BRIDGE__KAFKA__BROKERS", bootstrap.as_str()),
         ("TAMIO_BRIDGE__KAFKA__TOPIC", topic.as_str()),
         ("TAMIO_BRIDGE__SIGNATURE__SECRETS", SECRET),
-    ]);
+    ];
+    if exactly_once {
+        env.push(("TAMIO_BRIDGE__KAFKA__EXACTLY_ONCE", "true"));
+        env.push(("TAMIO_BRIDGE__KAFKA__TRANSACTIONAL_ID", topic.as_str()));
+    }
+    let bridge = Process::spawn(&env);
     bridge.wait_ready().await;
     let stop = Arc::new(AtomicBool::new(false));
     let acked = Arc::new(AtomicUsize::new(0));
@@ -334,11 +355,25 @@ async fn deliveries_ride_through_kafkas_own_faults() {
         Fault::LeaderFreeze,
         Fault::AllBrokersDown,
     ] {
-        rows.push((fault, under_load(&mut cluster, fault).await));
+        rows.push((fault, under_load(&mut cluster, fault, false).await));
+    }
+    // With kafka.exactly_once: what a read_committed consumer reads holds each acknowledged
+    // event once, whatever the sender retried.
+    let mut exactly_once = Vec::new();
+    for fault in [
+        Fault::LeaderKill,
+        Fault::LeaderFreeze,
+        Fault::AllBrokersDown,
+    ] {
+        exactly_once.push((fault, under_load(&mut cluster, fault, true).await));
     }
     println!();
-    for (_, row) in &rows {
+    for (_, row) in rows.iter().chain(&exactly_once) {
         row.print();
+    }
+    for (_, row) in &exactly_once {
+        assert_eq!(row.lost, 0, "{row:?}");
+        assert_eq!(row.twice, 0, "written twice with exactly once: {row:?}");
     }
     for (fault, row) in &rows {
         assert_eq!(row.lost, 0, "{row:?}");

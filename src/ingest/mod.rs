@@ -193,8 +193,13 @@ async fn deliver(
     claim: Option<dedup::ClaimGuard>,
     span: Option<trace::BoxedSpan>,
     hold: bool,
+    deadline: tokio::time::Instant,
 ) -> Result<(crate::publish::Delivered, Arc<str>, Option<HeldClaim>), PublishError> {
-    let result = publisher.publish(&record, None).await;
+    // Without a deadline: a record handed to Kafka is followed to its verdict even once the
+    // request has ended. With exactly once, the deadline bounds only the wait to join a
+    // transaction, so that a request answered 503 is never written after.
+    let until = publisher.is_exactly_once().then_some(deadline);
+    let result = publisher.publish(&record, until).await;
     if let Some(mut span) = span.filter(|s| s.is_recording()) {
         match &result {
             Ok(d) => {
@@ -786,7 +791,14 @@ impl Ingest {
         let hold = replay.is_some();
         record.replayed = replay.map(|r| r.replayed);
         let event_id = record.event_id.clone();
-        let mut delivery = Finish::new(deliver(self.publisher.clone(), record, claim, span, hold));
+        let mut delivery = Finish::new(deliver(
+            self.publisher.clone(),
+            record,
+            claim,
+            span,
+            hold,
+            deadline,
+        ));
         let (delivered, topic, held) = match tokio::time::timeout_at(deadline, &mut delivery).await
         {
             Err(_) => return Err(PublishError::Timeout(self.request_timeout).into()),

@@ -38,11 +38,13 @@ pub enum DeliveryFailure {
     BrokerUnavailable,
     /// The record's partition has fewer in-sync replicas than `min.insync.replicas`.
     NotEnoughReplicas,
+    /// With `kafka.exactly_once`: the record's transaction was aborted.
+    Transaction,
     Other,
 }
 
 impl DeliveryFailure {
-    pub const ALL: [DeliveryFailure; 8] = [
+    pub const ALL: [DeliveryFailure; 9] = [
         DeliveryFailure::Timeout,
         DeliveryFailure::QueueFull,
         DeliveryFailure::MessageTooLarge,
@@ -50,6 +52,7 @@ impl DeliveryFailure {
         DeliveryFailure::Authorization,
         DeliveryFailure::BrokerUnavailable,
         DeliveryFailure::NotEnoughReplicas,
+        DeliveryFailure::Transaction,
         DeliveryFailure::Other,
     ];
 
@@ -62,6 +65,7 @@ impl DeliveryFailure {
             DeliveryFailure::Authorization => "authorization",
             DeliveryFailure::BrokerUnavailable => "broker_unavailable",
             DeliveryFailure::NotEnoughReplicas => "not_enough_replicas",
+            DeliveryFailure::Transaction => "transaction_aborted",
             DeliveryFailure::Other => "other",
         }
     }
@@ -222,6 +226,8 @@ pub struct Publisher {
     /// A transactional producer (the replay's): never replaced, since a replacement would
     /// lose the transaction's state; a fatal error ends its deliveries.
     transactional: bool,
+    /// With `kafka.exactly_once`: the transactions deliveries are written in.
+    group: std::sync::OnceLock<Arc<GroupCommit>>,
 }
 
 /// How long a request of the readiness probe's client may take, before librdkafka drops the
@@ -256,6 +262,7 @@ impl Publisher {
             health: std::sync::RwLock::new(Arc::new(Health::default())),
             degraded: AtomicBool::new(false),
             transactional: false,
+            group: std::sync::OnceLock::new(),
         })
     }
 
@@ -272,6 +279,70 @@ impl Publisher {
         let mut publisher = Publisher::new(config, metrics, topic)?;
         publisher.transactional = true;
         Ok(publisher)
+    }
+
+    /// The ingress's publisher with `kafka.exactly_once`: a producer with transactional id
+    /// `id` whose deliveries are written in transactions committed together, each answered
+    /// once its transaction has ended (see [`GroupCommit`]). Starts the committer: call on
+    /// the runtime.
+    pub fn exactly_once(
+        mut config: ClientConfig,
+        metrics: Arc<Metrics>,
+        topic: &str,
+        id: &str,
+        linger: Duration,
+    ) -> Result<Arc<Publisher>, KafkaError> {
+        let timeout = config
+            .get("message.timeout.ms")
+            .unwrap_or("20000")
+            .to_owned();
+        // An open transaction lives for a linger and a commit; a replica that died with one
+        // open has it aborted by Kafka after this, unless its successor (the same id) fences
+        // it first.
+        config
+            .set("transactional.id", id)
+            .set("transaction.timeout.ms", timeout);
+        let mut publisher = Publisher::new(config, metrics, topic)?;
+        publisher.transactional = true;
+        let publisher = Arc::new(publisher);
+        let group = GroupCommit::start(&publisher, linger);
+        let _ = publisher.group.set(group);
+        Ok(publisher)
+    }
+
+    /// Replaces a transactional producer that failed for good (fenced, or a fatal error) with
+    /// a new one with the same transactional id, whose initialisation fences the old.
+    async fn replace_transactional(&self) {
+        let _turn = self.replacing.lock().await;
+        let (config, metrics, topic, last_error) = (
+            self.config.clone(),
+            self.metrics.clone(),
+            self.topic.clone(),
+            self.last_error.clone(),
+        );
+        match tokio::task::spawn_blocking(move || create(&config, &metrics, &topic, &last_error))
+            .await
+        {
+            Ok(Ok(fresh)) => {
+                let retired = std::mem::replace(
+                    &mut *self.current.write().unwrap_or_else(|p| p.into_inner()),
+                    fresh,
+                );
+                self.metrics.producer_restarts.inc();
+                tracing::warn!("exactly once: replaced the transactional producer");
+                std::thread::spawn(move || {
+                    retired.warm_up.stop();
+                    drop(retired)
+                });
+            }
+            Ok(Err(err)) => tracing::error!(%err, "cannot create a new Kafka producer"),
+            Err(err) => tracing::error!(%err, "creating a new Kafka producer failed"),
+        }
+    }
+
+    /// Whether deliveries are written in transactions (`kafka.exactly_once`).
+    pub fn is_exactly_once(&self) -> bool {
+        self.group.get().is_some()
     }
 
     /// The transactions of a transactional producer.
@@ -506,6 +577,29 @@ impl Publisher {
             }
         }
         let started = tokio::time::Instant::now();
+        if let Some(group) = self.group.get() {
+            // A record that cannot be written would abort its whole transaction, and every
+            // other delivery in it: a topic the last probe could not find is refused here.
+            let health = self
+                .health
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            if !health.topics.is_empty() && !health.topics.contains_key(record.topic) {
+                return Err(PublishError::Kafka {
+                    reason: DeliveryFailure::UnknownTopic,
+                    detail: format!(
+                        "topic `{}` is not available (see /readyz): not written",
+                        record.topic
+                    ),
+                });
+            }
+            let result = group.deliver(record, deadline).await;
+            self.metrics
+                .kafka_delivery_duration
+                .observe(started.elapsed().as_secs_f64());
+            return result;
+        }
         let Current {
             producer,
             fatal,
@@ -776,6 +870,277 @@ fn kills_the_producer(err: &KafkaError) -> bool {
                 | RDKafkaErrorCode::UnknownProducerId
         )
     )
+}
+
+// Exactly once for `read_committed` consumers (`kafka.exactly_once`): deliveries are written
+// in Kafka transactions, committed together every few milliseconds (group commit), and a
+// delivery is answered only once its transaction's outcome is known: 200 once committed,
+// 503 once aborted. A record is handed to the producer only inside an open transaction, and
+// once handed, only the transaction's outcome answers it (no deadline cuts it short), so a
+// 503 always means "not written" for `read_committed` consumers, and a sender's retry never
+// leaves a second visible copy.
+//
+// One transaction is open at a time (a producer has one): while it commits, the next
+// deliveries wait to join the one after, and arrive in it together.
+
+/// A transaction's outcome: committed, or why it was aborted.
+type TxnOutcome = Result<(), Arc<str>>;
+
+/// The transaction deliveries join.
+struct OpenTxn {
+    /// The producer whose transactions are initialised; None until they are.
+    producer: Option<BridgeProducer>,
+    /// Whether a transaction is open: deliveries join only then.
+    begun: bool,
+    /// Where the open transaction's outcome is announced.
+    outcome: tokio::sync::watch::Sender<Option<TxnOutcome>>,
+}
+
+/// The group commit of a transactional [`Publisher`].
+pub struct GroupCommit {
+    /// Deliveries hold it shared while they hand their record to the producer; the
+    /// committer holds it alone to end the transaction and begin the next.
+    open: tokio::sync::RwLock<OpenTxn>,
+    /// Records handed to the open transaction.
+    pending: std::sync::atomic::AtomicUsize,
+    wake: tokio::sync::Notify,
+    linger: Duration,
+    /// How long one commit or abort may take before it is tried again.
+    step_timeout: Duration,
+}
+
+impl GroupCommit {
+    /// Starts the committer of `publisher`'s producer (made with a `transactional.id`).
+    pub fn start(publisher: &Arc<Publisher>, linger: Duration) -> Arc<GroupCommit> {
+        let group = Arc::new(GroupCommit {
+            open: tokio::sync::RwLock::new(OpenTxn {
+                producer: None,
+                begun: false,
+                outcome: tokio::sync::watch::channel(None).0,
+            }),
+            pending: std::sync::atomic::AtomicUsize::new(0),
+            wake: tokio::sync::Notify::new(),
+            linger,
+            step_timeout: publisher.delivery_timeout(),
+        });
+        tokio::spawn(commit_loop(group.clone(), Arc::downgrade(publisher)));
+        group
+    }
+
+    /// Hands `record` to the open transaction (waiting for one until `deadline`), then waits
+    /// for the transaction's outcome, without a deadline: the committer always reaches one.
+    pub async fn deliver(
+        &self,
+        record: FutureRecord<'_, [u8], [u8]>,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<Delivered, PublishError> {
+        let waited = tokio::time::Instant::now();
+        let open = with_deadline(deadline, self.open.read())
+            .await
+            .map_err(|_| PublishError::Timeout(waited.elapsed()))?;
+        let Some(producer) = open.producer.clone().filter(|_| open.begun) else {
+            return Err(PublishError::Unreachable(
+                "no Kafka transaction can be opened now (the transactional producer's \
+                 transactions are being initialised, or Kafka refuses them)"
+                    .into(),
+            ));
+        };
+        let mut outcome = open.outcome.subscribe();
+        let sent = producer.send_result(record);
+        drop(producer);
+        if sent.is_ok() {
+            self.pending.fetch_add(1, Ordering::SeqCst);
+            self.wake.notify_one();
+        }
+        drop(open);
+        // Not handed over: not in the transaction, not written.
+        let delivery = sent.map_err(|(err, _)| PublishError::from_kafka(&err))?;
+        let report = delivery.await;
+        let verdict = match outcome.wait_for(Option::is_some).await {
+            Ok(verdict) => verdict.clone().unwrap_or(Err("no outcome".into())),
+            Err(_) => Err("the bridge stopped before the transaction ended".into()),
+        };
+        match (verdict, report) {
+            (Ok(()), Ok(Ok(d))) => Ok(Delivered {
+                partition: d.partition,
+                offset: d.offset,
+            }),
+            // A transaction commits only when each of its records was written.
+            (Ok(()), Ok(Err((err, _)))) => Err(PublishError::from_kafka(&err)),
+            (Ok(()), Err(_canceled)) => Err(PublishError::Kafka {
+                reason: DeliveryFailure::Other,
+                detail: "the producer was shut down before the delivery report".into(),
+            }),
+            (Err(why), Ok(Err((err, _)))) => Err(PublishError::Kafka {
+                reason: PublishError::from_kafka(&err).failure(),
+                detail: format!("the transaction was aborted ({why}): {err}"),
+            }),
+            (Err(why), _) => Err(PublishError::Kafka {
+                reason: DeliveryFailure::Transaction,
+                detail: format!("the transaction was aborted, nothing of it is visible: {why}"),
+            }),
+        }
+    }
+}
+
+/// A blocking step of librdkafka's transaction API, on a thread of its own.
+async fn txn_step<T: Send + 'static>(
+    producer: &BridgeProducer,
+    f: impl FnOnce(&BridgeProducer) -> Result<T, KafkaError> + Send + 'static,
+) -> Result<T, KafkaError> {
+    let producer = producer.clone();
+    tokio::task::spawn_blocking(move || f(&producer))
+        .await
+        .unwrap_or(Err(KafkaError::Canceled))
+}
+
+fn txn_requires_abort(err: &KafkaError) -> bool {
+    match err {
+        KafkaError::Transaction(e) => e.txn_requires_abort(),
+        _ => true,
+    }
+}
+
+fn txn_is_retriable(err: &KafkaError) -> bool {
+    match err {
+        KafkaError::Transaction(e) => e.is_retriable(),
+        _ => false,
+    }
+}
+
+fn txn_is_fatal(err: &KafkaError) -> bool {
+    match err {
+        KafkaError::Transaction(e) => e.is_fatal(),
+        _ => false,
+    }
+}
+
+/// Initialises the producer's transactions and begins one, then, whenever records are
+/// pending, lingers, commits, and begins the next before any delivery may join; until the
+/// publisher is gone.
+async fn commit_loop(group: Arc<GroupCommit>, publisher: std::sync::Weak<Publisher>) {
+    let pause = Duration::from_millis(500);
+    loop {
+        let Some(publisher) = publisher.upgrade() else {
+            return;
+        };
+        let mut open = group.open.write().await;
+        if group.begin(&mut open, &publisher).await {
+            break;
+        }
+        drop(open);
+        tokio::time::sleep(pause).await;
+    }
+    loop {
+        // Records join; then a little longer for more.
+        while group.pending.load(Ordering::SeqCst) == 0 {
+            group.wake.notified().await;
+        }
+        tokio::time::sleep(group.linger).await;
+        let Some(publisher) = publisher.upgrade() else {
+            return;
+        };
+        let mut open = group.open.write().await;
+        let records = group.pending.swap(0, Ordering::SeqCst);
+        let producer = open.producer.clone().expect("a transaction is open");
+        let outcome = end_transaction(&group, &producer).await;
+        let result = match &outcome {
+            Ok(()) => "committed",
+            Err(_) => "aborted",
+        };
+        publisher
+            .metrics
+            .transactions
+            .with_label_values(&[result])
+            .inc();
+        publisher
+            .metrics
+            .transaction_records
+            .observe(records as f64);
+        if let Err(why) = &outcome {
+            tracing::warn!(%why, records, "exactly once: a transaction was aborted; its deliveries are answered 503");
+        }
+        let fatal = matches!(&outcome, Err(why) if why.starts_with(TXN_FATAL));
+        open.outcome.send_replace(Some(outcome));
+        open.begun = false;
+        if fatal {
+            open.producer = None;
+            publisher.replace_transactional().await;
+        }
+        // The next transaction, before any delivery may join. While it cannot begin, the
+        // lock is let go and deliveries are refused at once.
+        while !group.begin(&mut open, &publisher).await {
+            drop(open);
+            tokio::time::sleep(pause).await;
+            open = group.open.write().await;
+        }
+    }
+}
+
+impl GroupCommit {
+    /// Makes sure `open` has a producer whose transactions are initialised, and begins a
+    /// transaction with an outcome of its own; false when it cannot.
+    async fn begin(&self, open: &mut OpenTxn, publisher: &Publisher) -> bool {
+        let producer = match open.producer.clone() {
+            Some(producer) => producer,
+            None => {
+                let producer = publisher.producer();
+                let timeout = self.step_timeout;
+                if let Err(err) = txn_step(&producer, move |p| p.init_transactions(timeout)).await {
+                    tracing::warn!(%err, "exactly once: cannot initialise the producer's transactions; trying again");
+                    if txn_is_fatal(&err) {
+                        publisher.replace_transactional().await;
+                    }
+                    return false;
+                }
+                tracing::info!("exactly once: the producer's transactions are ready");
+                open.producer = Some(producer.clone());
+                producer
+            }
+        };
+        if let Err(err) = txn_step(&producer, |p| p.begin_transaction()).await {
+            tracing::error!(%err, "exactly once: cannot begin a transaction; trying again");
+            if txn_is_fatal(&err) {
+                open.producer = None;
+                publisher.replace_transactional().await;
+            }
+            return false;
+        }
+        open.outcome = tokio::sync::watch::channel(None).0;
+        open.begun = true;
+        true
+    }
+}
+
+/// The prefix of an outcome after which the producer is replaced.
+const TXN_FATAL: &str = "the producer failed for good";
+
+/// Commits the open transaction, or aborts it when Kafka says it must be: never leaves it
+/// undecided. A commit that times out is tried again (it may have been written), as is an
+/// abort.
+async fn end_transaction(group: &GroupCommit, producer: &BridgeProducer) -> TxnOutcome {
+    let timeout = group.step_timeout;
+    let cause = loop {
+        match txn_step(producer, move |p| p.commit_transaction(timeout)).await {
+            Ok(()) => return Ok(()),
+            Err(err) if txn_is_fatal(&err) => return Err(format!("{TXN_FATAL}: {err}").into()),
+            Err(err) if txn_is_retriable(&err) && !txn_requires_abort(&err) => {
+                tracing::warn!(%err, "exactly once: the commit did not finish; trying again");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(err) => break err,
+        }
+    };
+    loop {
+        match txn_step(producer, move |p| p.abort_transaction(timeout)).await {
+            Ok(()) => return Err(cause.to_string().into()),
+            Err(err) if txn_is_fatal(&err) => return Err(format!("{TXN_FATAL}: {err}").into()),
+            Err(err) => {
+                tracing::warn!(%err, "exactly once: the abort did not finish; trying again");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
