@@ -380,14 +380,19 @@ impl ProbeClient {
         let mut failed = None;
         for topic in topics {
             let min = self.min_isr(topic, timeout).unwrap_or(1);
-            // A broker that does not answer was dropped by the timeout: another is asked
-            // before "no broker answered" is said.
-            let states = match self
-                .partitions(topic, min, timeout)
-                .or_else(|e| match e.failure {
-                    ProbeFailure::NoBroker => self.partitions(topic, min, timeout),
-                    _ => Err(e),
-                }) {
+            // A broker that does not answer was dropped by the timeout: others are asked
+            // before "no broker answered" is said. Twice more: a frozen broker's kernel
+            // still accepts a new connection, which librdkafka may pick again.
+            let mut asked = self.partitions(topic, min, timeout);
+            for _ in 0..2 {
+                match &asked {
+                    Err(e) if e.failure == ProbeFailure::NoBroker => {
+                        asked = self.partitions(topic, min, timeout);
+                    }
+                    _ => break,
+                }
+            }
+            let states = match asked {
                 Ok(states) => states,
                 Err(e) => return (health, Some(e)),
             };
