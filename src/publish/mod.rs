@@ -302,6 +302,12 @@ impl Publisher {
         config
             .set("transactional.id", id)
             .set("transaction.timeout.ms", timeout);
+        // A transaction begun right after a commit finds its partitions' markers still being
+        // written (CONCURRENT_TRANSACTIONS), and librdkafka adds them again after
+        // retry.backoff.ms: at its default (100 ms) every transaction would wait that long.
+        if config.get("retry.backoff.ms").is_none() {
+            config.set("retry.backoff.ms", "5");
+        }
         let mut publisher = Publisher::new(config, metrics, topic)?;
         publisher.transactional = true;
         let publisher = Arc::new(publisher);
@@ -903,6 +909,11 @@ pub struct GroupCommit {
     open: tokio::sync::RwLock<OpenTxn>,
     /// Records handed to the open transaction.
     pending: std::sync::atomic::AtomicUsize,
+    /// Records handed over whose delivery report has not come yet, and the committer's
+    /// wake-up when the last comes: a commit is asked for once each is written, so that
+    /// librdkafka's commit has nothing to flush.
+    unreported: std::sync::atomic::AtomicUsize,
+    reported: tokio::sync::Notify,
     wake: tokio::sync::Notify,
     linger: Duration,
     /// How long one commit or abort may take before it is tried again.
@@ -919,6 +930,8 @@ impl GroupCommit {
                 outcome: tokio::sync::watch::channel(None).0,
             }),
             pending: std::sync::atomic::AtomicUsize::new(0),
+            unreported: std::sync::atomic::AtomicUsize::new(0),
+            reported: tokio::sync::Notify::new(),
             wake: tokio::sync::Notify::new(),
             linger,
             step_timeout: publisher.delivery_timeout(),
@@ -949,6 +962,7 @@ impl GroupCommit {
         let sent = producer.send_result(record);
         drop(producer);
         if sent.is_ok() {
+            self.unreported.fetch_add(1, Ordering::SeqCst);
             self.pending.fetch_add(1, Ordering::SeqCst);
             self.wake.notify_one();
         }
@@ -956,6 +970,9 @@ impl GroupCommit {
         // Not handed over: not in the transaction, not written.
         let delivery = sent.map_err(|(err, _)| PublishError::from_kafka(&err))?;
         let report = delivery.await;
+        if self.unreported.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.reported.notify_one();
+        }
         let verdict = match outcome.wait_for(Option::is_some).await {
             Ok(verdict) => verdict.clone().unwrap_or(Err("no outcome".into())),
             Err(_) => Err("the bridge stopped before the transaction ended".into()),
@@ -1042,6 +1059,14 @@ async fn commit_loop(group: Arc<GroupCommit>, publisher: std::sync::Weak<Publish
         };
         let mut open = group.open.write().await;
         let records = group.pending.swap(0, Ordering::SeqCst);
+        // Each record written (or failed) first: the commit then only ends the transaction.
+        let reports_by = tokio::time::Instant::now() + group.step_timeout;
+        while group.unreported.load(Ordering::SeqCst) > 0 {
+            let _ = tokio::time::timeout_at(reports_by, group.reported.notified()).await;
+            if tokio::time::Instant::now() >= reports_by {
+                break;
+            }
+        }
         let producer = open.producer.clone().expect("a transaction is open");
         let outcome = end_transaction(&group, &producer).await;
         let result = match &outcome {
