@@ -320,12 +320,7 @@ impl Publisher {
     /// a new one with the same transactional id, whose initialisation fences the old.
     async fn replace_transactional(&self) {
         let _turn = self.replacing.lock().await;
-        let (config, metrics, topic, last_error) = (
-            self.config.clone(),
-            self.metrics.clone(),
-            self.topic.clone(),
-            self.last_error.clone(),
-        );
+        let (config, metrics, topic, last_error) = self.build_parts();
         match tokio::task::spawn_blocking(move || create(&config, &metrics, &topic, &last_error))
             .await
         {
@@ -393,6 +388,16 @@ impl Publisher {
         result
     }
 
+    /// What a new producer is built from, to take to a blocking thread.
+    fn build_parts(&self) -> (Arc<ClientConfig>, Arc<Metrics>, Arc<str>, Arc<LastError>) {
+        (
+            self.config.clone(),
+            self.metrics.clone(),
+            self.topic.clone(),
+            self.last_error.clone(),
+        )
+    }
+
     /// The producer in force (for probes and flushes, which never replace it).
     fn producer(&self) -> BridgeProducer {
         self.current
@@ -445,12 +450,7 @@ impl Publisher {
             }
         }
         tracing::warn!("the Kafka producer is dead: building a new one");
-        let (config, metrics, topic, last_error) = (
-            self.config.clone(),
-            self.metrics.clone(),
-            self.topic.clone(),
-            self.last_error.clone(),
-        );
+        let (config, metrics, topic, last_error) = self.build_parts();
         let started = std::time::Instant::now();
         let fresh =
             tokio::task::spawn_blocking(move || create(&config, &metrics, &topic, &last_error))
@@ -502,12 +502,7 @@ impl Publisher {
             return Err("a transactional producer is not renewed".into());
         }
         let _turn = self.replacing.lock().await;
-        let (config, metrics, topic, last_error) = (
-            self.config.clone(),
-            self.metrics.clone(),
-            self.topic.clone(),
-            self.last_error.clone(),
-        );
+        let (config, metrics, topic, last_error) = self.build_parts();
         let built = tokio::task::spawn_blocking(move || {
             Ok::<_, KafkaError>((
                 create(&config, &metrics, &topic, &last_error)?,
