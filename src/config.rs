@@ -977,6 +977,14 @@ impl Settings {
                 "needs Kafka brokers (kafka.brokers): the embedded broker has no transactions",
             ));
         }
+        if k.exactly_once && (self.dedup.window_secs == 0 || self.dedup.max_entries == 0) {
+            return Err(invalid(
+                "kafka.exactly_once",
+                "needs duplicate suppression (dedup.window_secs and dedup.max_entries above \
+                 0): a delivery answered 503 while its transaction committed is answered as a \
+                 duplicate on the sender's retry, which without it would be written again",
+            ));
+        }
         if k.transaction_linger_ms > 1000 {
             return Err(invalid(
                 "kafka.transaction_linger_ms",

@@ -13,6 +13,7 @@
 pub mod admin;
 pub mod config;
 pub mod error;
+pub mod finish;
 pub mod ingest;
 pub mod memory;
 pub mod metrics;
@@ -293,15 +294,21 @@ pub async fn replay(
         )?
     });
     // Nothing is read before every destination can be written: a missing topic would
-    // otherwise stop the replay at its first record.
+    // otherwise stop the replay at its first record. A stop meanwhile ends it at once.
+    tokio::pin!(stop);
     if !options.dry_run {
-        publisher
-            .probe(
-                &routes.topics(),
-                Duration::from_millis(settings.kafka.readiness_timeout_ms)
-                    .max(Duration::from_secs(5)),
-            )
-            .await
+        let topics = routes.topics();
+        let probed = publisher.probe(
+            &topics,
+            Duration::from_millis(settings.kafka.readiness_timeout_ms).max(Duration::from_secs(5)),
+        );
+        let probed = tokio::select! {
+            probed = probed => probed,
+            () = &mut stop => {
+                return Ok(replay::Summary::interrupted(&options, std::time::Instant::now()))
+            }
+        };
+        probed
             // The transactional producer gets its id when the replay starts its transactions.
             .or_else(|e| match e.failure {
                 publish::probe::ProbeFailure::NoProducerId => Ok(Vec::new()),

@@ -60,6 +60,9 @@ pub struct Metrics {
     pub transactions: IntCounterVec,
     /// With `kafka.exactly_once`: records a transaction held.
     pub transaction_records: Histogram,
+    /// With `kafka.exactly_once`: the time of a commit's steps (`flush`: every record of the
+    /// transaction reported; `end`: EndTxn and its markers).
+    pub transaction_commit: HistogramVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -273,6 +276,18 @@ impl Metrics {
             ]),
         )
         .unwrap();
+        let transaction_commit = HistogramVec::new(
+            HistogramOpts::new(
+                "tamio_bridge_kafka_transaction_commit_seconds",
+                "With kafka.exactly_once: time of each step of a commit, by step (flush: until \
+                 librdkafka holds no record of the transaction; end: EndTxn and its markers).",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.08, 0.1, 0.2, 0.5, 1.0, 5.0,
+            ]),
+            &["step"],
+        )
+        .unwrap();
         let broker_request_errors = IntCounterVec::new(
             Opts::new(
                 "tamio_bridge_kafka_broker_request_errors_total",
@@ -352,6 +367,7 @@ impl Metrics {
             Box::new(broker_retries.clone()),
             Box::new(transactions.clone()),
             Box::new(transaction_records.clone()),
+            Box::new(transaction_commit.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -394,6 +410,7 @@ impl Metrics {
             broker_retries,
             transactions,
             transaction_records,
+            transaction_commit,
         }
     }
 

@@ -755,6 +755,34 @@ async fn broker_certificates_expired_or_from_an_unknown_ca_are_named_within_seco
             reply.text()
         );
     }
+
+    // An operator who chose not to verify the brokers' certificate: the producer, the
+    // readiness probe and the replay's consumer all connect, as the producer does.
+    let unverified = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    std::fs::write(
+        unverified.path(),
+        "[kafka.librdkafka]\n\"enable.ssl.certificate.verification\" = \"false\"\n",
+    )
+    .unwrap();
+    let dlt = unique_topic("kafka-expired-dlt");
+    cluster.create_topic_with(&dlt, 1, 1, &[]).await;
+    let env = [
+        ("TAMIO_BRIDGE__KAFKA__BROKERS", bootstrap.as_str()),
+        ("TAMIO_BRIDGE__KAFKA__TOPIC", topic.as_str()),
+        ("TAMIO_BRIDGE__KAFKA__DEAD_LETTER_TOPIC", dlt.as_str()),
+        ("TAMIO_BRIDGE__KAFKA__TLS__ENABLED", "true"),
+        ("TAMIO_BRIDGE__SIGNATURE__SECRETS", SECRET),
+    ];
+    let config = ["--config", unverified.path().to_str().unwrap()];
+    let bridge = Process::spawn_with_args(&env, &config);
+    wait_for_readyz(bridge.admin, StatusCode::OK, Duration::from_secs(20)).await;
+    let reply = send_to(&bridge, &ticket_event("whev_unverified", "ticket-cert", 0)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    drop(bridge);
+    let mut args = config.to_vec();
+    args.extend(["replay", "--dry-run", "--output", "json"]);
+    let (code, stdout, stderr) = run_to_exit(&env, &args);
+    assert_eq!(code, 0, "{stdout}{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

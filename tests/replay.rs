@@ -5,7 +5,7 @@
 mod common;
 
 use std::collections::{BTreeMap, HashSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use http::StatusCode;
@@ -1020,4 +1020,139 @@ async fn a_replay_killed_at_random_points_leaves_every_letter_once() {
     .await;
     assert_once_in_order(&records, &ids);
     println!("{kills} runs killed with SIGKILL, then one to the end: {N} letters, each once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn letters_that_repeat_an_event_id_in_one_transaction_are_duplicates_not_a_stall() {
+    let (topic, dlt) = (unique_topic("replay-main"), unique_topic("replay-dlt"));
+    create_topic(&topic, 1).await;
+    create_topic(&dlt, 1).await;
+    // The same three letters twice (a sender's retry dead-lettered again): one ticket, so
+    // all six in one partition, read into one transaction.
+    let ids = write_signed_letters(&dlt, "rep", 3, 1).await;
+    write_signed_letters(&dlt, "rep", 3, 1).await;
+    let brokers = brokers();
+    let mut env = replay_env(&topic, &dlt, &brokers);
+    // A claim waited on gives up after this: a stall shows within seconds.
+    env.push(("TAMIO_BRIDGE__SERVER__REQUEST_TIMEOUT_MS", "3000"));
+    let started = Instant::now();
+    let (code, s) = replay(&env, &[]);
+    assert_eq!(code, 0, "{s:#}");
+    assert_eq!(
+        (s["published"].as_u64(), s["duplicate"].as_u64()),
+        (Some(3), Some(3)),
+        "{s:#}"
+    );
+    let records = read_topic(&topic, 3).await;
+    assert_once_in_order(&records, &ids);
+    println!(
+        "6 letters, 3 event ids repeated: published 3, 3 duplicates, in {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_after_one_killed_between_its_offsets_and_its_commit_starts_at_once() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::producer::Producer;
+    use rdkafka::{Offset, TopicPartitionList};
+
+    let (topic, dlt) = (unique_topic("replay-main"), unique_topic("replay-dlt"));
+    create_topic(&topic, 1).await;
+    create_topic(&dlt, 1).await;
+    let ids = write_signed_letters(&dlt, "kl", 20, 4).await;
+    let brokers = brokers();
+    let group = unique_topic("replay-group");
+    // What a run killed right after sending its position leaves: its transactional id (the
+    // group's name) with a transaction open at the coordinator, holding offsets for the
+    // group that are pending until the transaction ends (Kafka's timeout: 60 s).
+    {
+        let (brokers, group, dlt) = (brokers.clone(), group.clone(), dlt.clone());
+        tokio::task::spawn_blocking(move || {
+            let killed: FutureProducer = ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .set("transactional.id", &group)
+                .set("transaction.timeout.ms", "60000")
+                .create()
+                .unwrap();
+            killed.init_transactions(Duration::from_secs(30)).unwrap();
+            killed.begin_transaction().unwrap();
+            let consumer: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .set("group.id", &group)
+                .create()
+                .unwrap();
+            let mut offsets = TopicPartitionList::new();
+            offsets
+                .add_partition_offset(&dlt, 0, Offset::Offset(10))
+                .unwrap();
+            killed
+                .send_offsets_to_transaction(
+                    &offsets,
+                    &consumer.group_metadata().unwrap(),
+                    Duration::from_secs(30),
+                )
+                .unwrap();
+            // Gone without a commit or an abort, as a SIGKILL leaves it.
+            std::mem::forget(killed);
+        })
+        .await
+        .unwrap();
+    }
+    let env = replay_env(&topic, &dlt, &brokers);
+    let started = Instant::now();
+    let (code, s) = replay(&env, &["--group", &group]);
+    let took = started.elapsed();
+    assert_eq!(code, 0, "{s:#}");
+    // The killed run's transaction was aborted by the new run's producer: its offsets never
+    // counted, and every letter is published.
+    assert_eq!(s["published"].as_u64(), Some(20), "{s:#}");
+    assert!(
+        took < Duration::from_secs(20),
+        "the rerun waited {took:?} for the killed run's transaction"
+    );
+    assert_once_in_order(&read_topic(&topic, 20).await, &ids);
+    println!("rerun after a run killed mid-commit: done in {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_stops_at_once_when_interrupted_before_kafka_answers() {
+    // Brokers that accept connections and never answer.
+    let silent = Blackhole::start().await;
+    let address = format!("127.0.0.1:{}", silent.port);
+    let env = replay_env("replay-main", "replay-dlt", &address);
+    let (mut child, _lines) = spawn_replay(&env, &[]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "still waiting for Kafka"
+    );
+    let interrupted = Instant::now();
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    let took = interrupted.elapsed();
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(out.status.code(), Some(3), "{summary:#}");
+    assert!(
+        summary["stopped"].as_str().unwrap().contains("interrupted"),
+        "{summary:#}"
+    );
+    assert!(
+        took < Duration::from_secs(2),
+        "the replay took {took:?} to stop: a blocking Kafka call held it"
+    );
 }

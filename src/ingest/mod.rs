@@ -10,10 +10,7 @@ pub mod route;
 pub mod verify;
 
 use std::borrow::Cow;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, RwLock};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -26,6 +23,7 @@ use tracing::{field, Instrument};
 
 use crate::config::Settings;
 use crate::error::{Outcome, Refusal};
+use crate::finish::Finish;
 use crate::metrics::Metrics;
 use crate::publish::record::{DeadLetter, Record, Replayed};
 use crate::publish::{PublishError, Publisher};
@@ -230,50 +228,6 @@ async fn deliver(
         None => None,
     };
     Ok((delivered, record.topic, held))
-}
-
-/// A future awaited in place which, dropped before it is done, is finished by a task of its
-/// own.
-struct Finish<F: Future + Send + 'static>(Option<Pin<Box<F>>>)
-where
-    F::Output: Send + 'static;
-
-impl<F: Future + Send + 'static> Finish<F>
-where
-    F::Output: Send + 'static,
-{
-    fn new(future: F) -> Self {
-        Finish(Some(Box::pin(future)))
-    }
-}
-
-impl<F: Future + Send + 'static> Future for Finish<F>
-where
-    F::Output: Send + 'static,
-{
-    type Output = F::Output;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let Some(future) = self.0.as_mut() else {
-            return Poll::Pending;
-        };
-        let output = std::task::ready!(future.as_mut().poll(cx));
-        self.0 = None;
-        Poll::Ready(output)
-    }
-}
-
-impl<F: Future + Send + 'static> Drop for Finish<F>
-where
-    F::Output: Send + 'static,
-{
-    fn drop(&mut self) {
-        if let Some(future) = self.0.take() {
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(future);
-            }
-        }
-    }
 }
 
 /// Everything a request needs, shared by all connections.

@@ -18,10 +18,11 @@ use std::time::Duration;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use rdkafka::TopicPartitionList;
 
+use crate::finish::Finish;
 use crate::metrics::Metrics;
 use probe::{Health, LastError, PartitionState, ProbeClient, ProbeError, ProbeFailure};
 use producer::{BridgeProducer, StatsContext};
@@ -191,7 +192,7 @@ fn create(
         producer_id.clone(),
         last_error.clone(),
     );
-    let producer: BridgeProducer = config.create_with_context(context)?;
+    let producer = BridgeProducer::new(config.create_with_context(context)?);
     Ok(Current {
         warm_up: probe::WarmUp::start(producer.clone(), topic.clone()),
         producer,
@@ -361,16 +362,12 @@ impl Publisher {
         record: &Record,
         deadline: Option<tokio::time::Instant>,
     ) -> Result<Delivered, PublishError> {
-        let result = self.deliver(record.to_kafka(), deadline).await;
-        match &result {
-            Ok(_) => self
-                .metrics
-                .events_delivered
-                .with_label_values(&[record.event_label])
-                .inc(),
-            Err(e) => self.count_failure(e),
-        }
-        result
+        self.deliver(
+            record.to_kafka(),
+            deadline,
+            Counted::Event(record.event_label),
+        )
+        .await
     }
 
     /// Writes a refused delivery's raw body to the dead-letter topic, with the error in the
@@ -380,12 +377,8 @@ impl Publisher {
         letter: DeadLetter<'_>,
         deadline: tokio::time::Instant,
     ) -> Result<Delivered, PublishError> {
-        let result = self.deliver(letter.to_kafka(), Some(deadline)).await;
-        match &result {
-            Ok(_) => self.metrics.dead_letters.inc(),
-            Err(e) => self.count_failure(e),
-        }
-        result
+        self.deliver(letter.to_kafka(), Some(deadline), Counted::DeadLetter)
+            .await
     }
 
     /// What a new producer is built from, to take to a blocking thread.
@@ -407,18 +400,18 @@ impl Publisher {
             .clone()
     }
 
+    /// The producer in force, its fatal flag and its warm-up, replacing it first when
+    /// librdkafka declared it dead. No handle of a producer is held across an await here: a
+    /// producer replaced meanwhile is dropped by its retiring thread, never by this task.
     async fn live_producer(
         &self,
         deadline: Option<tokio::time::Instant>,
-    ) -> Result<Current, PublishError> {
-        let seen = self
-            .current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        if !seen.fatal.load(Ordering::SeqCst) {
+    ) -> Result<(BridgeProducer, Arc<AtomicBool>, Arc<probe::WarmUp>), PublishError> {
+        let seen = self.current_parts();
+        if !seen.1.load(Ordering::SeqCst) {
             return Ok(seen);
         }
+        let (_, seen_fatal, _) = seen;
         if self.transactional {
             return Err(PublishError::Kafka {
                 reason: DeliveryFailure::Other,
@@ -431,17 +424,17 @@ impl Publisher {
         let Ok(_turn) = with_deadline(deadline, self.replacing.lock()).await else {
             return Err(PublishError::Timeout(waited.elapsed()));
         };
-        let now = self
-            .current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        if !Arc::ptr_eq(&now.fatal, &seen.fatal) {
-            // Replaced while this delivery waited for its turn.
-            return Ok(now);
-        }
-        now.warm_up.done();
-        if let Some(lived) = now.replaced_at.map(|at| at.elapsed()) {
+        let replaced_at = {
+            let now = self.current.read().unwrap_or_else(|p| p.into_inner());
+            if !Arc::ptr_eq(&now.fatal, &seen_fatal) {
+                // Replaced while this delivery waited for its turn.
+                drop(now);
+                return Ok(self.current_parts());
+            }
+            now.warm_up.done();
+            now.replaced_at
+        };
+        if let Some(lived) = replaced_at.map(|at| at.elapsed()) {
             if lived < MIN_REPLACEMENT_LIFETIME {
                 let pause = tokio::time::sleep(MIN_REPLACEMENT_LIFETIME - lived);
                 if with_deadline(deadline, pause).await.is_err() {
@@ -462,16 +455,16 @@ impl Publisher {
             },
             Ok(Err(err)) => {
                 tracing::error!(%err, "cannot create a new Kafka producer");
-                return Ok(now);
+                return Ok(self.current_parts());
             }
             Err(err) => {
                 tracing::error!(%err, "creating a new Kafka producer failed");
-                return Ok(now);
+                return Ok(self.current_parts());
             }
         };
         let retired = std::mem::replace(
             &mut *self.current.write().unwrap_or_else(|p| p.into_inner()),
-            fresh.clone(),
+            fresh,
         );
         self.metrics.producer_restarts.inc();
         tracing::warn!(
@@ -489,7 +482,17 @@ impl Publisher {
             let _ = retired.producer.flush(Timeout::After(drain));
             drop(retired)
         });
-        Ok(fresh)
+        Ok(self.current_parts())
+    }
+
+    /// The producer in force, its fatal flag and its warm-up.
+    fn current_parts(&self) -> (BridgeProducer, Arc<AtomicBool>, Arc<probe::WarmUp>) {
+        let current = self.current.read().unwrap_or_else(|p| p.into_inner());
+        (
+            current.producer.clone(),
+            current.fatal.clone(),
+            current.warm_up.clone(),
+        )
     }
 
     /// Builds a new producer and probe client with the same options, which reads the files
@@ -555,104 +558,89 @@ impl Publisher {
             .unwrap_or(Duration::from_secs(10))
     }
 
-    fn count_failure(&self, err: &PublishError) {
-        self.metrics
-            .kafka_delivery_failures
-            .with_label_values(&[err.failure().as_str()])
-            .inc();
-    }
-
+    /// Hands the record over and follows it to Kafka's verdict. Once handed over, the rest
+    /// runs to its end even if the caller is dropped (a sender that hung up): the verdict is
+    /// counted, and a transaction's count of records awaiting their report always comes back
+    /// down.
     async fn deliver(
         &self,
         record: FutureRecord<'_, [u8], [u8]>,
         deadline: Option<tokio::time::Instant>,
+        counted: Counted,
     ) -> Result<Delivered, PublishError> {
+        let started = tokio::time::Instant::now();
+        let report = match self.hand_over(record, deadline).await {
+            Ok(report) => report,
+            Err(err) => {
+                counted.count(&self.metrics, Err(&err));
+                return Err(err);
+            }
+        };
+        let metrics = self.metrics.clone();
+        Finish::new(async move {
+            let result = report.await;
+            metrics
+                .kafka_delivery_duration
+                .observe(started.elapsed().as_secs_f64());
+            counted.count(&metrics, result.as_ref().map(|_| ()));
+            result
+        })
+        .await
+    }
+
+    /// Gives the record to librdkafka (inside the open transaction with `exactly_once`);
+    /// what is left is waiting for its verdict, which borrows nothing.
+    async fn hand_over(
+        &self,
+        record: FutureRecord<'_, [u8], [u8]>,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<Report, PublishError> {
         if !self.reachable.load(Ordering::Relaxed) {
             return Err(PublishError::Unreachable(
                 "no broker answered the last readiness probe".into(),
             ));
         }
-        if self.degraded.load(Ordering::Relaxed) {
-            if let Some(refusal) = self.unwritable(record.topic, record.key) {
-                return Err(refusal);
-            }
+        if let Some(refusal) = self.unwritable(record.topic, record.key) {
+            return Err(refusal);
         }
-        let started = tokio::time::Instant::now();
         if let Some(group) = self.group.get() {
-            // A record that cannot be written would abort its whole transaction, and every
-            // other delivery in it: a topic the last probe could not find is refused here.
-            let health = self
-                .health
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
-            if !health.topics.is_empty() && !health.topics.contains_key(record.topic) {
-                return Err(PublishError::Kafka {
-                    reason: DeliveryFailure::UnknownTopic,
-                    detail: format!(
-                        "topic `{}` is not available (see /readyz): not written",
-                        record.topic
-                    ),
-                });
-            }
-            let result = group.deliver(record, deadline).await;
-            self.metrics
-                .kafka_delivery_duration
-                .observe(started.elapsed().as_secs_f64());
-            return result;
+            return Ok(Box::pin(group.join(record, deadline).await?.verdict()));
         }
-        let Current {
-            producer,
-            fatal,
-            warm_up,
-            ..
-        } = self.live_producer(deadline).await?;
+        let (producer, fatal, warm_up) = self.live_producer(deadline).await?;
         let sent = producer.send_result(record);
         // Not held while the report is awaited: the last handle of a replaced producer is
         // dropped on the thread the replacement made for it, not on a runtime thread.
         drop(producer);
-        let result = match sent {
-            Err((err, _)) => Err(PublishError::from_kafka(&err)),
-            Ok(delivery) => match with_deadline(deadline, delivery).await {
-                Err(_) => Err(PublishError::Timeout(
-                    deadline.map_or(Duration::ZERO, |d| d.saturating_duration_since(started)),
-                )),
-                Ok(Err(_canceled)) => Err(PublishError::Kafka {
-                    reason: DeliveryFailure::Other,
-                    detail: "the producer was shut down before the delivery report".into(),
-                }),
-                Ok(Ok(Err((err, _)))) => {
-                    if kills_the_producer(&err) {
-                        tracing::error!(%err, "librdkafka declared the Kafka producer dead; it will be replaced");
-                        fatal.store(true, Ordering::SeqCst);
-                        warm_up.done();
-                    }
-                    Err(PublishError::from_kafka(&err))
-                }
-                Ok(Ok(Ok(d))) => {
-                    warm_up.done();
-                    Ok(Delivered {
-                        partition: d.partition,
-                        offset: d.offset,
-                    })
-                }
-            },
-        };
-        self.metrics
-            .kafka_delivery_duration
-            .observe(started.elapsed().as_secs_f64());
-        result
+        let delivery = sent.map_err(|(err, _)| PublishError::from_kafka(&err))?;
+        Ok(Box::pin(follow(delivery, deadline, fatal, warm_up)))
     }
 
-    /// The refusal of a record whose partition has too few in-sync replicas to take it, as
-    /// the last probe saw it. A partition without a leader is not refused: librdkafka holds
-    /// its records until one is elected.
+    /// The refusal of a record the last probe showed Kafka cannot take now: its topic
+    /// missing (or not authorized), or its partition with too few in-sync replicas. A
+    /// partition without a leader is not refused: librdkafka holds its records until one is
+    /// elected. With `exactly_once` this also keeps a record Kafka would refuse out of a
+    /// transaction, which it would abort with every other delivery in it.
     fn unwritable(&self, topic: &str, key: Option<&[u8]>) -> Option<PublishError> {
+        if !self.degraded.load(Ordering::Relaxed) {
+            return None;
+        }
         let health = self
             .health
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
+        if let Some(why) = health.missing.get(topic) {
+            let reason = match why.failure {
+                ProbeFailure::TopicMissing | ProbeFailure::NoPartitions => {
+                    DeliveryFailure::UnknownTopic
+                }
+                _ => DeliveryFailure::Other,
+            };
+            return Some(PublishError::Kafka {
+                reason,
+                detail: format!("{why} (see /readyz): not written"),
+            });
+        }
         let (partition, state) = health.of_key(topic, key?)?;
         match state {
             PartitionState::TooFewReplicas { in_sync, min } => Some(PublishError::Kafka {
@@ -723,6 +711,13 @@ impl Publisher {
                 "the producer has no producer id yet: it could not write (the cluster's \
                  transaction coordinator may still be loading)",
             ));
+        }
+        if let Some(why) = self
+            .group
+            .get()
+            .and_then(|g| g.stalled(TXN_CLOSED_FOR, self.delivery_timeout()))
+        {
+            return Err(ProbeError::new(ProbeFailure::TransactionsStalled, why));
         }
         Ok(degraded)
     }
@@ -818,25 +813,95 @@ impl Txn {
         self.blocking(|p| p.begin_transaction()).await
     }
 
-    /// Adds the consumer group's `offsets` to the transaction and commits it: the records
-    /// written since [`Txn::begin`] and the offsets become visible together.
-    pub async fn commit(
+    /// Adds the consumer group's `offsets` to the transaction: they become visible with its
+    /// records once it commits. Retriable, not resumable: sent again, it is a new request.
+    pub async fn send_offsets(
         &self,
         offsets: TopicPartitionList,
         group: Arc<ConsumerGroupMetadata>,
         timeout: Duration,
     ) -> Result<(), TxnError> {
-        if offsets.count() > 0 {
-            self.blocking(move |p| p.send_offsets_to_transaction(&offsets, &group, timeout))
-                .await?;
-        }
-        self.blocking(move |p| p.commit_transaction(timeout)).await
+        self.blocking(move |p| p.send_offsets_to_transaction(&offsets, &group, timeout))
+            .await
+    }
+
+    /// Commits the transaction: the records written since [`Txn::begin`] and the offsets
+    /// sent become visible together. A retriable error (a timeout) leaves the commit in
+    /// progress: call it again to resume it, and nothing else.
+    pub async fn commit(&self, timeout: Duration) -> Result<(), TxnError> {
+        self.blocking(move |p| {
+            nothing_queued(p, timeout);
+            p.commit_transaction(timeout)
+        })
+        .await
     }
 
     /// Aborts the transaction: nothing written since [`Txn::begin`] is visible to
     /// `read_committed` consumers, and the offsets are not moved.
     pub async fn abort(&self, timeout: Duration) -> Result<(), TxnError> {
         self.blocking(move |p| p.abort_transaction(timeout)).await
+    }
+}
+
+/// What a delivery's verdict is counted as.
+#[derive(Debug, Clone, Copy)]
+enum Counted {
+    /// An event, by its type's label.
+    Event(&'static str),
+    DeadLetter,
+}
+
+impl Counted {
+    fn count(self, metrics: &Metrics, result: Result<(), &PublishError>) {
+        match (self, result) {
+            (Counted::Event(label), Ok(())) => {
+                metrics.events_delivered.with_label_values(&[label]).inc()
+            }
+            (Counted::DeadLetter, Ok(())) => metrics.dead_letters.inc(),
+            (_, Err(e)) => metrics
+                .kafka_delivery_failures
+                .with_label_values(&[e.failure().as_str()])
+                .inc(),
+        }
+    }
+}
+
+/// A record handed over, waiting for its verdict: its transaction's outcome, or its
+/// delivery report.
+type Report =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Delivered, PublishError>> + Send>>;
+
+/// The delivery report of a record handed to an idempotent producer, until `deadline`.
+async fn follow(
+    delivery: DeliveryFuture,
+    deadline: Option<tokio::time::Instant>,
+    fatal: Arc<AtomicBool>,
+    warm_up: Arc<probe::WarmUp>,
+) -> Result<Delivered, PublishError> {
+    let started = tokio::time::Instant::now();
+    match with_deadline(deadline, delivery).await {
+        Err(_) => Err(PublishError::Timeout(
+            deadline.map_or(Duration::ZERO, |d| d.saturating_duration_since(started)),
+        )),
+        Ok(Err(_canceled)) => Err(PublishError::Kafka {
+            reason: DeliveryFailure::Other,
+            detail: "the producer was shut down before the delivery report".into(),
+        }),
+        Ok(Ok(Err((err, _)))) => {
+            if kills_the_producer(&err) {
+                tracing::error!(%err, "librdkafka declared the Kafka producer dead; it will be replaced");
+                fatal.store(true, Ordering::SeqCst);
+                warm_up.done();
+            }
+            Err(PublishError::from_kafka(&err))
+        }
+        Ok(Ok(Ok(d))) => {
+            warm_up.done();
+            Ok(Delivered {
+                partition: d.partition,
+                offset: d.offset,
+            })
+        }
     }
 }
 
@@ -913,6 +978,18 @@ pub struct GroupCommit {
     linger: Duration,
     /// How long one commit or abort may take before it is tried again.
     step_timeout: Duration,
+    /// What readiness reads of the committer.
+    state: std::sync::Mutex<CommitterState>,
+}
+
+/// Since when the committer has been stuck, if it has: readiness says so once it is for
+/// longer than Kafka's own failover.
+#[derive(Debug)]
+struct CommitterState {
+    /// Since when no transaction is open (deliveries are refused meanwhile), and why.
+    closed_since: Option<(tokio::time::Instant, String)>,
+    /// Since when the open transaction has held records (cleared once it ends).
+    holding_since: Option<tokio::time::Instant>,
 }
 
 impl GroupCommit {
@@ -930,45 +1007,85 @@ impl GroupCommit {
             wake: tokio::sync::Notify::new(),
             linger,
             step_timeout: publisher.delivery_timeout(),
+            state: std::sync::Mutex::new(CommitterState {
+                closed_since: Some((
+                    tokio::time::Instant::now(),
+                    "the producer's transactions are being initialised".into(),
+                )),
+                holding_since: None,
+            }),
         });
         tokio::spawn(commit_loop(group.clone(), Arc::downgrade(publisher)));
         group
     }
 
-    /// Hands `record` to the open transaction (waiting for one until `deadline`), then waits
-    /// for the transaction's outcome, without a deadline: the committer always reaches one.
-    pub async fn deliver(
-        &self,
+    /// Hands `record` to the open transaction (waiting for one until `deadline`); then what
+    /// is left is waiting for the transaction's outcome, without a deadline: the committer
+    /// always reaches one. That wait borrows nothing, so it can be finished when the request
+    /// is gone, and it takes the record's report off the count the committer waits on,
+    /// whatever happens.
+    async fn join(
+        self: &Arc<Self>,
         record: FutureRecord<'_, [u8], [u8]>,
         deadline: Option<tokio::time::Instant>,
-    ) -> Result<Delivered, PublishError> {
+    ) -> Result<TxnReport, PublishError> {
         let waited = tokio::time::Instant::now();
         let open = with_deadline(deadline, self.open.read())
             .await
             .map_err(|_| PublishError::Timeout(waited.elapsed()))?;
-        let Some(producer) = open.producer.clone().filter(|_| open.begun) else {
+        let Some(producer) = open.producer.as_ref().filter(|_| open.begun) else {
             return Err(PublishError::Unreachable(
                 "no Kafka transaction can be opened now (the transactional producer's \
                  transactions are being initialised, or Kafka refuses them)"
                     .into(),
             ));
         };
-        let mut outcome = open.outcome.subscribe();
-        let sent = producer.send_result(record);
-        drop(producer);
-        if sent.is_ok() {
-            self.unreported.fetch_add(1, Ordering::SeqCst);
-            self.pending.fetch_add(1, Ordering::SeqCst);
-            self.wake.notify_one();
-        }
-        drop(open);
+        let outcome = open.outcome.subscribe();
         // Not handed over: not in the transaction, not written.
-        let delivery = sent.map_err(|(err, _)| PublishError::from_kafka(&err))?;
-        let report = delivery.await;
-        if self.unreported.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.reported.notify_one();
+        let delivery = producer
+            .send_result(record)
+            .map_err(|(err, _)| PublishError::from_kafka(&err))?;
+        self.unreported.fetch_add(1, Ordering::SeqCst);
+        if self.pending.fetch_add(1, Ordering::SeqCst) == 0 {
+            self.state()
+                .holding_since
+                .get_or_insert_with(tokio::time::Instant::now);
         }
-        let verdict = match outcome.wait_for(Option::is_some).await {
+        self.wake.notify_one();
+        drop(open);
+        Ok(TxnReport {
+            group: self.clone(),
+            delivery: Some(delivery),
+            outcome,
+        })
+    }
+}
+
+/// A record handed to the open transaction: its report, then its transaction's outcome.
+struct TxnReport {
+    group: Arc<GroupCommit>,
+    /// Until its report has come; a report never awaited is taken off the count on drop.
+    delivery: Option<DeliveryFuture>,
+    outcome: tokio::sync::watch::Receiver<Option<TxnOutcome>>,
+}
+
+impl Drop for TxnReport {
+    fn drop(&mut self) {
+        if self.delivery.take().is_some() {
+            self.group.reported_one();
+        }
+    }
+}
+
+impl TxnReport {
+    async fn verdict(mut self) -> Result<Delivered, PublishError> {
+        let report = match self.delivery.as_mut() {
+            Some(delivery) => delivery.await,
+            None => unreachable!("a report is awaited once"),
+        };
+        self.delivery = None;
+        self.group.reported_one();
+        let verdict = match self.outcome.wait_for(Option::is_some).await {
             Ok(verdict) => verdict.clone().unwrap_or(Err("no outcome".into())),
             Err(_) => Err("the bridge stopped before the transaction ended".into()),
         };
@@ -987,10 +1104,50 @@ impl GroupCommit {
                 reason: PublishError::from_kafka(&err).failure(),
                 detail: format!("the transaction was aborted ({why}): {err}"),
             }),
+            (Err(why), _) if why.contains(TXN_UNKNOWN) => Err(PublishError::Kafka {
+                reason: DeliveryFailure::Transaction,
+                detail: why.to_string(),
+            }),
             (Err(why), _) => Err(PublishError::Kafka {
                 reason: DeliveryFailure::Transaction,
                 detail: format!("the transaction was aborted, nothing of it is visible: {why}"),
             }),
+        }
+    }
+}
+
+impl GroupCommit {
+    fn state(&self) -> std::sync::MutexGuard<'_, CommitterState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Why readiness should say no: no transaction could be opened for `closed_for`
+    /// (deliveries are refused meanwhile), or the open one has held records for longer than
+    /// `holding_for` (a record's own delivery timeout) without ending.
+    pub fn stalled(&self, closed_for: Duration, holding_for: Duration) -> Option<String> {
+        let state = self.state();
+        if let Some((since, why)) = &state.closed_since {
+            if since.elapsed() > closed_for {
+                return Some(format!(
+                    "exactly once: no Kafka transaction could be opened for {:.0?}: {why}",
+                    since.elapsed()
+                ));
+            }
+        }
+        match state.holding_since {
+            Some(since) if since.elapsed() > holding_for => Some(format!(
+                "exactly once: the open Kafka transaction has waited {:.0?} to commit (is the \
+                 transaction coordinator unavailable? see the log)",
+                since.elapsed()
+            )),
+            _ => None,
+        }
+    }
+
+    /// One record handed over has its report (or will never be awaited).
+    fn reported_one(&self) {
+        if self.unreported.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.reported.notify_one();
         }
     }
 }
@@ -1063,9 +1220,11 @@ async fn commit_loop(group: Arc<GroupCommit>, publisher: std::sync::Weak<Publish
             }
         }
         let producer = open.producer.clone().expect("a transaction is open");
-        let outcome = end_transaction(&group, &producer).await;
+        let outcome = end_transaction(&group, &producer, &publisher.metrics).await;
+        drop(producer);
         let result = match &outcome {
             Ok(()) => "committed",
+            Err(why) if why.contains(TXN_UNKNOWN) => "unknown",
             Err(_) => "aborted",
         };
         publisher
@@ -1083,6 +1242,13 @@ async fn commit_loop(group: Arc<GroupCommit>, publisher: std::sync::Weak<Publish
         let fatal = matches!(&outcome, Err(why) if why.starts_with(TXN_FATAL));
         open.outcome.send_replace(Some(outcome));
         open.begun = false;
+        {
+            let mut state = group.state();
+            state.holding_since = None;
+            state
+                .closed_since
+                .get_or_insert((tokio::time::Instant::now(), "a commit just ended".into()));
+        }
         if fatal {
             open.producer = None;
             publisher.replace_transactional().await;
@@ -1108,6 +1274,7 @@ impl GroupCommit {
                 let timeout = self.step_timeout;
                 if let Err(err) = txn_step(&producer, move |p| p.init_transactions(timeout)).await {
                     tracing::warn!(%err, "exactly once: cannot initialise the producer's transactions; trying again");
+                    self.closed_because(format!("initialising transactions failed: {err}"));
                     if txn_is_fatal(&err) {
                         publisher.replace_transactional().await;
                     }
@@ -1120,6 +1287,7 @@ impl GroupCommit {
         };
         if let Err(err) = txn_step(&producer, |p| p.begin_transaction()).await {
             tracing::error!(%err, "exactly once: cannot begin a transaction; trying again");
+            self.closed_because(format!("beginning a transaction failed: {err}"));
             if txn_is_fatal(&err) {
                 open.producer = None;
                 publisher.replace_transactional().await;
@@ -1128,24 +1296,67 @@ impl GroupCommit {
         }
         open.outcome = tokio::sync::watch::channel(None).0;
         open.begun = true;
+        self.state().closed_since = None;
         true
     }
+
+    /// No transaction is open, for `why` (kept since the first failure).
+    fn closed_because(&self, why: String) {
+        let mut state = self.state();
+        match &mut state.closed_since {
+            Some((_, reason)) => *reason = why,
+            None => state.closed_since = Some((tokio::time::Instant::now(), why)),
+        }
+    }
 }
+
+/// How long no transaction may be open (deliveries refused at once) before readiness says
+/// so: a few probes, longer than a commit that ends and the next that begins.
+const TXN_CLOSED_FOR: Duration = Duration::from_secs(2);
 
 /// The prefix of an outcome after which the producer is replaced.
 const TXN_FATAL: &str = "the producer failed for good";
 
 /// Commits the open transaction, or aborts it when Kafka says it must be: never leaves it
-/// undecided. A commit that times out is tried again (it may have been written), as is an
-/// abort.
-async fn end_transaction(group: &GroupCommit, producer: &BridgeProducer) -> TxnOutcome {
+/// undecided. A commit that times out is resumed (librdkafka keeps it in progress: only
+/// `commit_transaction` may be called again), as is an abort. A fatal error after a commit
+/// was resumed leaves the outcome unknown: Kafka may have committed it.
+async fn end_transaction(
+    group: &GroupCommit,
+    producer: &BridgeProducer,
+    metrics: &Metrics,
+) -> TxnOutcome {
     let timeout = group.step_timeout;
+    let mut resumed = false;
     let cause = loop {
-        match txn_step(producer, move |p| p.commit_transaction(timeout)).await {
+        let steps = txn_step(producer, move |p| {
+            let began = std::time::Instant::now();
+            nothing_queued(p, timeout);
+            let flushed = began.elapsed();
+            let ended = p.commit_transaction(timeout);
+            Ok((flushed, began.elapsed() - flushed, ended))
+        });
+        let (flushed, ended_in, ended) = match steps.await {
+            Ok(steps) => steps,
+            Err(err) => (Duration::ZERO, Duration::ZERO, Err(err)),
+        };
+        let observe = |step: &str, took: Duration| {
+            metrics
+                .transaction_commit
+                .with_label_values(&[step])
+                .observe(took.as_secs_f64())
+        };
+        observe("flush", flushed);
+        observe("end", ended_in);
+        match ended {
             Ok(()) => return Ok(()),
+            Err(err) if txn_is_fatal(&err) && resumed => {
+                return Err(format!("{TXN_FATAL}: {TXN_UNKNOWN} ({err})").into())
+            }
             Err(err) if txn_is_fatal(&err) => return Err(format!("{TXN_FATAL}: {err}").into()),
             Err(err) if txn_is_retriable(&err) && !txn_requires_abort(&err) => {
-                tracing::warn!(%err, "exactly once: the commit did not finish; trying again");
+                tracing::warn!(%err, "exactly once: the commit did not finish; resuming it");
+                resumed = true;
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             Err(err) => break err,
@@ -1160,6 +1371,22 @@ async fn end_transaction(group: &GroupCommit, producer: &BridgeProducer) -> TxnO
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
+    }
+}
+
+/// The words of an outcome Kafka may have committed.
+const TXN_UNKNOWN: &str = "the transaction's outcome is unknown: Kafka may have committed it";
+
+/// Waits, for up to `timeout`, until librdkafka holds no record: each one's report has been
+/// handed over and the report itself let go. rdkafka's `commit_transaction` first flushes,
+/// and its flush polls in steps of up to 100 ms while a report is still counted (librdkafka
+/// lets a message go only once its report event is destroyed, just after the callback that
+/// gave the report to the delivery); waiting here, in steps of 50 µs, leaves that flush
+/// nothing to wait for.
+fn nothing_queued(producer: &BridgeProducer, timeout: Duration) {
+    let began = std::time::Instant::now();
+    while producer.in_flight_count() > 0 && began.elapsed() < timeout {
+        std::thread::sleep(Duration::from_micros(50));
     }
 }
 

@@ -19,7 +19,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::Producer;
 use rdkafka::util::Timeout;
 
-use super::producer::BridgeProducer;
+use super::producer::{is_shared, BridgeProducer};
 
 /// Why the bridge is not ready to publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,18 +37,22 @@ pub enum ProbeFailure {
     /// The producer has no producer id yet: it could not write (the cluster's transaction
     /// coordinator may still be loading).
     NoProducerId,
+    /// With `kafka.exactly_once`: no transaction can be opened, or the open one cannot be
+    /// committed (the transaction coordinator does not answer, or refuses).
+    TransactionsStalled,
     /// The probe itself could not run.
     Internal,
 }
 
 impl ProbeFailure {
-    pub const ALL: [ProbeFailure; 7] = [
+    pub const ALL: [ProbeFailure; 8] = [
         ProbeFailure::NoBroker,
         ProbeFailure::TopicMissing,
         ProbeFailure::TopicUnavailable,
         ProbeFailure::NoPartitions,
         ProbeFailure::NoWritablePartition,
         ProbeFailure::NoProducerId,
+        ProbeFailure::TransactionsStalled,
         ProbeFailure::Internal,
     ];
 
@@ -60,6 +64,7 @@ impl ProbeFailure {
             ProbeFailure::NoPartitions => "no_partitions",
             ProbeFailure::NoWritablePartition => "no_writable_partition",
             ProbeFailure::NoProducerId => "no_producer_id",
+            ProbeFailure::TransactionsStalled => "transactions_stalled",
             ProbeFailure::Internal => "internal",
         }
     }
@@ -113,21 +118,24 @@ impl PartitionState {
     }
 }
 
-/// Every probed topic's partitions, by partition id.
+/// Every probed topic's partitions, by partition id, and the topics the probe could not find
+/// or use.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Health {
     pub topics: HashMap<String, Vec<PartitionState>>,
+    /// Topics missing from the metadata, not authorized, or without partitions: why, for
+    /// each. Their records are refused at once: none could be written.
+    pub missing: HashMap<String, ProbeError>,
+    /// How the producer places a key (the probe looks up a key's partition the same way).
+    pub partitioner: Partitioner,
 }
 
 impl Health {
-    /// The state of the partition `key` goes to (the murmur2 partitioner's choice), when
+    /// The state of the partition `key` goes to (the configured partitioner's choice), when
     /// the topic was probed.
     pub fn of_key(&self, topic: &str, key: &[u8]) -> Option<(i32, PartitionState)> {
         let partitions = self.topics.get(topic)?;
-        if partitions.is_empty() {
-            return None;
-        }
-        let p = (murmur2(key) & 0x7fff_ffff) as usize % partitions.len();
+        let p = self.partitioner.partition(key, partitions.len())?;
         Some((p as i32, partitions[p]))
     }
 
@@ -150,11 +158,84 @@ impl Health {
         out
     }
 
+    /// Whether any record may be refused: a topic missing, or a partition that cannot take
+    /// records.
     pub fn any_degraded(&self) -> bool {
-        self.topics
-            .values()
-            .any(|ps| ps.iter().any(|s| *s != PartitionState::Writable))
+        !self.missing.is_empty()
+            || self
+                .topics
+                .values()
+                .any(|ps| ps.iter().any(|s| *s != PartitionState::Writable))
     }
+}
+
+/// librdkafka's key-consistent partitioners, by the hash each places a key with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Partitioner {
+    /// `murmur2_random` (the bridge's default) and `murmur2`: the Java client's placement.
+    #[default]
+    Murmur2,
+    /// `consistent_random` (an empty key goes to a random partition) and `consistent`: CRC-32.
+    Crc32 { empty_is_random: bool },
+    /// `fnv1a_random` and `fnv1a`: FNV-1a, as Sarama places keys.
+    Fnv1a,
+}
+
+impl Partitioner {
+    /// The partitioner librdkafka's `partitioner` option names; None for one that does not
+    /// place keys consistently (the settings refuse those).
+    pub fn named(name: &str) -> Option<Partitioner> {
+        Some(match name {
+            "murmur2_random" | "murmur2" => Partitioner::Murmur2,
+            "consistent_random" => Partitioner::Crc32 {
+                empty_is_random: true,
+            },
+            "consistent" => Partitioner::Crc32 {
+                empty_is_random: false,
+            },
+            "fnv1a_random" | "fnv1a" => Partitioner::Fnv1a,
+            _ => return None,
+        })
+    }
+
+    /// The partition of `count` that librdkafka sends `key` to; None when it picks one at
+    /// random or there are none.
+    pub fn partition(self, key: &[u8], count: usize) -> Option<usize> {
+        if count == 0 {
+            return None;
+        }
+        let hash = match self {
+            Partitioner::Murmur2 => (murmur2(key) & 0x7fff_ffff) as u32,
+            Partitioner::Crc32 {
+                empty_is_random: true,
+            } if key.is_empty() => return None,
+            Partitioner::Crc32 { .. } => crc32(key),
+            Partitioner::Fnv1a => fnv1a(key),
+        };
+        Some(hash as usize % count)
+    }
+}
+
+/// CRC-32 (IEEE), librdkafka's `rd_crc32`, of the `consistent` partitioners.
+pub fn crc32(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &byte in data {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = (crc >> 1) ^ (0xedb8_8320 & (crc & 1).wrapping_neg());
+        }
+    }
+    !crc
+}
+
+/// librdkafka's `rd_fnv1a`: 32-bit FNV-1a, made non-negative as Sarama does.
+pub fn fnv1a(data: &[u8]) -> u32 {
+    let mut h: i32 = 0x811c_9dc5_u32 as i32;
+    for &byte in data {
+        h ^= i32::from(byte);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h.wrapping_abs() as u32
 }
 
 /// Kafka's murmur2 (the Java client's and librdkafka's `murmur2_random` partitioner).
@@ -189,33 +270,17 @@ pub fn murmur2(data: &[u8]) -> i32 {
     h as i32
 }
 
-/// Options of the producer's client that the probe's client shares: where the brokers are
-/// and how to reach them.
-const CONNECTION_OPTIONS: &[&str] = &[
-    "bootstrap.servers",
-    "metadata.broker.list",
-    "security.",
-    "ssl.",
-    "sasl.",
-    "socket.",
-    "broker.",
-    "reconnect.",
-    "client.dns.lookup",
-];
-
 /// How long a topic's `min.insync.replicas` is kept before it is asked again.
 const MIN_ISR_FOR: Duration = Duration::from_secs(60);
 
-/// The options of the probe's client: the connection options of the producer's `config`,
-/// with requests that time out after `timeout`.
+/// The options of the probe's client: every option of the producer's `config` but the
+/// producer's own ([`is_shared`]), so that it connects as the producer does, with requests
+/// that time out after `timeout`.
 fn probe_config(config: &ClientConfig, timeout: Duration) -> ClientConfig {
     let mut own = ClientConfig::new();
     // `config_map` shows secrets as a placeholder: the values come from `get`.
     for k in config.config_map().into_keys() {
-        let shared = CONNECTION_OPTIONS
-            .iter()
-            .any(|o| k == *o || (o.ends_with('.') && k.starts_with(o)));
-        if let (true, Some(v)) = (shared, config.get(k)) {
+        if let (true, Some(v)) = (is_shared(k), config.get(k)) {
             own.set(k, v);
         }
     }
@@ -349,6 +414,8 @@ pub struct ProbeClient {
     last_error: Arc<LastError>,
     /// Where the brokers' certificates are checked, when they are.
     tls: Option<TlsTarget>,
+    /// The producer's partitioner.
+    partitioner: Partitioner,
     /// Why the brokers' certificate was refused, as checked here, and when.
     diagnosis: Mutex<Option<(Option<String>, Instant)>>,
     /// Each topic's `min.insync.replicas` (None: it could not be read; 1 is assumed) and when
@@ -368,15 +435,24 @@ impl ProbeClient {
             admin: probe_config(config, timeout).create()?,
             last_error,
             tls: TlsTarget::of(config),
+            partitioner: config
+                .get("partitioner")
+                .and_then(Partitioner::named)
+                .unwrap_or_default(),
             diagnosis: Mutex::new(None),
             min_isr: Mutex::new(HashMap::new()),
         })
     }
 
-    /// Probes `topics` within `timeout` each: every partition's state seen, and why the
-    /// bridge cannot take records, if it cannot. Blocks: run it off the async runtime.
+    /// Probes `topics` within `timeout` each: every partition's state seen, every topic that
+    /// cannot be written marked, and why the bridge cannot take records, if it cannot (the
+    /// first cause found). Every topic is probed whatever the ones before it showed; only
+    /// when no broker answers is nothing known. Blocks: run it off the async runtime.
     pub fn probe(&self, topics: &[String], timeout: Duration) -> (Health, Option<ProbeError>) {
-        let mut health = Health::default();
+        let mut health = Health {
+            partitioner: self.partitioner,
+            ..Health::default()
+        };
         let mut failed = None;
         for topic in topics {
             let min = self.min_isr(topic, timeout).unwrap_or(1);
@@ -394,7 +470,20 @@ impl ProbeClient {
             }
             let states = match asked {
                 Ok(states) => states,
-                Err(e) => return (health, Some(e)),
+                Err(e) if e.failure == ProbeFailure::NoBroker => {
+                    return (
+                        Health {
+                            partitioner: self.partitioner,
+                            ..Health::default()
+                        },
+                        Some(e),
+                    )
+                }
+                Err(e) => {
+                    failed.get_or_insert_with(|| e.clone());
+                    health.missing.insert(topic.clone(), e);
+                    continue;
+                }
             };
             if failed.is_none() && states.iter().all(|s| *s != PartitionState::Writable) {
                 let mut h = Health::default();

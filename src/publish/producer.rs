@@ -35,6 +35,50 @@ const RESERVED: &[(&str, &str)] = &[
     ("queue.buffering.max.kbytes", "kafka.queue_max_kbytes"),
 ];
 
+/// librdkafka's options that only a producer reads (CONFIGURATION.md, `P`): every other
+/// option of the producer's client, the connection's above all (TLS verification, SASL,
+/// sockets, DNS, proxies), is shared by the readiness probe's client and the replay's
+/// consumer, so that they connect the way the producer does.
+pub const PRODUCER_ONLY: &[&str] = &[
+    "acks",
+    "batch.num.messages",
+    "batch.size",
+    "compression.codec",
+    "compression.level",
+    "compression.type",
+    "delivery.report.only.error",
+    "delivery.timeout.ms",
+    "dr_cb",
+    "dr_msg_cb",
+    "enable.gapless.guarantee",
+    "enable.idempotence",
+    "linger.ms",
+    "max.in.flight.requests.per.connection",
+    "message.send.max.retries",
+    "message.timeout.ms",
+    "msg_order_cmp",
+    "partitioner",
+    "partitioner_cb",
+    "produce.offset.report",
+    "queue.buffering.backpressure.threshold",
+    "queue.buffering.max.kbytes",
+    "queue.buffering.max.messages",
+    "queue.buffering.max.ms",
+    "queuing.strategy",
+    "request.required.acks",
+    "request.timeout.ms",
+    "retries",
+    "sticky.partitioning.linger.ms",
+    "transaction.timeout.ms",
+    "transactional.id",
+];
+
+/// Whether another client of the bridge (the probe's, the replay's consumer) takes option
+/// `key` of the producer's: all but the producer's own, its statistics and its name.
+pub fn is_shared(key: &str) -> bool {
+    !PRODUCER_ONLY.contains(&key) && key != "statistics.interval.ms" && key != "client.id"
+}
+
 /// librdkafka's partitioners that send every record of one key to one partition (the
 /// default, `murmur2_random`, places keys as the Java client does).
 pub const KEY_CONSISTENT_PARTITIONERS: &[&str] = &[
@@ -137,32 +181,30 @@ pub fn producer_config(kafka: &Kafka, brokers: &str, max_body_bytes: usize) -> C
 }
 
 /// The options of `replay`'s consumer of the dead-letter topic in `group`: the brokers and
-/// security of the `kafka` settings, with the connection options of `kafka.librdkafka`
-/// (`security.*`, `ssl.*`, `sasl.*`, `socket.*`, `broker.*`; the others are the producer's);
-/// offsets committed by hand, after each record's outcome. A partition's end is found from
-/// the high watermark of the fetch answers (partition-end events are not used: librdkafka
-/// reports some as global errors, outside the stream of the partition's records).
+/// security of the `kafka` settings, with every option of `kafka.librdkafka` that is not the
+/// producer's own ([`is_shared`]), so that it connects as the producer does; offsets
+/// committed by hand, after each record's outcome. A partition's end is found from the high
+/// watermark of the fetch answers (partition-end events are not used: librdkafka reports
+/// some as global errors, outside the stream of the partition's records).
 pub fn consumer_config(kafka: &Kafka, group: &str) -> ClientConfig {
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", &kafka.brokers)
-        .set("group.id", group)
+        .set("reconnect.backoff.ms", "20")
+        .set("reconnect.backoff.max.ms", "1000");
+    with_security(&mut cfg, kafka);
+    for (k, v) in &kafka.librdkafka {
+        if is_shared(k) {
+            cfg.set(k, v);
+        }
+    }
+    // The consumer's own, whatever the pass-through says.
+    cfg.set("group.id", group)
         .set("client.id", "tamio-kafka-bridge-replay")
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "false")
         .set("auto.offset.reset", "earliest")
-        .set("allow.auto.create.topics", "false")
-        .set("reconnect.backoff.ms", "20")
-        .set("reconnect.backoff.max.ms", "1000");
-    with_security(&mut cfg, kafka);
-    for (k, v) in &kafka.librdkafka {
-        if ["security.", "ssl.", "sasl.", "socket.", "broker.", "debug"]
-            .iter()
-            .any(|prefix| k.starts_with(prefix))
-        {
-            cfg.set(k, v);
-        }
-    }
+        .set("allow.auto.create.topics", "false");
     cfg
 }
 
@@ -356,7 +398,42 @@ impl ClientContext for StatsContext {
     }
 }
 
-pub type BridgeProducer = FutureProducer<StatsContext>;
+/// A handle of the producer. Dropping a producer's last handle purges it, waits up to
+/// 500 ms for its reports and joins librdkafka's threads: when that last handle goes on the
+/// async runtime, the producer is dropped on a thread of its own instead, so that no
+/// runtime worker ever blocks on it.
+#[derive(Clone)]
+pub struct BridgeProducer(Arc<Retiring>);
+
+struct Retiring(Option<FutureProducer<StatsContext>>);
+
+impl BridgeProducer {
+    pub fn new(producer: FutureProducer<StatsContext>) -> BridgeProducer {
+        BridgeProducer(Arc::new(Retiring(Some(producer))))
+    }
+}
+
+impl std::ops::Deref for BridgeProducer {
+    type Target = FutureProducer<StatsContext>;
+
+    fn deref(&self) -> &Self::Target {
+        self.0 .0.as_ref().expect("taken only when dropped")
+    }
+}
+
+impl Drop for Retiring {
+    fn drop(&mut self) {
+        let Some(producer) = self.0.take() else {
+            return;
+        };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            // If no thread can be made, the closure (and the producer) is dropped here.
+            let _ = std::thread::Builder::new()
+                .name("producer-retired".into())
+                .spawn(move || drop(producer));
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {

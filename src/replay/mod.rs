@@ -232,6 +232,25 @@ pub struct Summary {
 }
 
 impl Summary {
+    /// The summary of a replay stopped before it read anything.
+    pub fn interrupted(options: &Options, started: Instant) -> Summary {
+        Summary {
+            topic: options.topic.clone(),
+            group: options.group.clone(),
+            dry_run: options.dry_run,
+            counts: Counts::default(),
+            would_publish_to: BTreeMap::new(),
+            stayed: Vec::new(),
+            complete: false,
+            stopped: Some("interrupted before the first letter was read".into()),
+            crowded: Vec::new(),
+            positions: BTreeMap::new(),
+            to_do: BTreeMap::new(),
+            elapsed_secs: started.elapsed().as_secs_f64(),
+            records_per_sec: 0.0,
+        }
+    }
+
     /// Exit status: 0 when everything selected was published (or was already), 2 when some
     /// stay (fix their cause, then run the same command again: it takes up exactly those),
     /// 3 when the replay stopped before the end (run it again to resume).
@@ -498,6 +517,14 @@ fn classify(e: IngestError) -> Outcome {
 /// retried when the replay starts.
 const KAFKA_PATIENCE: Duration = Duration::from_secs(30);
 
+/// How long one transaction request (sending the group's position, a commit) may take before
+/// it is sent again or resumed.
+const KAFKA_STEP: Duration = Duration::from_secs(10);
+
+/// How long a commit is resumed before its outcome is called unknown: past the
+/// transaction's own timeout (60 s), after which the coordinator has ended it either way.
+const COMMIT_PATIENCE: Duration = Duration::from_secs(75);
+
 /// How often the open transaction is committed, with the group's position.
 const COMMIT_EVERY: Duration = Duration::from_secs(1);
 
@@ -518,10 +545,19 @@ struct Source {
     committed: BTreeMap<i32, i64>,
 }
 
+/// What the consumer looks up before reading: the topic's partitions, the group's committed
+/// positions and the offsets `--since` names.
+struct LookedUp {
+    partitions: Vec<i32>,
+    committed: TopicPartitionList,
+    since: BTreeMap<i32, i64>,
+}
+
 impl Source {
     /// Opens the consumer, takes the group's committed positions (retrying the coordinator's
     /// transient errors: a coordinator still loading, or moving) into `positions`, and
-    /// assigns every partition from there.
+    /// assigns every partition from there. librdkafka's lookups block: they run on a thread
+    /// of their own, and a caller that stops waiting leaves the consumer to be dropped there.
     async fn open(
         kafka: &Kafka,
         options: &Options,
@@ -540,53 +576,22 @@ impl Source {
                 high: Default::default(),
             })
             .map_err(ReplayError::Consumer)?;
-        let timeout = Duration::from_secs(10);
-        let metadata = patiently(|| consumer.fetch_metadata(Some(&topic), timeout))
-            .await
-            .map_err(kafka_error)?;
-        let partitions: Vec<i32> = metadata
-            .topics()
-            .iter()
-            .filter(|t| t.name() == topic && t.error().is_none())
-            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-            .collect();
-        if partitions.is_empty() {
-            return Err(ReplayError::NoTopic(topic));
-        }
-        let mut all = TopicPartitionList::new();
-        for &p in &partitions {
-            all.add_partition(&topic, p);
-        }
-        let committed = patiently(|| consumer.committed_offsets(all.clone(), timeout))
-            .await
-            .map_err(kafka_error)?;
-        let since = match &options.selection.since {
-            Some(Bound::Offsets(o)) => o.clone(),
-            Some(Bound::Time(t)) => {
-                let ms = t
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .map(|d| d.as_millis() as i64)
-                    .unwrap_or_default();
-                let mut times = TopicPartitionList::new();
-                for &p in &partitions {
-                    times
-                        .add_partition_offset(&topic, p, Offset::Offset(ms))
-                        .map_err(kafka_error)?;
-                }
-                let found = patiently(|| consumer.offsets_for_times(times.clone(), timeout))
-                    .await
-                    .map_err(kafka_error)?;
-                found
-                    .elements()
-                    .iter()
-                    .filter_map(|e| match e.offset() {
-                        Offset::Offset(o) => Some((e.partition(), o)),
-                        _ => None,
-                    })
-                    .collect()
-            }
-            None => BTreeMap::new(),
-        };
+        let since = options.selection.since.clone();
+        let named = topic.clone();
+        let (consumer, looked_up) = tokio::task::spawn_blocking(move || {
+            let looked_up = look_up(&consumer, &named, since.as_ref());
+            (consumer, looked_up)
+        })
+        .await
+        .map_err(|_| ReplayError::Consumer(KafkaError::Canceled))?;
+        let LookedUp {
+            partitions,
+            committed,
+            since,
+        } = looked_up.map_err(|e| match e {
+            None => ReplayError::NoTopic(topic.clone()),
+            Some(error) => kafka_error(error),
+        })?;
         let until: BTreeMap<i32, i64> = match &options.selection.until {
             Some(Bound::Offsets(o)) => o.clone(),
             _ => BTreeMap::new(),
@@ -658,15 +663,71 @@ impl Source {
     }
 }
 
+/// The topic's partitions, the group's committed positions and the offsets of a `--since`
+/// time, each request retried while it fails with a transient error. None: the topic does not
+/// exist. Blocks.
+fn look_up(
+    consumer: &StreamConsumer<Watermarks>,
+    topic: &str,
+    since: Option<&Bound>,
+) -> Result<LookedUp, Option<KafkaError>> {
+    let timeout = Duration::from_secs(10);
+    let metadata = patiently(|| consumer.fetch_metadata(Some(topic), timeout)).map_err(Some)?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic && t.error().is_none())
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if partitions.is_empty() {
+        return Err(None);
+    }
+    let mut all = TopicPartitionList::new();
+    for &p in &partitions {
+        all.add_partition(topic, p);
+    }
+    let committed = patiently(|| consumer.committed_offsets(all.clone(), timeout)).map_err(Some)?;
+    let since = match since {
+        Some(Bound::Offsets(o)) => o.clone(),
+        Some(Bound::Time(t)) => {
+            let ms = t
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or_default();
+            let mut times = TopicPartitionList::new();
+            for &p in &partitions {
+                times
+                    .add_partition_offset(topic, p, Offset::Offset(ms))
+                    .map_err(Some)?;
+            }
+            patiently(|| consumer.offsets_for_times(times.clone(), timeout))
+                .map_err(Some)?
+                .elements()
+                .iter()
+                .filter_map(|e| match e.offset() {
+                    Offset::Offset(o) => Some((e.partition(), o)),
+                    _ => None,
+                })
+                .collect()
+        }
+        None => BTreeMap::new(),
+    };
+    Ok(LookedUp {
+        partitions,
+        committed,
+        since,
+    })
+}
+
 /// Calls a Kafka request again while it fails with a transient error, for up to
-/// [`KAFKA_PATIENCE`].
-async fn patiently<T>(mut call: impl FnMut() -> Result<T, KafkaError>) -> Result<T, KafkaError> {
+/// [`KAFKA_PATIENCE`]. Blocks.
+fn patiently<T>(mut call: impl FnMut() -> Result<T, KafkaError>) -> Result<T, KafkaError> {
     let started = Instant::now();
     loop {
         match call() {
             Err(e) if is_transient(&e) && started.elapsed() < KAFKA_PATIENCE => {
                 tracing::info!(error = %e, "Kafka is not ready yet; trying again");
-                tokio::time::sleep(Duration::from_millis(250)).await;
+                std::thread::sleep(Duration::from_millis(250));
             }
             result => return result,
         }
@@ -687,6 +748,12 @@ struct Batch {
     begun: Instant,
     before: (Positions, Tally, HashSet<Vec<u8>>),
     claims: Vec<HeldClaim>,
+    /// The (endpoint id, event id) each letter put through in it names: a letter naming one
+    /// again waits for the commit, which lets go of the first one's claim (it would wait for
+    /// that claim, and the commit for it).
+    ids: HashSet<(String, String)>,
+    /// A letter waits for the commit.
+    due: bool,
 }
 
 /// A replay under way.
@@ -721,7 +788,7 @@ impl Replay {
     fn commit_due(&self) -> bool {
         self.batch
             .as_ref()
-            .is_some_and(|b| b.begun.elapsed() >= COMMIT_EVERY)
+            .is_some_and(|b| b.due || b.begun.elapsed() >= COMMIT_EVERY)
     }
 
     /// Opens a transaction before the first letter read after the last commit.
@@ -742,6 +809,8 @@ impl Replay {
                 self.held_keys.clone(),
             ),
             claims: Vec::new(),
+            ids: HashSet::new(),
+            due: false,
         });
     }
 
@@ -798,6 +867,22 @@ impl Replay {
         } else {
             Mode::Publish
         };
+        if let (
+            Mode::Publish,
+            Some(batch),
+            Peek {
+                event_id: Some(event),
+                endpoint_id: Some(endpoint),
+                ..
+            },
+        ) = (mode, self.batch.as_mut(), &letter.peeked)
+        {
+            if !batch.ids.insert((endpoint.clone(), event.clone())) {
+                batch.due = true;
+                self.waiting = Some(letter);
+                return;
+            }
+        }
         if let Some(k) = key {
             self.keys_in_flight.insert(k);
         }
@@ -884,7 +969,11 @@ impl Replay {
     }
 
     /// Commits the open transaction with the group's position; on failure aborts it, and
-    /// the replay stops.
+    /// the replay stops. The offsets are sent again while that fails with a retriable error;
+    /// a commit that times out is resumed (librdkafka keeps it in progress: sending the
+    /// offsets again or aborting would be refused), for up to [`COMMIT_PATIENCE`]. If it has
+    /// not ended by then, its outcome is unknown: the replay stops, and the next run's
+    /// producer finishes it (committed, or aborted) before anything is read.
     async fn commit(&mut self, txn: &Txn, group: &Arc<ConsumerGroupMetadata>, topic: &str) {
         let Some(batch) = self.batch.take() else {
             return;
@@ -898,17 +987,43 @@ impl Replay {
             }
         }
         let started = Instant::now();
-        let result = loop {
-            match txn
-                .commit(offsets.clone(), group.clone(), KAFKA_PATIENCE)
-                .await
-            {
-                Err(e) if e.retriable && !e.abort && started.elapsed() < KAFKA_PATIENCE => {
-                    tracing::info!(error = %e, "committing the transaction again");
-                    tokio::time::sleep(Duration::from_millis(250)).await;
+        let patient = |e: &TxnError| e.retriable && !e.abort && started.elapsed() < COMMIT_PATIENCE;
+        let mut sent = Ok(());
+        if offsets.count() > 0 {
+            sent = loop {
+                match txn
+                    .send_offsets(offsets.clone(), group.clone(), KAFKA_STEP)
+                    .await
+                {
+                    Err(e) if patient(&e) => {
+                        tracing::info!(error = %e, "sending the group's position again");
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
+                    result => break result,
                 }
-                result => break result,
-            }
+            };
+        }
+        let result = match sent {
+            Err(e) => Err(e),
+            Ok(()) => loop {
+                match txn.commit(KAFKA_STEP).await {
+                    Err(e) if patient(&e) => {
+                        tracing::info!(error = %e, "the commit has not ended; resuming it");
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
+                    Err(e) if e.retriable && !e.abort => {
+                        // Still in progress in librdkafka and perhaps at the coordinator:
+                        // neither committed nor aborted as far as this run knows.
+                        self.halt(format!(
+                            "the transaction's commit did not end within {COMMIT_PATIENCE:?} \
+                             ({e}): its outcome is unknown; the next run finishes it before \
+                             reading, and takes up whatever it did not commit"
+                        ));
+                        return;
+                    }
+                    result => break result,
+                }
+            },
         };
         match result {
             Ok(()) => {
@@ -953,18 +1068,26 @@ pub async fn run(
     stop: impl Future<Output = ()>,
 ) -> Result<Summary, ReplayError> {
     let started = Instant::now();
-    let mut positions = Positions::default();
-    let mut source = Source::open(kafka, &options, &mut positions).await?;
-    let group = match &txn {
-        Some(txn) => {
-            txn.init(KAFKA_PATIENCE)
-                .await
-                .map_err(|error| ReplayError::Transactions {
-                    id: options.group.clone(),
-                    error,
-                })?;
-            source.consumer.group_metadata().map(Arc::new)
+    tokio::pin!(stop);
+    // Transactions first: initialising them fences a run of this group that died and
+    // finishes its open transaction, whose offsets a read_committed lookup would otherwise
+    // wait for until Kafka times the transaction out.
+    if let Some(txn) = &txn {
+        tokio::select! {
+            ready = txn.init(KAFKA_PATIENCE) => ready.map_err(|error| ReplayError::Transactions {
+                id: options.group.clone(),
+                error,
+            })?,
+            () = &mut stop => return Ok(Summary::interrupted(&options, started)),
         }
+    }
+    let mut positions = Positions::default();
+    let mut source = tokio::select! {
+        source = Source::open(kafka, &options, &mut positions) => source?,
+        () = &mut stop => return Ok(Summary::interrupted(&options, started)),
+    };
+    let group = match &txn {
+        Some(_) => source.consumer.group_metadata().map(Arc::new),
         None => None,
     };
     tracing::info!(
@@ -994,7 +1117,6 @@ pub async fn run(
     let mut in_flight: FuturesUnordered<InFlight> = FuturesUnordered::new();
     let mut ends = tokio::time::interval(Duration::from_millis(100));
     ends.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tokio::pin!(stop);
 
     loop {
         // A letter read before the last commit starts in the next transaction.

@@ -44,21 +44,31 @@ pub async fn request(
         req = req.header(*k, *v);
     }
     let req = req.body(Full::new(Bytes::from(body))).unwrap();
-    let resp = client().request(req).await.map_err(|e| format!("{e:?}"))?;
-    let status = resp.status();
-    let headers = resp.headers().clone();
-    let body = resp
-        .into_body()
-        .collect()
+    let exchange = async {
+        let resp = client().request(req).await.map_err(|e| format!("{e:?}"))?;
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok(Reply {
+            status,
+            headers,
+            body,
+        })
+    };
+    // A stuck request fails the test instead of hanging the run: no answer the bridge gives
+    // takes this long (its own deadlines are shorter).
+    tokio::time::timeout(ANSWER_WITHIN, exchange)
         .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    Ok(Reply {
-        status,
-        headers,
-        body,
-    })
+        .unwrap_or_else(|_| Err(format!("no answer within {ANSWER_WITHIN:?}")))
 }
+
+/// The longest any request of the tests may wait for its answer.
+pub const ANSWER_WITHIN: Duration = Duration::from_secs(90);
 
 pub async fn post(url: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Reply {
     request("POST", url, headers, body)

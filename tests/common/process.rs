@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use http::StatusCode;
 
-use super::get;
+use super::{get, now, post, sample, Reply, SECRET};
+use tamio_kafka_bridge::ingest::verify;
 
 /// The binary under test: `TAMIO_TEST_BIN` when set (the test command sets the release
 /// build, whose memory and CPU are what a deployment sees), else cargo's test build.
@@ -149,6 +150,34 @@ impl Process {
 
     pub fn log_text(&self) -> String {
         self.log.lock().unwrap().join("\n")
+    }
+
+    /// The webhook endpoint.
+    pub fn url(&self) -> String {
+        format!("http://{}/webhooks/tamio", self.addr)
+    }
+
+    /// Delivers `body` signed with the suite's secret, now.
+    pub async fn send(&self, body: &str) -> Reply {
+        let sig = verify::header_value(SECRET.as_bytes(), now(), body.as_bytes());
+        post(
+            &self.url(),
+            &[
+                ("content-type", "application/json"),
+                ("tamio-signature", &sig),
+            ],
+            body.as_bytes().to_vec(),
+        )
+        .await
+    }
+
+    pub async fn metrics(&self) -> String {
+        get(self.admin, "/metrics").await.text()
+    }
+
+    /// One sample of its metrics, e.g. `tamio_bridge_requests_total{outcome="accepted"}`.
+    pub async fn metric(&self, series: &str) -> f64 {
+        sample(&self.metrics().await, series)
     }
 }
 
