@@ -1034,7 +1034,10 @@ async fn letters_that_repeat_an_event_id_in_one_transaction_are_duplicates_not_a
     let brokers = brokers();
     let mut env = replay_env(&topic, &dlt, &brokers);
     // A claim waited on gives up after this: a stall shows within seconds.
-    env.push(("TAMIO_BRIDGE__SERVER__REQUEST_TIMEOUT_MS", "3000"));
+    env.extend([
+        ("TAMIO_BRIDGE__SERVER__REQUEST_TIMEOUT_MS", "3000"),
+        ("TAMIO_BRIDGE__KAFKA__DELIVERY_TIMEOUT_MS", "2000"),
+    ]);
     let started = Instant::now();
     let (code, s) = replay(&env, &[]);
     assert_eq!(code, 0, "{s:#}");
@@ -1155,4 +1158,43 @@ async fn a_replay_stops_at_once_when_interrupted_before_kafka_answers() {
         took < Duration::from_secs(2),
         "the replay took {took:?} to stop: a blocking Kafka call held it"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_that_times_out_is_resumed_and_nothing_is_written_twice() {
+    let broker = OwnBroker::start().await;
+    let (topic, dlt) = (unique_topic("replay-main"), unique_topic("replay-dlt"));
+    broker.create_topic(&topic, 1).await;
+    broker.create_topic(&dlt, 1).await;
+    const N: usize = 40;
+    let bootstrap = broker.address();
+    let ids = write_signed_letters_at(&bootstrap, &dlt, "cr", N, 8).await;
+    let env = replay_env(&topic, &dlt, &bootstrap);
+    let (child, lines) = spawn_replay(&env, &[]);
+    wait_published(&lines, N);
+    // Every record is written; the commit of the last transaction is under way. The broker
+    // freezes for longer than one commit step may take (30 s at most): the commit times
+    // out, and librdkafka keeps it in progress.
+    broker.freeze();
+    tokio::time::sleep(Duration::from_secs(32)).await;
+    broker.thaw();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(out.status.code(), Some(0), "{summary:#}");
+    assert_eq!(summary["published"].as_u64(), Some(N as u64), "{summary:#}");
+    let records = read_topic_from(
+        &bootstrap,
+        &topic,
+        N,
+        Duration::from_secs(2),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_once_in_order(&records, &ids);
+    // Nothing left to do: the same command finds every letter done.
+    let (code, s) = replay(&env, &[]);
+    assert_eq!((code, s["published"].as_u64()), (0, Some(0)), "{s:#}");
 }

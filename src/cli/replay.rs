@@ -138,7 +138,11 @@ pub fn run(config: Option<&Path>, args: Args) -> anyhow::Result<i32> {
         options,
         progress,
         stop_signal(),
-    ))?;
+    ));
+    // A Kafka lookup a stop left behind (on a blocking thread) is not waited for: what the
+    // replay wrote was flushed and committed before its summary.
+    runtime.shutdown_background();
+    let summary = summary?;
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
