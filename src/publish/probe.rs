@@ -575,6 +575,10 @@ impl ProbeClient {
             let Some(slot) = usize::try_from(p.id()).ok().and_then(|i| states.get_mut(i)) else {
                 continue;
             };
+            // Kafka holds a partition to min.insync.replicas or its replica count, whichever
+            // is less (its `effectiveMinIsr`): one replica with min.insync.replicas=2 takes
+            // records.
+            let min = min.min(p.replicas().len().max(1));
             *slot = if p.leader() < 0 || p.error().is_some() {
                 PartitionState::NoLeader
             } else if p.isr().len() < min {

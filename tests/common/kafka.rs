@@ -411,6 +411,40 @@ impl Cluster {
         .await
     }
 
+    /// Creates `topic` with the replicas of each partition given (the first the preferred
+    /// leader), and `configs`.
+    pub async fn create_topic_assigned(
+        &self,
+        topic: &str,
+        assignment: &[&[i32]],
+        configs: &[(&str, &str)],
+    ) {
+        let bootstrap = self.internal_bootstrap();
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .create()
+            .expect("admin client");
+        let mut new = NewTopic::new(
+            topic,
+            assignment.len() as i32,
+            TopicReplication::Variable(assignment),
+        );
+        for (k, v) in configs {
+            new = new.set(k, v);
+        }
+        let results = admin
+            .create_topics(
+                &[new],
+                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+            )
+            .await
+            .expect("CreateTopics request");
+        for r in results {
+            r.unwrap_or_else(|(t, e)| panic!("creating topic {t}: {e}"));
+        }
+        wait_for_leaders(&bootstrap, topic, assignment.len() as i32, &[]).await;
+    }
+
     /// Adds the ACLs `args` describe, as an operator does: Kafka's own `kafka-acls` tool
     /// (`AclCommand`), through the brokers' internal listener, e.g. `["--allow-principal",
     /// "User:bridge", "--operation", "Write", "--topic", "tickets"]`.
