@@ -488,3 +488,52 @@ mod tests {
         assert_eq!(get(&tls, "ssl.ca.location"), None, "the system's CAs");
     }
 }
+
+#[cfg(test)]
+mod retiring {
+    use super::*;
+    use rdkafka::producer::FutureRecord;
+    use std::time::{Duration, Instant};
+
+    /// A producer with a record queued for a broker that accepts connections and never
+    /// answers.
+    fn stuck_producer(silent: &std::net::TcpListener) -> FutureProducer<StatsContext> {
+        let producer: FutureProducer<StatsContext> = ClientConfig::new()
+            .set(
+                "bootstrap.servers",
+                silent.local_addr().unwrap().to_string(),
+            )
+            .set("message.timeout.ms", "10000")
+            .create_with_context(StatsContext::new(
+                Arc::new(Metrics::default()),
+                Arc::default(),
+                Arc::new(AtomicI64::new(-1)),
+                Arc::default(),
+            ))
+            .unwrap();
+        let _ = producer.send_result(FutureRecord::<[u8], [u8]>::to("t").payload(b"x"));
+        std::thread::sleep(Duration::from_millis(300));
+        producer
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_producers_last_handle_dropped_on_the_runtime_does_not_block_it() {
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        // Dropped in place, a producer waits for its reports and joins its threads.
+        let raw = stuck_producer(&silent);
+        let started = Instant::now();
+        drop(raw);
+        let in_place = started.elapsed();
+        let handle = BridgeProducer::new(stuck_producer(&silent));
+        let copy = handle.clone();
+        drop(handle);
+        let started = Instant::now();
+        drop(copy);
+        let retired = started.elapsed();
+        println!("dropped in place: {in_place:?}; last handle on the runtime: {retired:?}");
+        assert!(
+            retired < Duration::from_millis(20) && in_place > retired * 5,
+            "in place {in_place:?}, last handle {retired:?}"
+        );
+    }
+}
