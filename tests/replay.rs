@@ -982,6 +982,7 @@ async fn a_replay_killed_at_random_points_leaves_every_letter_once() {
     create_topic(&topic, 3).await;
     create_topic(&dlt, 3).await;
     const N: usize = 6000;
+    const KILLS: usize = 25;
     let ids = write_signed_letters(&dlt, "x", N, 60).await;
     let brokers = brokers();
     let env = replay_env(&topic, &dlt, &brokers);
@@ -991,23 +992,46 @@ async fn a_replay_killed_at_random_points_leaves_every_letter_once() {
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| now() as u64);
     println!("kill points from seed {seed} (TAMIO_TEST_SEED)");
-    let mut kills = 0;
-    for _ in 0..25 {
+    let (mut killed, mut mid_transaction, mut published_before) = (0, 0, 0);
+    for _ in 0..KILLS {
         seed = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
-        let after = Duration::from_millis(150 + (seed >> 33) % 800);
+        // Killed right after its n-th record is acknowledged: each run has published
+        // something, and its open transaction holds at least that record.
+        let n = 1 + (seed >> 33) as usize % 150;
         // One record at a time: each run gets a few hundred through before its kill.
-        let (mut child, _lines) = spawn_replay(&env, &["--concurrency", "1"]);
-        tokio::time::sleep(after).await;
-        if child.try_wait().unwrap().is_some() {
-            break;
-        }
+        let (mut child, lines) = spawn_replay(&env, &["--concurrency", "1"]);
+        let kill_after = tokio::task::spawn_blocking(move || {
+            wait_published(&lines, n);
+            lines
+        })
+        .await
+        .unwrap();
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before its kill"
+        );
         child.kill().unwrap();
         child.wait().unwrap();
-        kills += 1;
+        killed += 1;
+        published_before += n;
+        // Mid-transaction: no commit after the last record it logged.
+        let mut last = "published";
+        while let Ok(line) = kill_after.try_recv() {
+            if line.contains("\"message\":\"committed\"") {
+                last = "committed";
+            } else if line.contains("\"message\":\"published\"") {
+                last = "published";
+            }
+        }
+        mid_transaction += usize::from(last == "published");
     }
-    assert!(kills >= 20, "only {kills} runs were killed before the end");
+    assert_eq!(killed, KILLS, "every run was killed before the end");
+    assert!(
+        mid_transaction * 5 >= KILLS * 4,
+        "only {mid_transaction} of {KILLS} kills landed with a transaction open"
+    );
     let (code, s) = replay(&env, &[]);
     assert_eq!(code, 0, "{s:#}");
     let records = read_topic_from(
@@ -1019,7 +1043,11 @@ async fn a_replay_killed_at_random_points_leaves_every_letter_once() {
     )
     .await;
     assert_once_in_order(&records, &ids);
-    println!("{kills} runs killed with SIGKILL, then one to the end: {N} letters, each once");
+    println!(
+        "{killed} runs killed with SIGKILL, each after publishing (1 to 150 records, \
+         {published_before} in all), {mid_transaction} of them with a transaction open; then \
+         one to the end: {N} letters, each once"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -24,8 +24,8 @@ use rdkafka::TopicPartitionList;
 
 use crate::finish::Finish;
 use crate::metrics::Metrics;
-use probe::{Health, LastError, PartitionState, ProbeClient, ProbeError, ProbeFailure};
-use producer::{BridgeProducer, StatsContext};
+use probe::{Health, PartitionState, ProbeClient, ProbeError, ProbeFailure};
+use producer::{BridgeProducer, LastError, StatsContext, WarmUp};
 use record::{DeadLetter, Record};
 
 /// Why Kafka did not take a record: the `reason` label of the delivery-failure counter.
@@ -163,7 +163,7 @@ struct Current {
     producer: BridgeProducer,
     fatal: Arc<AtomicBool>,
     /// Told at the first delivery (the producer has its id) or a fatal error.
-    warm_up: Arc<probe::WarmUp>,
+    warm_up: Arc<WarmUp>,
     /// When it was made, if it replaced a dead one.
     replaced_at: Option<std::time::Instant>,
     /// Its producer id, from its statistics (-1: none yet).
@@ -177,7 +177,7 @@ struct Current {
 const MIN_REPLACEMENT_LIFETIME: Duration = Duration::from_millis(500);
 
 /// A new producer, and a thread that gets it its producer id at once (see
-/// [`probe::WarmUp`]).
+/// [`WarmUp`]).
 fn create(
     config: &ClientConfig,
     metrics: &Arc<Metrics>,
@@ -194,7 +194,7 @@ fn create(
     );
     let producer = BridgeProducer::new(config.create_with_context(context)?);
     Ok(Current {
-        warm_up: probe::WarmUp::start(producer.clone(), topic.clone()),
+        warm_up: WarmUp::start(producer.clone(), topic.clone()),
         producer,
         fatal,
         replaced_at: None,
@@ -406,7 +406,7 @@ impl Publisher {
     async fn live_producer(
         &self,
         deadline: Option<tokio::time::Instant>,
-    ) -> Result<(BridgeProducer, Arc<AtomicBool>, Arc<probe::WarmUp>), PublishError> {
+    ) -> Result<(BridgeProducer, Arc<AtomicBool>, Arc<WarmUp>), PublishError> {
         let seen = self.current_parts();
         if !seen.1.load(Ordering::SeqCst) {
             return Ok(seen);
@@ -486,7 +486,7 @@ impl Publisher {
     }
 
     /// The producer in force, its fatal flag and its warm-up.
-    fn current_parts(&self) -> (BridgeProducer, Arc<AtomicBool>, Arc<probe::WarmUp>) {
+    fn current_parts(&self) -> (BridgeProducer, Arc<AtomicBool>, Arc<WarmUp>) {
         let current = self.current.read().unwrap_or_else(|p| p.into_inner());
         (
             current.producer.clone(),
@@ -876,7 +876,7 @@ async fn follow(
     delivery: DeliveryFuture,
     deadline: Option<tokio::time::Instant>,
     fatal: Arc<AtomicBool>,
-    warm_up: Arc<probe::WarmUp>,
+    warm_up: Arc<WarmUp>,
 ) -> Result<Delivered, PublishError> {
     let started = tokio::time::Instant::now();
     match with_deadline(deadline, delivery).await {

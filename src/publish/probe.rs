@@ -8,7 +8,6 @@
 //! though the broker is up.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,10 +15,9 @@ use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::Producer;
 use rdkafka::util::Timeout;
 
-use super::producer::{is_shared, BridgeProducer};
+use super::producer::{is_shared, LastError};
 
 /// Why the bridge is not ready to publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -293,38 +291,6 @@ fn probe_config(config: &ClientConfig, timeout: Duration) -> ClientConfig {
         timeout.as_millis().max(100).to_string(),
     );
     own
-}
-
-/// How long a connection error is shown as the likely cause of brokers not answering
-/// (librdkafka reports an identical error again only every 30 s).
-const ERROR_RECENT: Duration = Duration::from_secs(300);
-
-/// The last error librdkafka reported on a connection of the producer (an authentication
-/// refused, a certificate not trusted or expired), so that the probe's "no broker answered"
-/// can say why. librdkafka's error texts name the broker and the cause, never a secret.
-#[derive(Default)]
-pub struct LastError(Mutex<Option<(String, Instant)>>);
-
-impl LastError {
-    /// The error, if recent.
-    pub fn recent(&self) -> Option<String> {
-        let last = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        last.as_ref()
-            .filter(|(_, at)| at.elapsed() < ERROR_RECENT)
-            .map(|(e, _)| e.clone())
-    }
-
-    pub fn remember(&self, mut text: String) {
-        // Shown by /readyz: cut to a bound, at a character boundary.
-        if text.len() > 400 {
-            let mut end = 400;
-            while !text.is_char_boundary(end) {
-                end -= 1;
-            }
-            text.truncate(end);
-        }
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((text, Instant::now()));
-    }
 }
 
 /// How long a check of the brokers' certificate is taken as still true.
@@ -653,90 +619,6 @@ struct Unpark(std::thread::Thread);
 impl std::task::Wake for Unpark {
     fn wake(self: Arc<Self>) {
         self.0.unpark();
-    }
-}
-
-/// How long after its creation a producer is warmed up: by then librdkafka's own 500 ms
-/// timer has asked for the id.
-const WARM_UP_FOR: Duration = Duration::from_millis(500);
-
-/// No request is started with less time than this left: it would stay queued, in front of
-/// produce requests, after its answer stopped mattering.
-const WARM_UP_LAST_CALL: Duration = Duration::from_millis(20);
-
-/// The pauses before the warm-up's metadata requests: every few milliseconds while the first
-/// connections come up, then less often (at most 16 requests in the 500 ms).
-const WARM_UP_PAUSES_MS: [u64; 16] = [2, 3, 5, 5, 5, 5, 5, 10, 10, 10, 10, 20, 20, 40, 50, 100];
-
-/// Gets a new idempotent producer its producer id within a round trip of its first broker
-/// connection, instead of up to 500 ms later, so that the first records after a start or a
-/// replacement do not wait for it.
-///
-/// librdkafka asks for the id from a broker that is up (`rd_kafka_idemp_pid_fsm`); the
-/// first metadata answer retires the bootstrap connection, the leader is connected only once
-/// a record can be sent, which needs the id, so none is up then and it tries again on a
-/// 500 ms timer. Every metadata answer also makes it try again at once
-/// (`rd_kafka_parse_Metadata`), and asking for metadata connects a broker; so a thread asks
-/// for `topic`'s metadata a few times while the connections come up. It stops once a
-/// learned broker has answered (it was up when the state machine ran), at the first error,
-/// when [`WarmUp::done`] is called (the first delivery, a fatal error), or after
-/// [`WARM_UP_FOR`].
-pub struct WarmUp {
-    done: AtomicBool,
-    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
-}
-
-impl WarmUp {
-    pub fn start(producer: BridgeProducer, topic: Arc<str>) -> Arc<WarmUp> {
-        let warm = Arc::new(WarmUp {
-            done: AtomicBool::new(false),
-            thread: std::sync::Mutex::new(None),
-        });
-        let started = Instant::now();
-        let state = warm.clone();
-        let run = move || {
-            for pause in WARM_UP_PAUSES_MS {
-                std::thread::sleep(Duration::from_millis(pause));
-                let left = WARM_UP_FOR.saturating_sub(started.elapsed());
-                if left < WARM_UP_LAST_CALL || state.done.load(Ordering::Relaxed) {
-                    break;
-                }
-                match producer
-                    .client()
-                    .fetch_metadata(Some(&topic), Timeout::After(left))
-                {
-                    Ok(md) if md.orig_broker_id() < 0 => {} // a bootstrap address answered
-                    _ => break,
-                }
-            }
-        };
-        match std::thread::Builder::new()
-            .name("producer-warm-up".into())
-            .spawn(run)
-        {
-            Ok(thread) => {
-                *warm.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(thread);
-            }
-            Err(err) => tracing::debug!(%err, "no warm-up for the new producer"),
-        }
-        warm
-    }
-
-    /// No more warm-up needed: the thread ends at its next step.
-    pub fn done(&self) {
-        if !self.done.load(Ordering::Relaxed) {
-            self.done.store(true, Ordering::Relaxed);
-        }
-    }
-
-    /// Ends the warm-up and waits for its thread (and its handle of the producer) to be
-    /// gone: within a pause and one request. Blocks: not on the async runtime.
-    pub fn stop(&self) {
-        self.done();
-        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(thread) = thread {
-            let _ = thread.join();
-        }
     }
 }
 

@@ -1027,6 +1027,7 @@ impl Replay {
         };
         match result {
             Ok(()) => {
+                tracing::debug!(published = batch.claims.len(), "committed");
                 for claim in batch.claims {
                     claim.acknowledged();
                 }
