@@ -658,6 +658,13 @@ impl Ingest {
         // A delivery of an event already acknowledged writes nothing; one of an event being
         // published right now waits for that outcome. Ids are scoped by endpoint, so one
         // endpoint's ids cannot shadow another's.
+        // What Kafka cannot take now is refused before anything waits: a delivery of an event
+        // whose earlier delivery is still in Kafka's hands (its sender already answered 503)
+        // would otherwise wait for that one's verdict, to be refused then.
+        let key = destination.key.as_deref().map(str::as_bytes);
+        if let Some(refusal) = self.publisher.refusal_now(destination.topic, key) {
+            return Err(refusal.into());
+        }
         let claim = if self.dedup.enabled() {
             let claim = self
                 .dedup
@@ -745,6 +752,7 @@ impl Ingest {
         let hold = replay.is_some();
         record.replayed = replay.map(|r| r.replayed);
         let event_id = record.event_id.clone();
+        let (topic, key) = (record.topic.clone(), record.key.clone());
         let mut delivery = Finish::new(deliver(
             self.publisher.clone(),
             record,
@@ -753,10 +761,19 @@ impl Ingest {
             hold,
             deadline,
         ));
-        let (delivered, topic, held) = match tokio::time::timeout_at(deadline, &mut delivery).await
-        {
-            Err(_) => return Err(PublishError::Timeout(self.request_timeout).into()),
-            Ok(result) => result?,
+        // Answered at the deadline, or as soon as the readiness probe learns that Kafka
+        // cannot take the record now (no broker answers, too few in-sync replicas): the
+        // delivery then goes on without its sender, holding the duplicate claim until
+        // Kafka's verdict, so that the sender's retry is not written twice.
+        let (delivered, topic, held) = tokio::select! {
+            biased;
+            result = &mut delivery => result?,
+            () = tokio::time::sleep_until(deadline) => {
+                return Err(PublishError::Timeout(self.request_timeout).into())
+            }
+            refused = self.publisher.until_refused(&topic, key.as_deref()) => {
+                return Err(refused.into())
+            }
         };
         self.metrics.dedup_entries.set(self.dedup.len() as i64);
 

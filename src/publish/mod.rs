@@ -25,7 +25,7 @@ use rdkafka::TopicPartitionList;
 use crate::finish::Finish;
 use crate::metrics::Metrics;
 use probe::{Health, PartitionState, ProbeClient, ProbeError, ProbeFailure};
-use producer::{BridgeProducer, LastError, StatsContext, WarmUp};
+use producer::{BridgeProducer, LastError, Reach, StatsContext, WarmUp};
 use record::{DeadLetter, Record};
 
 /// Why Kafka did not take a record: the `reason` label of the delivery-failure counter.
@@ -183,6 +183,7 @@ fn create(
     metrics: &Arc<Metrics>,
     topic: &Arc<str>,
     last_error: &Arc<LastError>,
+    reach: &Arc<Reach>,
 ) -> Result<Current, KafkaError> {
     let fatal = Arc::new(AtomicBool::new(false));
     let producer_id = Arc::new(AtomicI64::new(-1));
@@ -191,6 +192,7 @@ fn create(
         fatal.clone(),
         producer_id.clone(),
         last_error.clone(),
+        reach.clone(),
     );
     let producer = BridgeProducer::new(config.create_with_context(context)?);
     Ok(Current {
@@ -229,6 +231,11 @@ pub struct Publisher {
     transactional: bool,
     /// With `kafka.exactly_once`: the transactions deliveries are written in.
     group: std::sync::OnceLock<Arc<GroupCommit>>,
+    /// Whether the producer's connections show every broker down; bumped too after each
+    /// probe that leaves records refused (no broker answers, a topic missing, a partition
+    /// with too few in-sync replicas): deliveries waiting for their verdict look again
+    /// ([`Publisher::until_refused`]).
+    reach: Arc<Reach>,
 }
 
 /// How long a request of the readiness probe's client may take, before librdkafka drops the
@@ -245,7 +252,8 @@ impl Publisher {
     ) -> Result<Publisher, KafkaError> {
         let topic: Arc<str> = topic.into();
         let last_error = Arc::new(LastError::default());
-        let current = create(&config, &metrics, &topic, &last_error)?;
+        let reach = Arc::new(Reach::default());
+        let current = create(&config, &metrics, &topic, &last_error, &reach)?;
         let probe_client = Arc::new(ProbeClient::new(
             &config,
             PROBE_TIMEOUT,
@@ -264,6 +272,7 @@ impl Publisher {
             degraded: AtomicBool::new(false),
             transactional: false,
             group: std::sync::OnceLock::new(),
+            reach,
         })
     }
 
@@ -295,7 +304,7 @@ impl Publisher {
     ) -> Result<Arc<Publisher>, KafkaError> {
         let timeout = config
             .get("message.timeout.ms")
-            .unwrap_or("20000")
+            .unwrap_or("9000")
             .to_owned();
         // An open transaction lives for a linger and a commit; a replica that died with one
         // open has it aborted by Kafka after this, unless its successor (the same id) fences
@@ -306,7 +315,8 @@ impl Publisher {
         // A transaction begun right after a commit finds its partitions' markers still being
         // written (CONCURRENT_TRANSACTIONS), and librdkafka adds them again after
         // retry.backoff.ms: at its default (100 ms) every transaction would wait that long.
-        if config.get("retry.backoff.ms").is_none() {
+        // Unless `kafka.librdkafka` sets it.
+        if config.get("retry.backoff.ms") == Some(producer::RETRY_BACKOFF_MS) {
             config.set("retry.backoff.ms", "5");
         }
         let mut publisher = Publisher::new(config, metrics, topic)?;
@@ -321,9 +331,11 @@ impl Publisher {
     /// a new one with the same transactional id, whose initialisation fences the old.
     async fn replace_transactional(&self) {
         let _turn = self.replacing.lock().await;
-        let (config, metrics, topic, last_error) = self.build_parts();
-        match tokio::task::spawn_blocking(move || create(&config, &metrics, &topic, &last_error))
-            .await
+        let (config, metrics, topic, last_error, reach) = self.build_parts();
+        match tokio::task::spawn_blocking(move || {
+            create(&config, &metrics, &topic, &last_error, &reach)
+        })
+        .await
         {
             Ok(Ok(fresh)) => {
                 let retired = std::mem::replace(
@@ -382,12 +394,22 @@ impl Publisher {
     }
 
     /// What a new producer is built from, to take to a blocking thread.
-    fn build_parts(&self) -> (Arc<ClientConfig>, Arc<Metrics>, Arc<str>, Arc<LastError>) {
+    #[allow(clippy::type_complexity)]
+    fn build_parts(
+        &self,
+    ) -> (
+        Arc<ClientConfig>,
+        Arc<Metrics>,
+        Arc<str>,
+        Arc<LastError>,
+        Arc<Reach>,
+    ) {
         (
             self.config.clone(),
             self.metrics.clone(),
             self.topic.clone(),
             self.last_error.clone(),
+            self.reach.clone(),
         )
     }
 
@@ -443,11 +465,12 @@ impl Publisher {
             }
         }
         tracing::warn!("the Kafka producer is dead: building a new one");
-        let (config, metrics, topic, last_error) = self.build_parts();
+        let (config, metrics, topic, last_error, reach) = self.build_parts();
         let started = std::time::Instant::now();
-        let fresh =
-            tokio::task::spawn_blocking(move || create(&config, &metrics, &topic, &last_error))
-                .await;
+        let fresh = tokio::task::spawn_blocking(move || {
+            create(&config, &metrics, &topic, &last_error, &reach)
+        })
+        .await;
         let fresh = match fresh {
             Ok(Ok(fresh)) => Current {
                 replaced_at: Some(std::time::Instant::now()),
@@ -505,10 +528,10 @@ impl Publisher {
             return Err("a transactional producer is not renewed".into());
         }
         let _turn = self.replacing.lock().await;
-        let (config, metrics, topic, last_error) = self.build_parts();
+        let (config, metrics, topic, last_error, reach) = self.build_parts();
         let built = tokio::task::spawn_blocking(move || {
             Ok::<_, KafkaError>((
-                create(&config, &metrics, &topic, &last_error)?,
+                create(&config, &metrics, &topic, &last_error, &reach)?,
                 ProbeClient::new(&config, PROBE_TIMEOUT, last_error.clone())?,
             ))
         })
@@ -595,10 +618,8 @@ impl Publisher {
         record: FutureRecord<'_, [u8], [u8]>,
         deadline: Option<tokio::time::Instant>,
     ) -> Result<Report, PublishError> {
-        if !self.reachable.load(Ordering::Relaxed) {
-            return Err(PublishError::Unreachable(
-                "no broker answered the last readiness probe".into(),
-            ));
+        if let Some(refusal) = self.unreachable() {
+            return Err(refusal);
         }
         if let Some(refusal) = self.unwritable(record.topic, record.key) {
             return Err(refusal);
@@ -613,6 +634,46 @@ impl Publisher {
         drop(producer);
         let delivery = sent.map_err(|(err, _)| PublishError::from_kafka(&err))?;
         Ok(Box::pin(follow(delivery, deadline, fatal, warm_up)))
+    }
+
+    /// Resolves, with the refusal, once a probe after the call shows that Kafka cannot take
+    /// a record for `topic` and `key` now (see [`Publisher::unwritable`]), or that no broker
+    /// answers; never otherwise. A delivery waiting for its verdict races it, so that its
+    /// sender hears at once what a new delivery would hear.
+    pub async fn until_refused(&self, topic: &str, key: Option<&[u8]>) -> PublishError {
+        let mut probes = self.reach.subscribe();
+        loop {
+            if probes.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            if let Some(refusal) = self.unreachable() {
+                return refusal;
+            }
+            if let Some(refusal) = self.unwritable(topic, key) {
+                return refusal;
+            }
+        }
+    }
+
+    /// Why a record for `topic` and `key` would be refused at once now, if it would.
+    pub fn refusal_now(&self, topic: &str, key: Option<&[u8]>) -> Option<PublishError> {
+        self.unreachable().or_else(|| self.unwritable(topic, key))
+    }
+
+    /// The refusal of every record while no broker can be reached: the producer's own
+    /// connections are all down, or no broker answered the last probe.
+    fn unreachable(&self) -> Option<PublishError> {
+        if self.reach.all_down() {
+            Some(PublishError::Unreachable(
+                "every broker's connection is down".into(),
+            ))
+        } else if !self.reachable.load(Ordering::Relaxed) {
+            Some(PublishError::Unreachable(
+                "no broker answered the last readiness probe".into(),
+            ))
+        } else {
+            None
+        }
     }
 
     /// The refusal of a record the last probe showed Kafka cannot take now: its topic
@@ -668,15 +729,30 @@ impl Publisher {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         let topics = topics.to_vec();
-        let (health, failed) = tokio::task::spawn_blocking(move || client.probe(&topics, timeout))
-            .await
-            .unwrap_or_else(|e| {
-                let failed = ProbeError::new(
-                    ProbeFailure::Internal,
-                    format!("readiness probe failed: {e}"),
-                );
-                (Health::default(), Some(failed))
-            });
+        let began = std::time::Instant::now();
+        // While the producer's own connections show every broker down, asking would only
+        // wait out the probe's timeouts (three times): they say it at once.
+        let (health, failed) = if self.reach.all_down() {
+            let why = match self.last_error.recent() {
+                Some(cause) => format!(" (last connection error: {cause})"),
+                None => String::new(),
+            };
+            let down = ProbeError::new(
+                ProbeFailure::NoBroker,
+                format!("no broker answered: every broker's connection is down{why}"),
+            );
+            (Health::default(), Some(down))
+        } else {
+            tokio::task::spawn_blocking(move || client.probe(&topics, timeout))
+                .await
+                .unwrap_or_else(|e| {
+                    let failed = ProbeError::new(
+                        ProbeFailure::Internal,
+                        format!("readiness probe failed: {e}"),
+                    );
+                    (Health::default(), Some(failed))
+                })
+        };
         let unreachable = failed.as_ref().is_some_and(|e| e.failure.refuses_records());
         self.reachable.store(!unreachable, Ordering::Relaxed);
         self.metrics.partitions_unwritable.reset();
@@ -691,10 +767,19 @@ impl Publisher {
             }
         }
         let degraded = health.degraded();
-        self.degraded
-            .store(health.any_degraded(), Ordering::Relaxed);
+        let refusing = health.any_degraded();
+        self.degraded.store(refusing, Ordering::Relaxed);
         // Partitions seen, even when none of a topic can take records: theirs are refused.
         *self.health.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(health);
+        if unreachable || refusing {
+            self.reach.bump();
+        }
+        tracing::debug!(
+            took_ms = began.elapsed().as_millis() as u64,
+            unreachable,
+            refusing,
+            "probed"
+        );
         if let Some(failed) = failed {
             return Err(failed);
         }

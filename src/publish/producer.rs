@@ -81,6 +81,9 @@ pub fn is_shared(key: &str) -> bool {
     !PRODUCER_ONLY.contains(&key) && key != "statistics.interval.ms" && key != "client.id"
 }
 
+/// The producer's `retry.backoff.ms`, unless `kafka.librdkafka` sets another.
+pub const RETRY_BACKOFF_MS: &str = "50";
+
 /// librdkafka's partitioners that send every record of one key to one partition (the
 /// default, `murmur2_random`, places keys as the Java client does).
 pub const KEY_CONSISTENT_PARTITIONERS: &[&str] = &[
@@ -166,6 +169,17 @@ pub fn producer_config(kafka: &Kafka, brokers: &str, max_body_bytes: usize) -> C
         .set("allow.auto.create.topics", "false")
         // Also how soon readiness sees the producer id once it is assigned.
         .set("statistics.interval.ms", "1000")
+        // Every request's own deadline, the broker's (acks) below the client's: a request to
+        // a leader that froze, or that shut down without answering, is given up after
+        // 2.5 s instead of the record's whole delivery timeout; giving it up drops the
+        // connection, and librdkafka then looks for the partition's leader every second
+        // until Kafka has elected another (tests/broker_faults.rs: a frozen leader).
+        .set("socket.timeout.ms", "2500")
+        .set("request.timeout.ms", "2000")
+        // A record sent again, and the partition's leader looked up again, after 50 ms at
+        // first and 250 ms at most (librdkafka: 100 ms and 1 s).
+        .set("retry.backoff.ms", RETRY_BACKOFF_MS)
+        .set("retry.backoff.max.ms", "250")
         // Reconnect promptly after a broker returns, so readiness recovers within seconds.
         .set("reconnect.backoff.max.ms", "1000")
         // Half of it (at least 11 ms) is how long librdkafka waits between connecting to
@@ -321,6 +335,8 @@ pub struct StatsContext {
     producer_id: Arc<AtomicI64>,
     /// Where the last error on a connection is kept, for the readiness probe to name.
     last_error: Arc<LastError>,
+    /// Whether every broker is down.
+    reach: Arc<Reach>,
 }
 
 impl StatsContext {
@@ -332,6 +348,7 @@ impl StatsContext {
         fatal: Arc<AtomicBool>,
         producer_id: Arc<AtomicI64>,
         last_error: Arc<LastError>,
+        reach: Arc<Reach>,
     ) -> StatsContext {
         StatsContext {
             metrics,
@@ -339,6 +356,7 @@ impl StatsContext {
             fatal,
             producer_id,
             last_error,
+            reach,
         }
     }
 }
@@ -353,7 +371,9 @@ impl ClientContext for StatsContext {
             // librdkafka's reason names the broker and the cause (e.g. "SASL authentication
             // error: ..." or "SSL handshake failed: ..."), never a secret. "All brokers are
             // down" follows the cause and would hide it.
-            if error.rdkafka_error_code() != Some(RDKafkaErrorCode::AllBrokersDown) {
+            if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+                self.reach.went_down();
+            } else {
                 self.last_error.remember(reason.to_owned());
             }
         }
@@ -370,6 +390,13 @@ impl ClientContext for StatsContext {
         let m = &self.metrics;
         m.producer_queue_messages.set(stats.msg_cnt as i64);
         m.producer_queue_bytes.set(stats.msg_size as i64);
+        if stats
+            .brokers
+            .values()
+            .any(|b| b.nodeid >= 0 && b.state == "UP")
+        {
+            self.reach.one_up();
+        }
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         for broker in stats.brokers.values() {
             // Bootstrap entries (nodeid -1) stand for the configured addresses, not brokers.
@@ -433,6 +460,58 @@ impl Drop for Retiring {
             let _ = std::thread::Builder::new()
                 .name("producer-retired".into())
                 .spawn(move || drop(producer));
+        }
+    }
+}
+
+/// What the producer's own connections show of the brokers, shared by every producer the
+/// publisher makes and read by the deliveries and the probe: every broker down (librdkafka's
+/// ALL_BROKERS_DOWN, which it reports within a connection attempt of the last one going,
+/// once one was up), until one is up again (its statistics, every second). Each change, and
+/// each probe that leaves records refused, wakes the deliveries waiting for their verdict.
+pub struct Reach {
+    all_down: AtomicBool,
+    ever_up: AtomicBool,
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Reach {
+    fn default() -> Reach {
+        Reach {
+            all_down: AtomicBool::new(false),
+            ever_up: AtomicBool::new(false),
+            changes: tokio::sync::watch::channel(0).0,
+        }
+    }
+}
+
+impl Reach {
+    /// Whether every broker's connection is down.
+    pub fn all_down(&self) -> bool {
+        self.all_down.load(Ordering::Relaxed)
+    }
+
+    /// Wakes the deliveries waiting for their verdict.
+    pub fn bump(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn went_down(&self) {
+        // Not before a first broker was up: at start, connections are still being made.
+        if self.ever_up.load(Ordering::Relaxed) && !self.all_down.swap(true, Ordering::Relaxed) {
+            tracing::warn!("every broker's connection is down: deliveries are refused at once");
+            self.bump();
+        }
+    }
+
+    fn one_up(&self) {
+        self.ever_up.store(true, Ordering::Relaxed);
+        if self.all_down.swap(false, Ordering::Relaxed) {
+            tracing::info!("a broker's connection is up again");
         }
     }
 }
@@ -626,6 +705,7 @@ mod retiring {
                 Arc::new(Metrics::default()),
                 Arc::default(),
                 Arc::new(AtomicI64::new(-1)),
+                Arc::default(),
                 Arc::default(),
             ))
             .unwrap();

@@ -482,22 +482,37 @@ impl Cluster {
         );
     }
 
-    /// The id of the active controller, from a controller's quorum state on disk.
-    pub fn active_controller(&self) -> Option<u32> {
-        self.nodes.iter().filter(|n| n.controller).find_map(|n| {
-            let state = std::fs::read_to_string(
-                n.dir
-                    .join("data")
-                    .join("__cluster_metadata-0")
-                    .join("quorum-state"),
-            )
-            .ok()?;
-            let json: serde_json::Value = serde_json::from_str(&state).ok()?;
-            json["leaderId"]
-                .as_i64()
-                .filter(|&id| id > 0)
-                .map(|id| id as u32)
-        })
+    /// The id of the active controller, as Kafka names it: the metadata quorum's leader,
+    /// from `kafka-metadata-quorum describe --status` asked of the controllers.
+    pub async fn active_controller(&self) -> u32 {
+        let controllers = self
+            .nodes
+            .iter()
+            .filter(|n| n.controller)
+            .map(|n| format!("127.0.0.1:{}", n.controller_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        let out = tokio::process::Command::new(node_script())
+            .args(["tool", "org.apache.kafka.tools.MetadataQuorumCommand"])
+            .args([
+                "--bootstrap-controller",
+                &controllers,
+                "describe",
+                "--status",
+            ])
+            .output()
+            .await
+            .expect("the Kafka tool runs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix("LeaderId:"))
+            .and_then(|id| id.trim().parse().ok())
+            .unwrap_or_else(|| {
+                panic!(
+                    "no LeaderId in the metadata quorum's status: {text}{}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })
     }
 
     /// The directory of node `id`, for certificates and the like.

@@ -37,6 +37,10 @@ pub struct LoadReport {
     /// Every answer: when its request was sent (since the load started), how long it took,
     /// and its status (0 for no answer).
     pub timings: Vec<(Duration, Duration, u16)>,
+    /// When the load started.
+    pub started: Option<Instant>,
+    /// Event ids that got an answer but 200 (or none) at least once.
+    pub refused_ids: std::collections::BTreeSet<String>,
 }
 
 pub fn event_id(ticket: usize, seq: usize) -> String {
@@ -47,8 +51,11 @@ impl Load {
     /// Runs the load; `acked` counts acknowledgements as they come, for injecting a fault
     /// mid-run.
     pub async fn run(&self, acked: Arc<std::sync::atomic::AtomicUsize>) -> LoadReport {
-        let report = Arc::new(std::sync::Mutex::new(LoadReport::default()));
         let load_started = Instant::now();
+        let report = Arc::new(std::sync::Mutex::new(LoadReport {
+            started: Some(load_started),
+            ..LoadReport::default()
+        }));
         let mut senders = Vec::new();
         for ticket in 0..self.tickets {
             let url = self.url.clone();
@@ -92,6 +99,9 @@ impl Load {
                                 sent.elapsed(),
                                 status,
                             ));
+                            if status != 200 {
+                                report.refused_ids.insert(id.clone());
+                            }
                         }
                         match answer {
                             Ok(r) if r.status == StatusCode::OK => {
@@ -131,6 +141,8 @@ pub struct LossFindings {
     pub records: usize,
     pub missing: Vec<String>,
     pub duplicates: usize,
+    /// The event ids found more than once.
+    pub twice_ids: Vec<String>,
     pub order_violations: Vec<String>,
 }
 
@@ -181,6 +193,11 @@ pub async fn check_losses(bootstrap: &str, topic: &str, report: &LoadReport) -> 
         .map(|(id, _, _)| id.clone())
         .collect();
     let duplicates = seen.values().map(|n| n - 1).sum();
+    let twice_ids = seen
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(id, _)| id.to_string())
+        .collect();
 
     let mut by_ticket: BTreeMap<String, Vec<&Record>> = BTreeMap::new();
     for r in &records {
@@ -210,6 +227,7 @@ pub async fn check_losses(bootstrap: &str, topic: &str, report: &LoadReport) -> 
         records: records.len(),
         missing,
         duplicates,
+        twice_ids,
         order_violations,
     }
 }
