@@ -19,7 +19,9 @@
 //! the probe knowing, `/readyz` not ready and back; nothing acknowledged lost, each ticket in
 //! order, and a record written twice only after its sender was refused (none with exactly
 //! once). Each row's figures are printed: the README's table is this output.
-//! `TAMIO_FAULTS=RollingRestart,LeaderFreeze` runs some faults only (for work on one).
+//! `TAMIO_FAULTS=RollingRestart,LeaderFreeze` runs some faults only, and
+//! `TAMIO_FAULTS_LOG=DIR` keeps each bridge's log there, with librdkafka's debug contexts of
+//! `TAMIO_FAULTS_DEBUG` (e.g. `broker,topic,msg`) in it (for work on one).
 
 mod common;
 
@@ -226,6 +228,12 @@ async fn start_load(cluster: &Cluster, exactly_once: bool) -> Loaded {
         env.push(("TAMIO_BRIDGE__KAFKA__EXACTLY_ONCE", "true"));
         env.push(("TAMIO_BRIDGE__KAFKA__TRANSACTIONAL_ID", topic.as_str()));
     }
+    // For work on a fault: librdkafka's debug contexts (`broker,topic,msg`) in its log.
+    let debug = std::env::var("TAMIO_FAULTS_DEBUG").unwrap_or_default();
+    if !debug.is_empty() {
+        env.push(("TAMIO_BRIDGE__KAFKA__LIBRDKAFKA__DEBUG", debug.as_str()));
+        env.push(("RUST_LOG", "info,librdkafka=debug,rdkafka=debug"));
+    }
     let bridge = Process::spawn(&env);
     bridge.wait_ready().await;
     let stop = Arc::new(AtomicBool::new(false));
@@ -428,6 +436,13 @@ async fn finish(loaded: Loaded, cluster: &Cluster, fault: Fault, times: &FaultTi
             "{} written twice with exactly once: {:?}",
             findings.duplicates, findings.twice_ids
         ));
+    }
+    if let Ok(dir) = std::env::var("TAMIO_FAULTS_LOG") {
+        let name = format!(
+            "{dir}/{fault:?}-{}.log",
+            if exactly_once { "eo" } else { "alo" }
+        );
+        std::fs::write(name, bridge.log_text()).unwrap();
     }
     findings.assert_nothing_lost(&report);
     let row = Row {

@@ -161,6 +161,28 @@ async fn assert_kept_out(settings: tamio_kafka_bridge::config::Settings, why: &s
     bridge.stop().await;
 }
 
+/// Like [`assert_kept_out`], for the binary.
+async fn assert_process_kept_out(bridge: &Process, why: &str) {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(3) {
+        let ready = get(bridge.admin, "/readyz").await;
+        assert_eq!(
+            ready.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{why}: {}",
+            ready.text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let reply = send_to(bridge, &ticket_event("whev_kept_out", "ticket-out", 0)).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{why}: {}",
+        reply.text()
+    );
+}
+
 /// A one-node cluster whose client listener speaks `protocol`, with the broker's certificate
 /// from `pki` (for SSL and SASL_SSL) and `more` settings.
 async fn secured(
@@ -293,17 +315,27 @@ async fn authenticates_with_scram_sha_512_over_tls() {
             ("TAMIO_BRIDGE__KAFKA__SASL__PASSWORD", password.into()),
         ]
     };
-    let with = |env: &[(&str, String)]| {
+    let spawn = |env: Vec<(&'static str, String)>| {
+        let mut env = env;
+        env.push(("TAMIO_BRIDGE__KAFKA__TOPIC", topic.clone()));
+        env.push(("TAMIO_BRIDGE__SIGNATURE__SECRETS", SECRET.into()));
         let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        settings(&topic, &pairs)
+        Process::spawn(&pairs)
     };
-    assert_kept_out(with(&env("wrong-password")), "a wrong password").await;
+    let passwords = ["wrong-password", "alice-password-61f0"];
+    let kept_out = spawn(env("wrong-password"));
+    assert_process_kept_out(&kept_out, "a wrong password").await;
+    assert_no_secret(&kept_out.log_text(), &passwords, "the log");
 
-    let bridge = Bridge::start_ready(with(&env("alice-password-61f0"))).await;
+    let bridge = spawn(env("alice-password-61f0"));
+    wait_for_readyz(bridge.admin, StatusCode::OK, Duration::from_secs(20)).await;
     let body = FIXTURES[1];
-    let reply = bridge.send(body).await;
+    let reply = send_to(&bridge, body).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
-    bridge.stop().await;
+    bridge.signal("TERM");
+    let mut bridge = bridge;
+    assert_eq!(bridge.wait(Duration::from_secs(30)), 0);
+    assert_no_secret(&bridge.log_text(), &passwords, "the log");
 
     let mut reader = tls_reader(&ca);
     reader[0].1 = "sasl_ssl".into();
@@ -353,25 +385,26 @@ async fn authenticates_with_scram_sha_256_over_tls_created_through_the_admin_api
     std::fs::write(&password_file, "bob-password-9a3c\n").unwrap();
     let bootstrap = cluster.bootstrap();
     let ca = pki.ca_file();
-    let bridge = Bridge::start_ready(settings(
-        &topic,
-        &[
-            ("TAMIO_BRIDGE__KAFKA__BROKERS", &bootstrap),
-            ("TAMIO_BRIDGE__KAFKA__TLS__ENABLED", "true"),
-            ("TAMIO_BRIDGE__KAFKA__TLS__CA_FILE", ca.to_str().unwrap()),
-            ("TAMIO_BRIDGE__KAFKA__SASL__MECHANISM", "SCRAM-SHA-256"),
-            ("TAMIO_BRIDGE__KAFKA__SASL__USERNAME", "bob"),
-            (
-                "TAMIO_BRIDGE__KAFKA__SASL__PASSWORD_FILE",
-                password_file.to_str().unwrap(),
-            ),
-        ],
-    ))
-    .await;
+    let mut bridge = Process::spawn(&[
+        ("TAMIO_BRIDGE__KAFKA__BROKERS", &bootstrap),
+        ("TAMIO_BRIDGE__KAFKA__TOPIC", &topic),
+        ("TAMIO_BRIDGE__SIGNATURE__SECRETS", SECRET),
+        ("TAMIO_BRIDGE__KAFKA__TLS__ENABLED", "true"),
+        ("TAMIO_BRIDGE__KAFKA__TLS__CA_FILE", ca.to_str().unwrap()),
+        ("TAMIO_BRIDGE__KAFKA__SASL__MECHANISM", "SCRAM-SHA-256"),
+        ("TAMIO_BRIDGE__KAFKA__SASL__USERNAME", "bob"),
+        (
+            "TAMIO_BRIDGE__KAFKA__SASL__PASSWORD_FILE",
+            password_file.to_str().unwrap(),
+        ),
+    ]);
+    wait_for_readyz(bridge.admin, StatusCode::OK, Duration::from_secs(20)).await;
     let body = FIXTURES[2];
-    let reply = bridge.send(body).await;
+    let reply = send_to(&bridge, body).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
-    bridge.stop().await;
+    bridge.signal("TERM");
+    assert_eq!(bridge.wait(Duration::from_secs(30)), 0);
+    assert_no_secret(&bridge.log_text(), &["bob-password-9a3c"], "the log");
 
     let mut reader = tls_reader(&ca);
     reader[0].1 = "sasl_ssl".into();

@@ -625,7 +625,14 @@ impl Publisher {
             return Err(refusal);
         }
         if let Some(group) = self.group.get() {
-            return Ok(Box::pin(group.join(record, deadline).await?.verdict()));
+            // A commit that cannot end (Kafka cannot take one of its records) holds the
+            // next transaction back: what the probe then refuses is not left waiting for it.
+            let (topic, key) = (record.topic, record.key);
+            let joined = tokio::select! {
+                joined = group.join(record, deadline) => joined?,
+                refused = self.until_refused(topic, key) => return Err(refused),
+            };
+            return Ok(Box::pin(joined.verdict()));
         }
         let (producer, fatal, warm_up) = self.live_producer(deadline).await?;
         let sent = producer.send_result(record);
@@ -800,7 +807,7 @@ impl Publisher {
         if let Some(why) = self
             .group
             .get()
-            .and_then(|g| g.stalled(TXN_CLOSED_FOR, self.delivery_timeout()))
+            .and_then(|g| g.stalled(TXN_CLOSED_FOR, 2 * self.delivery_timeout()))
         {
             return Err(ProbeError::new(ProbeFailure::TransactionsStalled, why));
         }
@@ -1208,7 +1215,8 @@ impl GroupCommit {
 
     /// Why readiness should say no: no transaction could be opened for `closed_for`
     /// (deliveries are refused meanwhile), or the open one has held records for longer than
-    /// `holding_for` (a record's own delivery timeout) without ending.
+    /// `holding_for` (twice a record's own delivery timeout: longer than a leader's
+    /// failover, which holds every transaction back meanwhile) without ending.
     pub fn stalled(&self, closed_for: Duration, holding_for: Duration) -> Option<String> {
         let state = self.state();
         if let Some((since, why)) = &state.closed_since {

@@ -170,12 +170,15 @@ pub fn producer_config(kafka: &Kafka, brokers: &str, max_body_bytes: usize) -> C
         // Also how soon readiness sees the producer id once it is assigned.
         .set("statistics.interval.ms", "1000")
         // Every request's own deadline, the broker's (acks) below the client's: a request to
-        // a leader that froze, or that shut down without answering, is given up after
-        // 2.5 s instead of the record's whole delivery timeout; giving it up drops the
-        // connection, and librdkafka then looks for the partition's leader every second
-        // until Kafka has elected another (tests/broker_faults.rs: a frozen leader).
-        .set("socket.timeout.ms", "2500")
-        .set("request.timeout.ms", "2000")
+        // a leader that froze, or to a broker shutting down (which stops reading its
+        // connections before it closes them), is given up after 1.5 s instead of the
+        // record's whole delivery timeout (librdkafka caps a request at the first record's
+        // remaining message.timeout.ms and at socket.timeout.ms, 60 s by default: the 21 s
+        // answers of a rolling restart). Giving it up drops the connection; librdkafka then
+        // sends the records again, to the new leader once the metadata names it
+        // (tests/broker_faults.rs: a rolling restart, a frozen leader).
+        .set("socket.timeout.ms", "1500")
+        .set("request.timeout.ms", "1000")
         // A record sent again, and the partition's leader looked up again, after 50 ms at
         // first and 250 ms at most (librdkafka: 100 ms and 1 s).
         .set("retry.backoff.ms", RETRY_BACKOFF_MS)
