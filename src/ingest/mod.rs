@@ -666,9 +666,14 @@ impl Ingest {
             return Err(refusal.into());
         }
         let claim = if self.dedup.enabled() {
+            // A delivery of an event whose earlier delivery is still in Kafka's hands waits for
+            // that one's verdict; until the probe learns Kafka cannot take the record.
+            let refused = async {
+                self.publisher.until_refused(destination.topic, key).await;
+            };
             let claim = self
                 .dedup
-                .claim(&envelope.endpoint_id, &envelope.event_id, deadline)
+                .claim(&envelope.endpoint_id, &envelope.event_id, deadline, refused)
                 .await;
             self.metrics.dedup_entries.set(self.dedup.len() as i64);
             if traced {
@@ -677,6 +682,7 @@ impl Ingest {
                     Ok(Claim::Duplicate(_)) => "hit",
                     Err(Unclaimed::Timeout) => "timeout",
                     Err(Unclaimed::StoreUnavailable) => "unavailable",
+                    Err(Unclaimed::GaveUp) => "refused",
                 };
                 cx.span().add_event(
                     "duplicate claim",
@@ -691,6 +697,12 @@ impl Ingest {
                     return Err(PublishError::Timeout(self.request_timeout).into())
                 }
                 Err(Unclaimed::StoreUnavailable) => return Err(IngestError::DedupUnavailable),
+                Err(Unclaimed::GaveUp) => {
+                    let refusal = self.publisher.refusal_now(destination.topic, key);
+                    return Err(refusal
+                        .unwrap_or_else(|| PublishError::Unreachable("Kafka refused it".into()))
+                        .into());
+                }
                 Ok(Claim::Duplicate(original)) => {
                     return Ok(Accepted {
                         held: None,

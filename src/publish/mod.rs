@@ -302,16 +302,25 @@ impl Publisher {
         id: &str,
         linger: Duration,
     ) -> Result<Arc<Publisher>, KafkaError> {
-        let timeout = config
+        let delivery: u64 = config
             .get("message.timeout.ms")
-            .unwrap_or("9000")
-            .to_owned();
-        // An open transaction lives for a linger and a commit; a replica that died with one
-        // open has it aborted by Kafka after this, unless its successor (the same id) fences
-        // it first.
+            .and_then(|ms| ms.parse().ok())
+            .unwrap_or(9000);
+        // A record in a transaction is answered by the request's deadline at the latest, its
+        // claim held until the transaction ends; librdkafka keeps it through a leader's
+        // failover (about 10 s on Kafka's defaults) instead of timing it out at the delivery
+        // timeout, which would abort the transaction. An open transaction lives longer
+        // still: Kafka aborting it would fence the producer. A replica that died with one
+        // open has it aborted by Kafka after that, unless its successor (the same id)
+        // fences it first.
+        let records = 2 * delivery;
         config
+            .set("message.timeout.ms", records.to_string())
             .set("transactional.id", id)
-            .set("transaction.timeout.ms", timeout);
+            .set(
+                "transaction.timeout.ms",
+                TXN_TIMEOUT_MS.max(2 * records).to_string(),
+            );
         // A transaction begun right after a commit finds its partitions' markers still being
         // written (CONCURRENT_TRANSACTIONS), and librdkafka adds them again after
         // retry.backoff.ms: at its default (100 ms) every transaction would wait that long.
@@ -1402,6 +1411,10 @@ impl GroupCommit {
         }
     }
 }
+
+/// The least `transaction.timeout.ms` of the ingress's transactions: past a leader's
+/// failover with room to spare.
+const TXN_TIMEOUT_MS: u64 = 30_000;
 
 /// How long no transaction may be open (deliveries refused at once) before readiness says
 /// so: a few probes, longer than a commit that ends and the next that begins.

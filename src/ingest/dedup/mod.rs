@@ -63,6 +63,8 @@ pub enum Unclaimed {
     Timeout,
     /// The shared store cannot be used and `dedup.on_store_error` is `refuse`.
     StoreUnavailable,
+    /// The caller gave up waiting for another delivery of the id (its `give_up` came first).
+    GaveUp,
 }
 
 /// The outcome of [`Dedup::claim`].
@@ -138,10 +140,16 @@ impl Dedup {
         endpoint_id: &str,
         event_id: &str,
         deadline: tokio::time::Instant,
+        give_up: impl std::future::Future<Output = ()>,
     ) -> Result<Claim, Unclaimed> {
-        let local = tokio::time::timeout_at(deadline, self.local.claim(endpoint_id, event_id))
-            .await
-            .map_err(|_| Unclaimed::Timeout)?;
+        // Waiting for this process's other delivery of the id can stop at any point; a wait
+        // on the shared store (below) is not cut short.
+        let local = tokio::select! {
+            local = tokio::time::timeout_at(deadline, self.local.claim(endpoint_id, event_id)) => {
+                local.map_err(|_| Unclaimed::Timeout)?
+            }
+            () = give_up => return Err(Unclaimed::GaveUp),
+        };
         let guard = match local {
             memory::Claim::Duplicate(original) => return Ok(Claim::Duplicate(original)),
             memory::Claim::First(guard) => guard,
