@@ -1,6 +1,6 @@
 //! Heap allocations of the per-event work, stage by stage, for 1 KB, 3 KB and 200 KB events:
 //! `cargo bench --bench allocations`. Counted with dhat's allocator, in a binary of its own so
-//! that it does not distort the timing benchmark. It holds them to the README's budget (0 to
+//! that it does not distort the timing benchmark. It holds them to docs/performance.md's budget (0 to
 //! verify, route and build the record, 1 of 8 bytes to parse), and the test command runs it.
 
 mod common;
@@ -50,7 +50,7 @@ fn main() {
             "  {:>6}: verify {} ({} B), parse {} ({} B), route {} ({} B), route + build record {} ({} B)",
             case.label, verify.0, verify.1, parse.0, parse.1, route.0, route.1, build.0, build.1
         );
-        // The budget the README states, whatever the size: the body is never copied.
+        // The budget docs/performance.md states, whatever the size: the body is never copied.
         assert_eq!(verify.0, 0.0, "{}: verifying allocates", case.label);
         assert!(
             parse.0 <= 1.0 && parse.1 <= 8.0,

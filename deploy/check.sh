@@ -123,7 +123,7 @@ check "promtool test rules prometheus/alerts.test.yml" "$PROMTOOL" test rules pr
 check "promtool check config prometheus/prometheus.yml (compose)" "$PROMTOOL" check config prometheus/prometheus.yml
 check "every alert has summary, description, severity, runbook" "$PY" checks.py alert-annotations
 check "kubernetes PrometheusRule identical to alerts.yml" "$PY" checks.py prometheusrule-sync
-check "metric names exist (README.md ## Metrics)" "$PY" checks.py metric-names
+check "metric names exist (docs/observability.md ## Metrics)" "$PY" checks.py metric-names
 
 # Grafana
 check "dashboard structure" "$PY" checks.py dashboard

@@ -21,8 +21,8 @@ REPO = DEPLOY.parent
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 PROMETHEUSRULE = DEPLOY / "kubernetes" / "base" / "prometheusrule.yaml"
 DASHBOARD = DEPLOY / "grafana" / "tamio-bridge.json"
-DEPLOY_README = DEPLOY / "README.md"
-REPO_README = REPO / "README.md"
+RUNBOOKS = DEPLOY / "RUNBOOKS.md"
+METRICS_DOC = REPO / "docs" / "observability.md"
 DEFAULT_SETTINGS = REPO / "config" / "default.toml"
 
 # Kinds that the Kubernetes JSON schemas do not cover (Prometheus Operator CRDs).
@@ -90,9 +90,9 @@ def github_anchor(heading: str) -> str:
     return slug.replace(" ", "-")
 
 
-def readme_anchors() -> set[str]:
+def runbook_anchors() -> set[str]:
     anchors = set()
-    for line in DEPLOY_README.read_text().splitlines():
+    for line in RUNBOOKS.read_text().splitlines():
         m = re.match(r"^#{1,6}\s+(.*)$", line)
         if m:
             anchors.add(github_anchor(m.group(1)))
@@ -103,7 +103,7 @@ def readme_anchors() -> set[str]:
 
 def cmd_alert_annotations() -> None:
     doc = yaml().safe_load(ALERTS.read_text())
-    anchors = readme_anchors()
+    anchors = runbook_anchors()
     problems = []
     names = []
     for group in doc["groups"]:
@@ -119,27 +119,27 @@ def cmd_alert_annotations() -> None:
             if rule.get("labels", {}).get("severity") not in ("critical", "warning", "info"):
                 problems.append(f"{name}: label `severity` missing or not critical/warning/info")
             url = str(ann.get("runbook_url", ""))
-            expected = f"deploy/README.md#{name.lower()}"
+            expected = f"deploy/RUNBOOKS.md#{name.lower()}"
             if not url.endswith(expected):
                 problems.append(f"{name}: runbook_url is {url!r}, expected it to end in {expected!r}")
             elif name.lower() not in anchors:
-                problems.append(f"{name}: deploy/README.md has no heading `{name}` (anchor #{name.lower()})")
+                problems.append(f"{name}: deploy/RUNBOOKS.md has no heading `{name}` (anchor #{name.lower()})")
     if len(set(names)) != len(names):
         problems.append("alert names are not unique")
     if problems:
         raise Failure("\n".join(problems))
-    print(f"{len(names)} alerts, each with summary, description, severity and a runbook in deploy/README.md")
+    print(f"{len(names)} alerts, each with summary, description, severity and a runbook in deploy/RUNBOOKS.md")
 
 
 # --- Metric names -----------------------------------------------------------------------------
 
 
 def exported_metrics() -> tuple[set[str], set[str]]:
-    """(names, histogram names) from the `## Metrics` table of the repository README."""
-    text = REPO_README.read_text()
-    m = re.search(r"^## Metrics\n(.*?)(?=^## )", text, re.S | re.M)
+    """(names, histogram names) from the `## Metrics` table of docs/observability.md."""
+    text = METRICS_DOC.read_text()
+    m = re.search(r"^## Metrics\n(.*?)(?=^## |\Z)", text, re.S | re.M)
     if not m:
-        raise Failure("README.md has no `## Metrics` section")
+        raise Failure("docs/observability.md has no `## Metrics` section")
     names, histograms = set(), set()
     for line in m.group(1).splitlines():
         if not line.startswith("| `"):
@@ -150,7 +150,7 @@ def exported_metrics() -> tuple[set[str], set[str]]:
         if len(cells) > 1 and cells[1] == "histogram":
             histograms.update(found)
     if not names:
-        raise Failure("no metric names found in README.md `## Metrics`")
+        raise Failure("no metric names found in docs/observability.md `## Metrics`")
     return names, histograms
 
 
@@ -175,8 +175,8 @@ def cmd_metric_names() -> None:
             if name not in allowed:
                 problems.append(f"{path.relative_to(REPO)}: {name} is not a metric of the bridge")
     if problems:
-        raise Failure("\n".join(problems) + "\n(the names are those of README.md `## Metrics`)")
-    print(f"{len(used)} metric names used, all listed in README.md `## Metrics`")
+        raise Failure("\n".join(problems) + "\n(the names are those of docs/observability.md `## Metrics`)")
+    print(f"{len(used)} metric names used, all listed in docs/observability.md `## Metrics`")
 
 
 # --- Grafana ----------------------------------------------------------------------------------

@@ -388,7 +388,7 @@ fn announce_memory(settings: &Settings) {
             %budget,
             "the memory these settings allow at their bounds is above the container's limit: \
              lower server.max_connections, server.body_memory_bytes, kafka.queue_max_kbytes, \
-             kafka.queue_max_messages or dedup.max_entries (README, Memory)"
+             kafka.queue_max_messages or dedup.max_entries (docs/operations.md, Memory)"
         ),
         limit => tracing::info!(
             limit_mib = limit.map(|l| l >> 20),

@@ -1,6 +1,6 @@
-//! The memory the bridge may use at its bounds, as a formula of its settings (README,
-//! Memory). `check-config` prints it, start-up warns when the container's limit is below it,
-//! and a test checks that what `deploy/` ships fits the pod.
+//! The memory the bridge may use at its bounds, as a formula of its settings
+//! (docs/operations.md, Memory). `check-config` prints it, start-up warns when the
+//! container's limit is below it, and a test checks that what `deploy/` ships fits the pod.
 
 use std::fmt;
 

@@ -12,13 +12,13 @@
 //! - a leader frozen (SIGSTOP) for longer than the request deadline;
 //! - every broker down for longer than the request deadline, then back.
 //!
-//! Every answer of every sender is held to the bounds the README's fault table states:
-//! within a sender's patience (10 s) always; a graceful restart or a controller's death
+//! Every answer of every sender is held to the bounds the fault table of docs/guarantees.md
+//! states: within a sender's patience (10 s) always; a graceful restart or a controller's death
 //! costs nothing (every answer 200, the slowest under 3 s and 2 s); a dead or frozen leader costs at
 //! most Kafka's own detection; while Kafka cannot take records, refusals within a second of
 //! the probe knowing, `/readyz` not ready and back; nothing acknowledged lost, each ticket in
 //! order, and a record written twice only after its sender was refused (none with exactly
-//! once). Each row's figures are printed: the README's table is this output.
+//! once). Each row's figures are printed: docs/guarantees.md's table is this output.
 //! `TAMIO_FAULTS=RollingRestart,LeaderFreeze` runs some faults only, and
 //! `TAMIO_FAULTS_LOG=DIR` keeps each bridge's log there, with librdkafka's debug contexts of
 //! `TAMIO_FAULTS_DEBUG` (e.g. `broker,topic,msg`) in it (for work on one).
@@ -26,7 +26,7 @@
 mod common;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::kafka::{Cluster, Spec};
@@ -579,7 +579,7 @@ async fn every_sender_is_answered_within_its_patience_through_kafkas_own_faults(
     })
     .await;
     let only = std::env::var("TAMIO_FAULTS").unwrap_or_default();
-    let rows = Mutex::new(Vec::new());
+    let mut rows = Vec::new();
     println!(
         "| fault | acked | lost | written twice | non-200 | slowest 200 | slowest answer | /readyz not ready | producer replaced |"
     );
@@ -588,11 +588,8 @@ async fn every_sender_is_answered_within_its_patience_through_kafkas_own_faults(
         if !only.is_empty() && !only.split(',').any(|f| format!("{fault:?}") == f) {
             continue;
         }
-        rows.lock()
-            .unwrap()
-            .extend(under_load(&mut cluster, fault).await);
+        rows.extend(under_load(&mut cluster, fault).await);
     }
-    let rows = rows.into_inner().unwrap();
     println!();
     for row in &rows {
         row.print();

@@ -1,6 +1,6 @@
 //! TLS and SASL to Apache Kafka's own listeners (certificates from a test CA; SCRAM
 //! credentials created at format time and through the Admin API, as operators do; PLAIN),
-//! KRaft's `StandardAuthorizer` with exactly the ACLs the README lists, the refusals named
+//! KRaft's `StandardAuthorizer` with exactly the ACLs docs/security.md lists, the refusals named
 //! within seconds, client certificates rotated with SIGHUP, and start-up refusals of bad TLS
 //! and secret files naming their setting.
 
@@ -445,7 +445,7 @@ async fn plain_with_acls(pki: &Pki) -> kafka::Cluster {
     .await
 }
 
-/// The bridge's ACLs, as the README lists them: write and describe its topics, and read
+/// The bridge's ACLs, as docs/security.md lists them: write and describe its topics, and read
 /// their `min.insync.replicas`.
 async fn grant_bridge(cluster: &kafka::Cluster, principal: &str, topics: &[&str]) {
     for topic in topics {
@@ -466,7 +466,7 @@ async fn grant_bridge(cluster: &kafka::Cluster, principal: &str, topics: &[&str]
     }
 }
 
-/// The replay's ACLs, as the README lists them: read the dead-letter topic, write the
+/// The replay's ACLs, as docs/security.md lists them: read the dead-letter topic, write the
 /// topics, and its group and transactional id (both named `tamio-kafka-bridge-replay-…`).
 async fn grant_replayer(cluster: &kafka::Cluster, principal: &str, dlt: &str, topic: &str) {
     let p = principal;
@@ -692,7 +692,7 @@ async fn plain_over_tls_with_only_the_readme_acls() {
     assert_no_secret(&bridge.log_text(), &passwords, "the log");
     drop(bridge);
 
-    // With only the README's ACLs and the default routes: ready, deliveries land, and a note
+    // With only docs/security.md's ACLs and the default routes: ready, deliveries land, and a note
     // (which no route takes) becomes a dead letter.
     let bridge = spawn(pairs(&env("bridge", BRIDGE_PASSWORD)), vec![]);
     bridge.wait_ready().await;
@@ -709,7 +709,7 @@ async fn plain_over_tls_with_only_the_readme_acls() {
     assert_no_secret(&bridge.log_text(), &passwords, "the log");
     drop(bridge);
 
-    // The replay, as its own principal with only the README's ACLs, publishes it once the
+    // The replay, as its own principal with only docs/security.md's ACLs, publishes it once the
     // notes are routed.
     let routed = config(
         "routed.toml",

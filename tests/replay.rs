@@ -586,7 +586,7 @@ async fn a_missing_dead_letter_topic_is_a_clear_error() {
 }
 
 /// 10,000 dead letters over 200 tickets, replayed with the defaults: every one published
-/// once. Prints the rate, the CPU and the peak memory (the figures of the README).
+/// once. Prints the rate, the CPU and the peak memory (the figures of docs/operations.md).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_dead_letters_are_replayed_once_each() {
     const N: usize = 10_000;

@@ -2,7 +2,7 @@
 //! one of them and retried on another a little later, while Redis pauses longer than a
 //! command's deadline, is killed and started again, fails over to its replica (Sentinel), or
 //! loses a master (Cluster). A slow store costs latency, not duplicates; a store that loses
-//! its keys or its master brings back only the duplicates the README lists; nothing answered
+//! its keys or its master brings back only the duplicates docs/guarantees.md lists; nothing answered
 //! 200 is ever missing from Kafka.
 
 mod common;

@@ -22,7 +22,7 @@ pub fn render(settings: &Settings) -> anyhow::Result<String> {
          # --config file takes them.\n",
     );
     out.push_str(&format!(
-        "# Memory at the bounds (README, Memory): {}\n",
+        "# Memory at the bounds (docs/operations.md, Memory): {}\n",
         Budget::of(settings)
     ));
     let left_out = left_out(settings);

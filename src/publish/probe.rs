@@ -81,6 +81,8 @@ impl ProbeFailure {
 pub struct ProbeError {
     pub failure: ProbeFailure,
     pub detail: String,
+    /// The error Kafka gave for a topic, when it gave one (e.g. not authorized).
+    pub code: Option<RDKafkaErrorCode>,
 }
 
 impl ProbeError {
@@ -88,6 +90,7 @@ impl ProbeError {
         ProbeError {
             failure,
             detail: detail.into(),
+            code: None,
         }
     }
 }
@@ -522,13 +525,16 @@ impl ProbeClient {
             ));
         };
         if let Some(err) = t.error() {
-            return Err(ProbeError::new(
-                ProbeFailure::TopicUnavailable,
-                format!(
-                    "topic `{topic}` is not available: {}",
-                    RDKafkaErrorCode::from(err)
-                ),
-            ));
+            return Err(ProbeError {
+                code: Some(RDKafkaErrorCode::from(err)),
+                ..ProbeError::new(
+                    ProbeFailure::TopicUnavailable,
+                    format!(
+                        "topic `{topic}` is not available: {}",
+                        RDKafkaErrorCode::from(err)
+                    ),
+                )
+            });
         }
         if t.partitions().is_empty() {
             return Err(ProbeError::new(

@@ -162,7 +162,7 @@ pub fn producer_config(kafka: &Kafka, brokers: &str, max_body_bytes: usize) -> C
         // Batching without a timer: a record goes out at once when no produce request is in
         // flight to its broker, and the records that arrive while one is travel together in
         // the next. A lone sender waits for no linger; under load the batches grow by
-        // themselves (benches/load.rs, README Performance).
+        // themselves (benches/load.rs, docs/performance.md).
         .set("linger.ms", "0")
         .set("max.in.flight.requests.per.connection", "1")
         .set("socket.nagle.disable", "true")

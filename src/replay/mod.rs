@@ -18,6 +18,7 @@
 //!   puts those letters through again. `read_committed` consumers see each letter once.
 
 pub mod positions;
+mod source;
 
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
@@ -27,59 +28,21 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use http::{HeaderMap, HeaderName, HeaderValue};
-use rdkafka::consumer::{Consumer, ConsumerContext, ConsumerGroupMetadata, StreamConsumer};
+use rdkafka::consumer::{Consumer, ConsumerGroupMetadata};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers, Message, Timestamp};
-use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::{ClientContext, Statistics};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::Kafka;
 use crate::ingest::route::Pattern;
 use crate::ingest::{envelope, HeldClaim, Ingest, IngestError, ReplayAccepted};
-use crate::publish::producer::consumer_config;
 use crate::publish::record::{
     rfc3339_millis, Replayed, WEBHOOK_ID, WEBHOOK_SIGNATURE, WEBHOOK_TIMESTAMP,
 };
 use crate::publish::{Txn, TxnError};
 use positions::{Positions, Step};
-
-/// Where a selection starts or ends: a time (a dead letter's `received_at`), or an offset
-/// per partition (partitions not named are not bounded).
-#[derive(Debug, Clone, PartialEq)]
-pub enum Bound {
-    Time(SystemTime),
-    Offsets(BTreeMap<i32, i64>),
-}
-
-impl Bound {
-    /// An RFC 3339 time (`2026-12-01T09:00:00Z`), or offsets `partition:offset,...`.
-    pub fn parse(text: &str) -> Result<Bound, String> {
-        let text = text.trim();
-        if let Ok(t) = humantime::parse_rfc3339_weak(text) {
-            return Ok(Bound::Time(t));
-        }
-        let mut offsets = BTreeMap::new();
-        for part in text.split(',') {
-            let (p, o) = part.split_once(':').ok_or_else(|| {
-                format!("`{text}` is neither an RFC 3339 time nor partition:offset pairs")
-            })?;
-            let p: i32 = p
-                .trim()
-                .parse()
-                .map_err(|_| format!("`{p}` is not a partition"))?;
-            let o: i64 = o
-                .trim()
-                .parse()
-                .map_err(|_| format!("`{o}` is not an offset"))?;
-            if p < 0 || o < 0 {
-                return Err(format!("`{part}`: partitions and offsets are not negative"));
-            }
-            offsets.insert(p, o);
-        }
-        Ok(Bound::Offsets(offsets))
-    }
-}
+use source::{is_transient, Source, KAFKA_PATIENCE};
+pub use source::{Bound, ReplayError};
 
 /// Which dead letters a replay puts through; every filter set must hold.
 #[derive(Debug, Clone, Default)]
@@ -264,61 +227,6 @@ impl Summary {
         }
     }
 }
-
-/// Why a replay could not run.
-#[derive(Debug, thiserror::Error)]
-pub enum ReplayError {
-    #[error("cannot create the consumer of the dead-letter topic: {0}")]
-    Consumer(KafkaError),
-    #[error("the dead-letter topic `{0}` does not exist (or is not visible to these credentials)")]
-    NoTopic(String),
-    #[error("reading the dead-letter topic `{topic}`: {error}")]
-    Kafka { topic: String, error: KafkaError },
-    #[error(
-        "cannot start the replay's transactions (transactional id `{id}`): {error}; the \
-         principal needs WRITE and DESCRIBE on that transactional id"
-    )]
-    Transactions { id: String, error: TxnError },
-}
-
-/// The consumer's context: the high watermark of each partition of the dead-letter topic, as
-/// the broker's last fetch answer gave it (librdkafka's statistics), to know when a
-/// partition has been read to its end.
-struct Watermarks {
-    topic: String,
-    /// (low, high) per partition.
-    high: std::sync::Mutex<BTreeMap<i32, (i64, i64)>>,
-}
-
-impl Watermarks {
-    fn of(&self, partition: i32) -> Option<(i64, i64)> {
-        self.high
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&partition)
-            .copied()
-    }
-}
-
-impl ClientContext for Watermarks {
-    fn stats(&self, statistics: Statistics) {
-        let Some(topic) = statistics.topics.get(&self.topic) else {
-            return;
-        };
-        let mut high = self.high.lock().unwrap_or_else(|p| p.into_inner());
-        for (&id, p) in &topic.partitions {
-            if id >= 0 && p.hi_offset >= 0 {
-                high.insert(id, (p.lo_offset.max(0), p.hi_offset));
-            }
-        }
-    }
-
-    fn error(&self, error: KafkaError, reason: &str) {
-        tracing::warn!(%error, "librdkafka: {reason}");
-    }
-}
-
-impl ConsumerContext for Watermarks {}
 
 /// A dead letter as read: the body and what its headers say.
 struct Letter {
@@ -513,10 +421,6 @@ fn classify(e: IngestError) -> Outcome {
     }
 }
 
-/// How long a transaction step may take, and how long the coordinator's transient errors are
-/// retried when the replay starts.
-const KAFKA_PATIENCE: Duration = Duration::from_secs(30);
-
 /// How long one transaction request (sending the group's position, a commit) may take before
 /// it is sent again or resumed.
 const KAFKA_STEP: Duration = Duration::from_secs(10);
@@ -530,209 +434,6 @@ const COMMIT_EVERY: Duration = Duration::from_secs(1);
 
 /// The first letters that stay, listed in the summary.
 const STAYED_LISTED: usize = 1000;
-
-/// The dead-letter topic's consumer, and which partitions are still read.
-struct Source {
-    consumer: StreamConsumer<Watermarks>,
-    topic: String,
-    /// Partitions not yet read to their end (or to `--until`).
-    open: HashSet<i32>,
-    /// The next offset the consumer hands over, per partition.
-    consumed: BTreeMap<i32, i64>,
-    since: BTreeMap<i32, i64>,
-    until: BTreeMap<i32, i64>,
-    /// The group's position when the replay started.
-    committed: BTreeMap<i32, i64>,
-}
-
-/// What the consumer looks up before reading: the topic's partitions, the group's committed
-/// positions and the offsets `--since` names.
-struct LookedUp {
-    partitions: Vec<i32>,
-    committed: TopicPartitionList,
-    since: BTreeMap<i32, i64>,
-}
-
-impl Source {
-    /// Opens the consumer, takes the group's committed positions (retrying the coordinator's
-    /// transient errors: a coordinator still loading, or moving) into `positions`, and
-    /// assigns every partition from there. librdkafka's lookups block: they run on a thread
-    /// of their own, and a caller that stops waiting leaves the consumer to be dropped there.
-    async fn open(
-        kafka: &Kafka,
-        options: &Options,
-        positions: &mut Positions,
-    ) -> Result<Source, ReplayError> {
-        let topic = options.topic.clone();
-        let kafka_error = |error| ReplayError::Kafka {
-            topic: topic.clone(),
-            error,
-        };
-        let consumer: StreamConsumer<Watermarks> = consumer_config(kafka, &options.group)
-            .set("statistics.interval.ms", "100")
-            .set("isolation.level", "read_committed")
-            .create_with_context(Watermarks {
-                topic: topic.clone(),
-                high: Default::default(),
-            })
-            .map_err(ReplayError::Consumer)?;
-        let since = options.selection.since.clone();
-        let named = topic.clone();
-        let (consumer, looked_up) = tokio::task::spawn_blocking(move || {
-            let looked_up = look_up(&consumer, &named, since.as_ref());
-            (consumer, looked_up)
-        })
-        .await
-        .map_err(|_| ReplayError::Consumer(KafkaError::Canceled))?;
-        let LookedUp {
-            partitions,
-            committed,
-            since,
-        } = looked_up.map_err(|e| match e {
-            None => ReplayError::NoTopic(topic.clone()),
-            Some(error) => kafka_error(error),
-        })?;
-        let until: BTreeMap<i32, i64> = match &options.selection.until {
-            Some(Bound::Offsets(o)) => o.clone(),
-            _ => BTreeMap::new(),
-        };
-        let mut source = Source {
-            consumer,
-            topic: topic.clone(),
-            open: HashSet::new(),
-            consumed: BTreeMap::new(),
-            since,
-            until,
-            committed: BTreeMap::new(),
-        };
-        let mut assignment = TopicPartitionList::new();
-        for &p in &partitions {
-            let group_at = committed
-                .find_partition(&topic, p)
-                .and_then(|e| match e.offset() {
-                    Offset::Offset(o) => Some(positions.resume(p, o, e.metadata())),
-                    _ => None,
-                });
-            if let Some(at) = group_at {
-                source.committed.insert(p, at);
-            }
-            let start = match (group_at, source.since.get(&p)) {
-                (Some(g), Some(&s)) => Some(g.max(s)),
-                (g, s) => g.or(s.copied()),
-            };
-            if let (Some(start), Some(&until)) = (start, source.until.get(&p)) {
-                if start >= until {
-                    continue;
-                }
-            }
-            tracing::debug!(partition = p, committed = ?group_at, ?start, "replay starts");
-            assignment
-                .add_partition_offset(&topic, p, start.map_or(Offset::Beginning, Offset::Offset))
-                .map_err(kafka_error)?;
-            source.open.insert(p);
-            if let Some(start) = start {
-                source.consumed.insert(p, start);
-            }
-        }
-        if !source.open.is_empty() {
-            source.consumer.assign(&assignment).map_err(kafka_error)?;
-        }
-        Ok(source)
-    }
-
-    /// Stops reading `partition`.
-    fn close(&mut self, partition: i32) {
-        if self.open.remove(&partition) {
-            let mut tpl = TopicPartitionList::new();
-            tpl.add_partition(&self.topic, partition);
-            let _ = self.consumer.pause(&tpl);
-        }
-    }
-
-    /// Closes the partitions the consumer has handed over every record of, below the high
-    /// watermark of the broker's last fetch answer.
-    fn close_the_ends(&mut self) {
-        for p in self.open.clone() {
-            if let Some((low, high)) = self.consumer.context().of(p) {
-                if self.consumed.get(&p).copied().unwrap_or(low) >= high {
-                    tracing::debug!(partition = p, low, high, "read to its end");
-                    self.close(p);
-                }
-            }
-        }
-    }
-}
-
-/// The topic's partitions, the group's committed positions and the offsets of a `--since`
-/// time, each request retried while it fails with a transient error. None: the topic does not
-/// exist. Blocks.
-fn look_up(
-    consumer: &StreamConsumer<Watermarks>,
-    topic: &str,
-    since: Option<&Bound>,
-) -> Result<LookedUp, Option<KafkaError>> {
-    let timeout = Duration::from_secs(10);
-    let metadata = patiently(|| consumer.fetch_metadata(Some(topic), timeout)).map_err(Some)?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .filter(|t| t.name() == topic && t.error().is_none())
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
-    if partitions.is_empty() {
-        return Err(None);
-    }
-    let mut all = TopicPartitionList::new();
-    for &p in &partitions {
-        all.add_partition(topic, p);
-    }
-    let committed = patiently(|| consumer.committed_offsets(all.clone(), timeout)).map_err(Some)?;
-    let since = match since {
-        Some(Bound::Offsets(o)) => o.clone(),
-        Some(Bound::Time(t)) => {
-            let ms = t
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map(|d| d.as_millis() as i64)
-                .unwrap_or_default();
-            let mut times = TopicPartitionList::new();
-            for &p in &partitions {
-                times
-                    .add_partition_offset(topic, p, Offset::Offset(ms))
-                    .map_err(Some)?;
-            }
-            patiently(|| consumer.offsets_for_times(times.clone(), timeout))
-                .map_err(Some)?
-                .elements()
-                .iter()
-                .filter_map(|e| match e.offset() {
-                    Offset::Offset(o) => Some((e.partition(), o)),
-                    _ => None,
-                })
-                .collect()
-        }
-        None => BTreeMap::new(),
-    };
-    Ok(LookedUp {
-        partitions,
-        committed,
-        since,
-    })
-}
-
-/// Calls a Kafka request again while it fails with a transient error, for up to
-/// [`KAFKA_PATIENCE`]. Blocks.
-fn patiently<T>(mut call: impl FnMut() -> Result<T, KafkaError>) -> Result<T, KafkaError> {
-    let started = Instant::now();
-    loop {
-        match call() {
-            Err(e) if is_transient(&e) && started.elapsed() < KAFKA_PATIENCE => {
-                tracing::info!(error = %e, "Kafka is not ready yet; trying again");
-                std::thread::sleep(Duration::from_millis(250));
-            }
-            result => return result,
-        }
-    }
-}
 
 /// What a summary reports, kept so that an aborted transaction can take its share back.
 #[derive(Debug, Clone, Default)]
@@ -1084,7 +785,7 @@ pub async fn run(
     }
     let mut positions = Positions::default();
     let mut source = tokio::select! {
-        source = Source::open(kafka, &options, &mut positions) => source?,
+        source = Source::open(kafka, &options.topic, &options.group, &options.selection.since, &options.selection.until, &mut positions) => source?,
         () = &mut stop => return Ok(Summary::interrupted(&options, started)),
     };
     let group = match &txn {
@@ -1206,23 +907,6 @@ pub async fn run(
         to_do: positions.to_do(),
         elapsed_secs: elapsed,
     })
-}
-
-fn is_transient(e: &KafkaError) -> bool {
-    matches!(
-        e.rdkafka_error_code(),
-        Some(
-            RDKafkaErrorCode::BrokerTransportFailure
-                | RDKafkaErrorCode::AllBrokersDown
-                | RDKafkaErrorCode::RequestTimedOut
-                | RDKafkaErrorCode::OperationTimedOut
-                | RDKafkaErrorCode::NotCoordinator
-                | RDKafkaErrorCode::CoordinatorLoadInProgress
-                | RDKafkaErrorCode::CoordinatorNotAvailable
-                | RDKafkaErrorCode::LeaderNotAvailable
-                | RDKafkaErrorCode::NotLeaderForPartition
-        )
-    )
 }
 
 #[cfg(test)]

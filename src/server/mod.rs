@@ -114,6 +114,21 @@ pub enum Drain {
     TimedOut,
 }
 
+/// Whether an HTTP/2 connection ended because this side sent a GOAWAY for an error (the
+/// peer broke one of the protocol's bounds), rather than the peer leaving.
+fn sent_goaway(err: &(dyn std::error::Error + Send + Sync + 'static)) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = source {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.is_go_away()
+                && !h2.is_remote()
+                && h2.reason().is_some_and(|r| r != h2::Reason::NO_ERROR);
+        }
+        source = e.source();
+    }
+    false
+}
+
 /// Why the bridge closed a connection it could have kept: the `reason` label of
 /// `tamio_bridge_connections_closed_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -642,7 +657,14 @@ impl Connection {
                         tracing::info!(%abuse, "closed an HTTP/2 connection that broke a bound");
                         self.closed(CloseReason::Http2Abuse);
                     } else if let Err(err) = ended {
-                        tracing::debug!(error = %err, "connection ended with an error");
+                        // HTTP/2's own bounds (streams refused, resets, flow control) end a
+                        // connection with a GOAWAY of ours: counted with the bridge's.
+                        if sent_goaway(err.as_ref()) {
+                            tracing::info!(error = %err, "closed an HTTP/2 connection that broke a bound");
+                            self.closed(CloseReason::Http2Abuse);
+                        } else {
+                            tracing::debug!(error = %err, "connection ended with an error");
+                        }
                     }
                     return;
                 }
