@@ -633,20 +633,18 @@ impl Publisher {
             .clone();
         let topics = topics.to_vec();
         let began = std::time::Instant::now();
-        // While the producer's own connections show every broker down, asking would only
-        // wait out the probe's timeouts (three times): they say it at once.
-        let (health, failed) = if self.reach.all_down() {
-            let why = match self.last_error.recent() {
-                Some(cause) => format!(" (last connection error: {cause})"),
-                None => String::new(),
-            };
-            let down = ProbeError::new(
-                ProbeFailure::NoBroker,
-                format!("no broker answered: every broker's connection is down{why}"),
-            );
-            (Health::default(), Some(down))
+        // While the producer's own connections show every broker down, the probe asks once,
+        // briefly, instead of three times at its full timeout: what it would wait for is
+        // known. Its answer is also how the producer hears of a broker back, since it makes
+        // no connection while every record is refused.
+        let all_down = self.reach.all_down();
+        let (timeout, attempts) = if all_down {
+            (timeout.min(Duration::from_millis(800)), 1)
         } else {
-            tokio::task::spawn_blocking(move || client.probe(&topics, timeout))
+            (timeout, 3)
+        };
+        let (health, failed) =
+            tokio::task::spawn_blocking(move || client.probe(&topics, timeout, attempts))
                 .await
                 .unwrap_or_else(|e| {
                     let failed = ProbeError::new(
@@ -654,8 +652,14 @@ impl Publisher {
                         format!("readiness probe failed: {e}"),
                     );
                     (Health::default(), Some(failed))
-                })
-        };
+                });
+        if all_down
+            && !failed
+                .as_ref()
+                .is_some_and(|e| e.failure == ProbeFailure::NoBroker)
+        {
+            self.reach.back_up();
+        }
         let unreachable = failed.as_ref().is_some_and(|e| e.failure.refuses_records());
         self.reachable.store(!unreachable, Ordering::Relaxed);
         self.metrics.partitions_unwritable.reset();

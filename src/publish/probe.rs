@@ -417,7 +417,12 @@ impl ProbeClient {
     /// cannot be written marked, and why the bridge cannot take records, if it cannot (the
     /// first cause found). Every topic is probed whatever the ones before it showed; only
     /// when no broker answers is nothing known. Blocks: run it off the async runtime.
-    pub fn probe(&self, topics: &[String], timeout: Duration) -> (Health, Option<ProbeError>) {
+    pub fn probe(
+        &self,
+        topics: &[String],
+        timeout: Duration,
+        attempts: usize,
+    ) -> (Health, Option<ProbeError>) {
         let mut health = Health {
             partitioner: self.partitioner,
             ..Health::default()
@@ -426,10 +431,10 @@ impl ProbeClient {
         for topic in topics {
             let min = self.min_isr(topic, timeout).unwrap_or(1);
             // A broker that does not answer was dropped by the timeout: others are asked
-            // before "no broker answered" is said. Twice more: a frozen broker's kernel
-            // still accepts a new connection, which librdkafka may pick again.
+            // before "no broker answered" is said (`attempts` in all): a frozen broker's
+            // kernel still accepts a new connection, which librdkafka may pick again.
             let mut asked = self.partitions(topic, min, timeout);
-            for _ in 0..2 {
+            for _ in 1..attempts {
                 match &asked {
                     Err(e) if e.failure == ProbeFailure::NoBroker => {
                         asked = self.partitions(topic, min, timeout);

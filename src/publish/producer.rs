@@ -513,8 +513,13 @@ impl Reach {
 
     fn one_up(&self) {
         self.ever_up.store(true, Ordering::Relaxed);
+        self.back_up();
+    }
+
+    /// A broker answered again (the producer's statistics, or the readiness probe).
+    pub fn back_up(&self) {
         if self.all_down.swap(false, Ordering::Relaxed) {
-            tracing::info!("a broker's connection is up again");
+            tracing::info!("a broker answers again: deliveries are taken");
         }
     }
 }
