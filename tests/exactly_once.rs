@@ -26,7 +26,7 @@ async fn concurrent_deliveries_share_transactions_and_each_is_read_once() {
     bridge.wait_ready().await;
     let acked = Arc::new(AtomicUsize::new(0));
     let load = Load {
-        url: format!("http://{}/webhooks/tamio", bridge.addr),
+        url: bridge.url(),
         tickets: 32,
         per_ticket: 25,
         max_attempts: 1,

@@ -149,20 +149,7 @@ async fn quick_refusals_follow_the_partitioner_and_readiness_follows_the_committ
         let url = bridge.url();
         tokio::spawn(async move {
             let body = ticket_event("solo-1", "ticket-solo", 1);
-            let sig = tamio_kafka_bridge::ingest::verify::header_value(
-                SECRET.as_bytes(),
-                now(),
-                body.as_bytes(),
-            );
-            post(
-                &url,
-                &[
-                    ("content-type", "application/json"),
-                    ("tamio-signature", &sig),
-                ],
-                body.into_bytes(),
-            )
-            .await
+            post_signed(&url, &body, SECRET, now()).await
         })
     };
     let not_ready = loop {

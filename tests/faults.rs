@@ -271,7 +271,7 @@ async fn under_load(
     ]);
     bridge.wait_ready().await;
     let load = Load {
-        url: format!("http://{}/webhooks/tamio", bridge.addr),
+        url: bridge.url(),
         tickets: 32,
         per_ticket: 30,
         max_attempts: 50,

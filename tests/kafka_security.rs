@@ -174,7 +174,9 @@ async fn assert_process_kept_out(bridge: &Process, why: &str) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let reply = send_to(bridge, &ticket_event("whev_kept_out", "ticket-out", 0)).await;
+    let reply = bridge
+        .send(&ticket_event("whev_kept_out", "ticket-out", 0))
+        .await;
     assert_eq!(
         reply.status,
         StatusCode::SERVICE_UNAVAILABLE,
@@ -330,7 +332,7 @@ async fn authenticates_with_scram_sha_512_over_tls() {
     let bridge = spawn(env("alice-password-61f0"));
     wait_for_readyz(bridge.admin, StatusCode::OK, Duration::from_secs(20)).await;
     let body = FIXTURES[1];
-    let reply = send_to(&bridge, body).await;
+    let reply = bridge.send(body).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     bridge.signal("TERM");
     let mut bridge = bridge;
@@ -400,7 +402,7 @@ async fn authenticates_with_scram_sha_256_over_tls_created_through_the_admin_api
     ]);
     wait_for_readyz(bridge.admin, StatusCode::OK, Duration::from_secs(20)).await;
     let body = FIXTURES[2];
-    let reply = send_to(&bridge, body).await;
+    let reply = bridge.send(body).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     bridge.signal("TERM");
     assert_eq!(bridge.wait(Duration::from_secs(30)), 0);
@@ -514,20 +516,6 @@ async fn grant_replayer(cluster: &kafka::Cluster, principal: &str, dlt: &str, to
 }
 
 /// Sends `body` signed with `SECRET` to the bridge process.
-async fn send_to(bridge: &Process, body: &str) -> Reply {
-    let sig =
-        tamio_kafka_bridge::ingest::verify::header_value(SECRET.as_bytes(), now(), body.as_bytes());
-    post(
-        &format!("http://{}/webhooks/tamio", bridge.addr),
-        &[
-            ("content-type", "application/json"),
-            ("tamio-signature", &sig),
-        ],
-        body.as_bytes().to_vec(),
-    )
-    .await
-}
-
 /// Polls `/readyz` until its answer contains each of `words` (any case); returns it.
 async fn readyz_naming(bridge: &Process, words: &[&str], within: Duration) -> Reply {
     let started = Instant::now();
@@ -618,7 +606,7 @@ async fn plain_over_tls_with_only_the_readme_acls() {
     let bridge = spawn(pairs(&env("bridge", "not-the-password-5e")), vec![]);
     let ready = readyz_naming(&bridge, &["authentication"], Duration::from_secs(15)).await;
     assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
-    let reply = send_to(&bridge, &ticket_event("whev_pw", "ticket-pw", 0)).await;
+    let reply = bridge.send(&ticket_event("whev_pw", "ticket-pw", 0)).await;
     assert_eq!(
         reply.status,
         StatusCode::SERVICE_UNAVAILABLE,
@@ -657,15 +645,13 @@ async fn plain_over_tls_with_only_the_readme_acls() {
     .await;
     assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
     for i in 0..5 {
-        let reply = send_to(
-            &bridge,
-            &ticket_event(&format!("whev_ok_{i}"), "ticket-ok", i),
-        )
-        .await;
+        let reply = bridge
+            .send(&ticket_event(&format!("whev_ok_{i}"), "ticket-ok", i))
+            .await;
         assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     }
     let started = Instant::now();
-    let reply = send_to(&bridge, &note("whev_note_forbidden", "ticket-ok")).await;
+    let reply = bridge.send(&note("whev_note_forbidden", "ticket-ok")).await;
     assert_eq!(
         reply.status,
         StatusCode::SERVICE_UNAVAILABLE,
@@ -697,14 +683,12 @@ async fn plain_over_tls_with_only_the_readme_acls() {
     let bridge = spawn(pairs(&env("bridge", BRIDGE_PASSWORD)), vec![]);
     bridge.wait_ready().await;
     for i in 5..25 {
-        let reply = send_to(
-            &bridge,
-            &ticket_event(&format!("whev_ok_{i}"), "ticket-ok", i),
-        )
-        .await;
+        let reply = bridge
+            .send(&ticket_event(&format!("whev_ok_{i}"), "ticket-ok", i))
+            .await;
         assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     }
-    let reply = send_to(&bridge, &note("whev_note_late", "ticket-ok")).await;
+    let reply = bridge.send(&note("whev_note_late", "ticket-ok")).await;
     assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text());
     assert_no_secret(&bridge.log_text(), &passwords, "the log");
     drop(bridge);
@@ -780,7 +764,9 @@ async fn broker_certificates_expired_or_from_an_unknown_ca_are_named_within_seco
             "the log does not say `{named}`: {}",
             bridge.log_text()
         );
-        let reply = send_to(&bridge, &ticket_event("whev_cert", "ticket-cert", 0)).await;
+        let reply = bridge
+            .send(&ticket_event("whev_cert", "ticket-cert", 0))
+            .await;
         assert_eq!(
             reply.status,
             StatusCode::SERVICE_UNAVAILABLE,
@@ -809,7 +795,9 @@ async fn broker_certificates_expired_or_from_an_unknown_ca_are_named_within_seco
     let config = ["--config", unverified.path().to_str().unwrap()];
     let bridge = Process::spawn_with_args(&env, &config);
     wait_for_readyz(bridge.admin, StatusCode::OK, Duration::from_secs(20)).await;
-    let reply = send_to(&bridge, &ticket_event("whev_unverified", "ticket-cert", 0)).await;
+    let reply = bridge
+        .send(&ticket_event("whev_unverified", "ticket-cert", 0))
+        .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     drop(bridge);
     let mut args = config.to_vec();
@@ -875,7 +863,7 @@ async fn a_client_certificate_rotated_with_sighup_keeps_deliveries_flowing() {
         let bodies: Vec<String> = (start..start + n)
             .map(|i| ticket_event(&format!("whev_rot_{i}"), "ticket-rot", i))
             .collect();
-        let url = format!("http://{}/webhooks/tamio", bridge.addr);
+        let url = bridge.url();
         async move {
             for body in bodies {
                 let sig = tamio_kafka_bridge::ingest::verify::header_value(

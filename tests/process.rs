@@ -137,7 +137,7 @@ async fn with_nothing_configured_it_runs_on_the_embedded_broker() {
         .to_owned();
     let reply = request(
         "POST",
-        &format!("http://{}/webhooks/tamio", bridge.addr),
+        &bridge.url(),
         &[
             ("content-type", "application/json"),
             ("tamio-signature", &header),
@@ -222,11 +222,7 @@ async fn bridge_killed_mid_load_and_started_again_loses_nothing_acknowledged() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let topic = unique_topic("loss-sigkill");
     create_topic(&topic, 3).await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let brokers = brokers();
     let env = [

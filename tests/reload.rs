@@ -366,20 +366,10 @@ async fn a_changed_secret_file_is_picked_up_without_a_signal() {
     ]);
     bridge.wait_ready().await;
     let send = |secret: &'static str, id: &'static str| {
-        let url = format!("http://{}/webhooks/tamio", bridge.addr);
+        let url = bridge.url();
         async move {
             let body = ticket_event(id, "ticket-watch", 0);
-            let sig = tamio_header(secret, &body);
-            post(
-                &url,
-                &[
-                    ("content-type", "application/json"),
-                    ("tamio-signature", &sig),
-                ],
-                body.into_bytes(),
-            )
-            .await
-            .status
+            post_signed(&url, &body, secret, now()).await.status
         }
     };
     assert_eq!(send(NEW, "whev_watch_1").await, StatusCode::UNAUTHORIZED);
@@ -425,7 +415,7 @@ async fn a_reload_never_turns_unsigned_deliveries_on() {
     replace_file(&config, b"[signature]\nallow_unsigned = true\n");
     wait_for_reloads(bridge.admin, "failed", 1.0).await;
     let body = ticket_event("whev_unsigned_reload", "ticket-ur", 0);
-    let url = format!("http://{}/webhooks/tamio", bridge.addr);
+    let url = bridge.url();
     let unsigned = post(
         &url,
         &[("content-type", "application/json")],

@@ -33,28 +33,6 @@ async fn replicas(topic: &str, redis_url: &str) -> Vec<Process> {
     all
 }
 
-fn url(p: &Process) -> String {
-    format!("http://{}/webhooks/tamio", p.addr)
-}
-
-async fn deliver(p: &Process, body: &str) -> Reply {
-    let sig =
-        tamio_kafka_bridge::ingest::verify::header_value(SECRET.as_bytes(), now(), body.as_bytes());
-    post(
-        &url(p),
-        &[
-            ("content-type", "application/json"),
-            ("tamio-signature", &sig),
-        ],
-        body.as_bytes().to_vec(),
-    )
-    .await
-}
-
-async fn metric(p: &Process, series: &str) -> f64 {
-    sample(&get(p.admin, "/metrics").await.text(), series)
-}
-
 fn ids(records: &[Record]) -> Vec<String> {
     let mut ids: Vec<String> = records
         .iter()
@@ -74,13 +52,13 @@ async fn a_retry_that_reaches_another_replica_writes_nothing() {
     for i in 0..30 {
         let id = format!("whev_shared_{i}");
         let body = ticket_event(&id, &format!("ticket-{}", i % 5), i);
-        let first = deliver(&all[i % 3], &body).await;
+        let first = all[i % 3].send(&body).await;
         assert_eq!(first.status, StatusCode::OK, "{}", first.text());
         let first = first.json();
         assert_eq!(first["duplicate"], false);
         // The sender's retry lands on the next replica, and on the one after.
         for step in 1..3 {
-            let retry = deliver(&all[(i + step) % 3], &body).await;
+            let retry = all[(i + step) % 3].send(&body).await;
             assert_eq!(retry.status, StatusCode::OK, "{}", retry.text());
             let retry = retry.json();
             assert_eq!(
@@ -112,7 +90,7 @@ async fn one_id_sent_to_all_three_replicas_at_once_is_written_once() {
         let sends: Vec<_> = (0..3)
             .map(|r| {
                 let (all, body) = (all.clone(), body.clone());
-                tokio::spawn(async move { deliver(&all[r], &body).await })
+                tokio::spawn(async move { all[r].send(&body).await })
             })
             .collect();
         let mut fresh = 0;
@@ -142,14 +120,14 @@ async fn a_restarted_replica_still_suppresses_a_retry_it_acknowledged_before() {
     let mut bridge = replica(&topic, &redis.url(), &[]);
     bridge.wait_ready().await;
     let body = ticket_event("whev_restart", "ticket-restart", 0);
-    let first = deliver(&bridge, &body).await;
+    let first = bridge.send(&body).await;
     assert_eq!(first.status, StatusCode::OK, "{}", first.text());
     bridge.signal("TERM");
     assert_eq!(bridge.wait(Duration::from_secs(30)), 0);
 
     let again = replica(&topic, &redis.url(), &[]);
     again.wait_ready().await;
-    let retry = deliver(&again, &body).await;
+    let retry = again.send(&body).await;
     assert_eq!(retry.status, StatusCode::OK, "{}", retry.text());
     assert_eq!(retry.json()["duplicate"], true, "{}", retry.text());
     assert_eq!(retry.json()["offset"], first.json()["offset"]);
@@ -165,7 +143,7 @@ async fn redis_killed_under_load_loses_nothing_and_suppression_resumes() {
     let all = replicas(&topic, &redis.url()).await;
 
     let load = Load {
-        url: url(&all[0]),
+        url: all[0].url(),
         tickets: 24,
         per_ticket: 40,
         max_attempts: 100,
@@ -199,14 +177,14 @@ async fn redis_killed_under_load_loses_nothing_and_suppression_resumes() {
     check_losses(&brokers(), &topic, &report)
         .await
         .assert_nothing_lost(&report);
-    let errors = metric(&all[0], "tamio_bridge_dedup_store_errors_total").await;
+    let errors = all[0].metric("tamio_bridge_dedup_store_errors_total").await;
     assert!(errors > 0.0, "no store error was counted");
     println!("store errors counted while Redis was down: {errors}");
 
     // Back without a restart of the bridges: a retry on another replica is a duplicate again.
     let started = Instant::now();
-    while metric(&all[0], "tamio_bridge_dedup_store_up").await < 1.0
-        || metric(&all[1], "tamio_bridge_dedup_store_up").await < 1.0
+    while all[0].metric("tamio_bridge_dedup_store_up").await < 1.0
+        || all[1].metric("tamio_bridge_dedup_store_up").await < 1.0
     {
         assert!(
             started.elapsed() < Duration::from_secs(10),
@@ -215,8 +193,8 @@ async fn redis_killed_under_load_loses_nothing_and_suppression_resumes() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let body = ticket_event("whev_after_redis", "ticket-after", 0);
-    assert_eq!(deliver(&all[0], &body).await.status, StatusCode::OK);
-    let retry = deliver(&all[1], &body).await;
+    assert_eq!(all[0].send(&body).await.status, StatusCode::OK);
+    let retry = all[1].send(&body).await;
     assert_eq!(retry.status, StatusCode::OK, "{}", retry.text());
     assert_eq!(retry.json()["duplicate"], true, "{}", retry.text());
 }
@@ -226,11 +204,7 @@ async fn an_unreachable_store_falls_back_to_memory_or_refuses_as_set() {
     let topic = unique_topic("shared-none");
     create_topic(&topic, 1).await;
     // Nothing listens there.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let nowhere = format!("redis://127.0.0.1:{port}");
     let local = replica(&topic, &nowhere, &[]);
     let refusing = replica(
@@ -242,20 +216,24 @@ async fn an_unreachable_store_falls_back_to_memory_or_refuses_as_set() {
     refusing.wait_ready().await;
 
     let body = ticket_event("whev_no_store", "ticket-none", 0);
-    let taken = deliver(&local, &body).await;
+    let taken = local.send(&body).await;
     assert_eq!(taken.status, StatusCode::OK, "{}", taken.text());
     // Still suppressed within the process.
-    let again = deliver(&local, &body).await;
+    let again = local.send(&body).await;
     assert_eq!(again.json()["duplicate"], true, "{}", again.text());
-    assert!(metric(&local, "tamio_bridge_dedup_store_errors_total").await > 0.0);
-    assert_eq!(metric(&local, "tamio_bridge_dedup_store_up").await, 0.0);
+    assert!(local.metric("tamio_bridge_dedup_store_errors_total").await > 0.0);
+    assert_eq!(local.metric("tamio_bridge_dedup_store_up").await, 0.0);
     // Readiness is Kafka's alone.
     assert_eq!(get(local.admin, "/readyz").await.status, StatusCode::OK);
 
-    let mut refused = deliver(&refusing, &ticket_event("whev_refused", "ticket-none", 1)).await;
+    let mut refused = refusing
+        .send(&ticket_event("whev_refused", "ticket-none", 1))
+        .await;
     // The first delivery finds the store down; any later one is refused at once.
     if refused.status == StatusCode::OK {
-        refused = deliver(&refusing, &ticket_event("whev_refused_2", "ticket-none", 2)).await;
+        refused = refusing
+            .send(&ticket_event("whev_refused_2", "ticket-none", 2))
+            .await;
     }
     assert_eq!(
         refused.status,

@@ -37,10 +37,9 @@ async fn replicas(topic: &str, redis_url: &str) -> Arc<Vec<Process>> {
 async fn deliver(p: &Process, body: &str) -> Reply {
     let sig =
         tamio_kafka_bridge::ingest::verify::header_value(SECRET.as_bytes(), now(), body.as_bytes());
-    let url = format!("http://{}/webhooks/tamio", p.addr);
     request(
         "POST",
-        &url,
+        &p.url(),
         &[
             ("content-type", "application/json"),
             ("tamio-signature", &sig),
@@ -142,14 +141,10 @@ async fn records_per_event(topic: &str, at_least: usize) -> BTreeMap<String, usi
     counts
 }
 
-async fn metric(p: &Process, series: &str) -> f64 {
-    sample(&get(p.admin, "/metrics").await.text(), series)
-}
-
 async fn store_errors(all: &[Process]) -> f64 {
     let mut sum = 0.0;
     for p in all {
-        sum += metric(p, "tamio_bridge_dedup_store_errors_total").await;
+        sum += p.metric("tamio_bridge_dedup_store_errors_total").await;
     }
     sum
 }

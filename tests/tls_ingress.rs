@@ -68,7 +68,7 @@ async fn tls_ingress_with_a_test_ca_serves_http1_and_h2() {
     // Plain HTTP on the TLS port gets no answer.
     let plain = request(
         "POST",
-        &format!("http://{}/webhooks/tamio", bridge.addr),
+        &bridge.url(),
         &[("content-type", "application/json")],
         body.into_bytes(),
     )

@@ -56,12 +56,7 @@ async fn deliver(p: &Process, body: &str, sign: bool, trace: &[(&str, &str)]) ->
         ("tamio-signature", sig.as_str()),
     ];
     headers.extend_from_slice(trace);
-    let reply = post(
-        &format!("http://{}/webhooks/tamio", p.addr),
-        &headers,
-        body.as_bytes().to_vec(),
-    )
-    .await;
+    let reply = post(&p.url(), &headers, body.as_bytes().to_vec()).await;
     (reply, sig)
 }
 

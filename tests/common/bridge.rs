@@ -8,7 +8,7 @@ use tamio_kafka_bridge::config::Settings;
 use tamio_kafka_bridge::ingest::verify;
 use tokio::net::TcpListener;
 
-use super::{brokers, get, now, post, Reply, SECRET};
+use super::{brokers, get, now, post, post_signed, Reply, SECRET};
 
 /// Settings for a test bridge: the test broker, `topic`, one secret, ports 0.
 pub fn settings(topic: &str, extra: &[(&str, &str)]) -> Settings {
@@ -115,16 +115,7 @@ impl Bridge {
     }
 
     pub async fn send_signed(&self, body: &str, secret: &str, t: i64) -> Reply {
-        let sig = verify::header_value(secret.as_bytes(), t, body.as_bytes());
-        post(
-            &self.url(),
-            &[
-                ("content-type", "application/json"),
-                ("tamio-signature", &sig),
-            ],
-            body.as_bytes().to_vec(),
-        )
-        .await
+        post_signed(&self.url(), body, secret, t).await
     }
 
     pub async fn metrics(&self) -> String {

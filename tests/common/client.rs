@@ -70,6 +70,21 @@ pub async fn request(
 /// The longest any request of the tests may wait for its answer.
 pub const ANSWER_WITHIN: Duration = Duration::from_secs(90);
 
+/// A delivery of `body` to `url`, signed with `secret` (the `tamio` scheme) at time `t`.
+pub async fn post_signed(url: &str, body: &str, secret: &str, t: i64) -> Reply {
+    let sig =
+        tamio_kafka_bridge::ingest::verify::header_value(secret.as_bytes(), t, body.as_bytes());
+    post(
+        url,
+        &[
+            ("content-type", "application/json"),
+            ("tamio-signature", &sig),
+        ],
+        body.as_bytes().to_vec(),
+    )
+    .await
+}
+
 pub async fn post(url: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Reply {
     request("POST", url, headers, body)
         .await

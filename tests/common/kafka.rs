@@ -11,6 +11,8 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::ClientConfig;
 
+use super::net::free_port;
+
 /// How a cluster is laid out and secured.
 #[derive(Debug, Clone)]
 pub struct Spec {
@@ -176,26 +178,6 @@ fn node_script() -> PathBuf {
                  fetches Apache Kafka and names its launcher"
             )
         })
-}
-
-/// A port for a node to listen on, each one once in this process. Taken below Linux's
-/// ephemeral range (32768 and up): a port the kernel hands out for bind(0) may be taken by
-/// an outgoing connection before the node binds it (after tests/abuse.rs opens tens of
-/// thousands, a node then failed with "Address already in use").
-fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    const FIRST: u32 = 20_000;
-    const COUNT: u32 = 12_000;
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    // Each test process starts at a place of its own.
-    let start = std::process::id().wrapping_mul(7919) % COUNT;
-    loop {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let port = (FIRST + (start + n) % COUNT) as u16;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
 }
 
 fn tail(text: &str, lines: usize) -> String {

@@ -1,7 +1,10 @@
-//! The test kit, by concern: the broker (`broker`), the bridge in process (`bridge`) or as
-//! the real binary (`process`), an HTTP client (`client`), a reader of whole topics (`topic`),
-//! the loss checker's load (`load`), a Redis server (`redis_server`), TLS (`tls`) and a raw HTTP/2 peer (`h2raw`). Each test
-//! file takes what it needs with `use common::*`.
+//! The test kit, by concern: the test broker (`broker`) and clusters of a test's own
+//! (`kafka`), the bridge in process (`bridge`) or as the real binary (`process`, with `url`,
+//! `send` and `metric`), an HTTP client with a timeout (`client`), a reader of whole topics
+//! (`topic`), the loss checker's load (`load`), free ports and silent peers (`net`), an OTLP
+//! receiver (`otlp`), a Redis server (`redis_server`), attacks on the ingress (`siege`),
+//! signatures (`signing`), TLS (`tls`) and a raw HTTP/2 peer (`h2raw`). Each test file takes
+//! what it needs with `use common::*`.
 #![allow(dead_code, unused_imports)]
 
 pub mod bridge;

@@ -9,8 +9,7 @@ use std::time::{Duration, Instant};
 
 use http::StatusCode;
 
-use super::{get, now, post, sample, Reply, SECRET};
-use tamio_kafka_bridge::ingest::verify;
+use super::{get, now, post_signed, sample, Reply, SECRET};
 
 /// The binary under test: `TAMIO_TEST_BIN` when set (the test command sets the release
 /// build, whose memory and CPU are what a deployment sees), else cargo's test build.
@@ -159,16 +158,7 @@ impl Process {
 
     /// Delivers `body` signed with the suite's secret, now.
     pub async fn send(&self, body: &str) -> Reply {
-        let sig = verify::header_value(SECRET.as_bytes(), now(), body.as_bytes());
-        post(
-            &self.url(),
-            &[
-                ("content-type", "application/json"),
-                ("tamio-signature", &sig),
-            ],
-            body.as_bytes().to_vec(),
-        )
-        .await
+        post_signed(&self.url(), body, SECRET, now()).await
     }
 
     pub async fn metrics(&self) -> String {

@@ -4,6 +4,7 @@
 //! [`OwnSentinel`]) and a Cluster (three masters, each with a replica: [`OwnCluster`]). A
 //! test that needs them fails loudly when they cannot start.
 
+use super::net::free_port;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -14,14 +15,6 @@ pub struct OwnRedis {
     /// Its working directory: a replica's full sync writes a file there, which a server
     /// started in the same directory would load.
     dir: tempfile::TempDir,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// One command to the server on `port`, through redis-cli's protocol (the redis crate).
