@@ -73,344 +73,194 @@ const DELAY_BUCKETS: &[f64] = &[
 ];
 
 impl Metrics {
+    /// Declares every metric on a new registry. A list, one declaration per metric: the
+    /// order is the struct's, the exposition sorts by name.
     pub fn new(labels: &Labels) -> Metrics {
-        let registry = Registry::new();
-        let requests = IntCounterVec::new(
-            Opts::new(
+        let d = Declare(Registry::new());
+        d.gauges(
+            "tamio_bridge_build_info",
+            "Always 1; the version as a label.",
+            &["version"],
+        )
+        .with_label_values(&[env!("CARGO_PKG_VERSION")])
+        .set(1);
+        #[cfg(target_os = "linux")]
+        d.register(prometheus::process_collector::ProcessCollector::for_self());
+        Metrics {
+            requests: d.counters(
                 "tamio_bridge_requests_total",
                 "Webhook requests answered, by outcome.",
+                "outcome",
+                &labels.outcomes,
             ),
-            &["outcome"],
-        )
-        .unwrap();
-        let request_duration = HistogramVec::new(
-            HistogramOpts::new(
+            request_duration: d.histograms(
                 "tamio_bridge_request_duration_seconds",
                 "Time from reading a request to answering it, by outcome.",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-            &["outcome"],
-        )
-        .unwrap();
-        let kafka_delivery_duration = Histogram::with_opts(
-            HistogramOpts::new(
+                LATENCY_BUCKETS,
+                "outcome",
+                &labels.outcomes,
+            ),
+            kafka_delivery_duration: d.histogram(
                 "tamio_bridge_kafka_delivery_duration_seconds",
                 "Time from handing a record to the producer to its delivery report.",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-        )
-        .unwrap();
-        let events_delivered = IntCounterVec::new(
-            Opts::new(
+                LATENCY_BUCKETS,
+            ),
+            events_delivered: d.counters(
                 "tamio_bridge_events_delivered_total",
                 "Events Kafka acknowledged, by event type (unknown types count as `other`).",
+                "event_type",
+                &labels.event_types,
             ),
-            &["event_type"],
-        )
-        .unwrap();
-        let kafka_delivery_failures = IntCounterVec::new(
-            Opts::new(
+            kafka_delivery_failures: d.counters(
                 "tamio_bridge_kafka_delivery_failures_total",
                 "Events Kafka did not acknowledge, by reason.",
+                "reason",
+                &labels.delivery_failures,
             ),
-            &["reason"],
-        )
-        .unwrap();
-        let signature_failures = IntCounterVec::new(
-            Opts::new(
+            signature_failures: d.counters(
                 "tamio_bridge_signature_failures_total",
                 "Deliveries refused for their signature, by reason.",
+                "reason",
+                &labels.signature_failures,
             ),
-            &["reason"],
-        )
-        .unwrap();
-        let sender_delay = Histogram::with_opts(
-            HistogramOpts::new(
+            sender_delay: d.histogram(
                 "tamio_bridge_sender_delay_seconds",
                 "Receipt time minus the signature's timestamp: how late the sender delivers.",
-            )
-            .buckets(DELAY_BUCKETS.to_vec()),
-        )
-        .unwrap();
-        let in_flight = IntGauge::new(
-            "tamio_bridge_in_flight_requests",
-            "Webhook requests being processed.",
-        )
-        .unwrap();
-        let body_memory = IntGauge::new(
-            "tamio_bridge_body_memory_bytes",
-            "Bytes of request bodies held in memory, from their first byte until their record is delivered (server.body_memory_bytes bounds it).",
-        )
-        .unwrap();
-        let kafka_up = IntGauge::new(
-            "tamio_bridge_kafka_up",
-            "1 while a broker answers the producer and the topic exists; the same truth as /readyz.",
-        )
-        .unwrap();
-        let http2_streams_refused = IntCounter::new(
-            "tamio_bridge_http2_streams_refused_total",
-            "HTTP/2 streams reset with REFUSED_STREAM: beyond the first of their connection, at server.http2_max_pending_streams.",
-        )
-        .unwrap();
-        let trace_spans_dropped = IntCounter::new(
-            "tamio_bridge_trace_spans_dropped_total",
-            "Spans not exported: the export queue (tracing.max_queue_spans) was full, or their export failed or timed out.",
-        )
-        .unwrap();
-        let dead_letters = IntCounter::new(
-            "tamio_bridge_dead_letters_total",
-            "Signed deliveries with an invalid envelope written to the dead-letter topic.",
-        )
-        .unwrap();
-        let producer_restarts = IntCounter::new(
-            "tamio_bridge_kafka_producer_restarts_total",
-            "Times the producer was replaced after librdkafka declared it dead (a fatal error).",
-        )
-        .unwrap();
-        let unsigned_allowed = IntGauge::new(
-            "tamio_bridge_unsigned_allowed",
-            "1 while deliveries are accepted without a signature (signature.allow_unsigned with \
-             no secret configured); 0 while every delivery must be signed.",
-        )
-        .unwrap();
-        let tls_certificate_expiry = IntGauge::new(
-            "tamio_bridge_tls_certificate_expiry_timestamp_seconds",
-            "When the ingress's TLS certificate in force expires (its notAfter, unix seconds); \
-             0 without TLS.",
-        )
-        .unwrap();
-        let reloads = IntCounterVec::new(
-            Opts::new(
+                DELAY_BUCKETS,
+            ),
+            in_flight: d.gauge(
+                "tamio_bridge_in_flight_requests",
+                "Webhook requests being processed.",
+            ),
+            body_memory: d.gauge(
+                "tamio_bridge_body_memory_bytes",
+                "Bytes of request bodies held in memory, from their first byte until their record is delivered (server.body_memory_bytes bounds it).",
+            ),
+            kafka_up: d.gauge(
+                "tamio_bridge_kafka_up",
+                "1 while a broker answers the producer and the topic exists; the same truth as /readyz.",
+            ),
+            dead_letters: d.counter(
+                "tamio_bridge_dead_letters_total",
+                "Signed deliveries with an invalid envelope written to the dead-letter topic.",
+            ),
+            producer_restarts: d.counter(
+                "tamio_bridge_kafka_producer_restarts_total",
+                "Times the producer was replaced after librdkafka declared it dead (a fatal error).",
+            ),
+            dedup_entries: d.gauge(
+                "tamio_bridge_dedup_entries",
+                "Acknowledged event ids remembered for duplicate suppression.",
+            ),
+            dedup_store_up: d.gauge(
+                "tamio_bridge_dedup_store_up",
+                "1 while the store of duplicate claims is in use (always 1 with dedup.store = memory); \
+                 0 while the shared store is marked down (every command failed for \
+                 dedup.redis_down_after_ms) and claims fall back to this process's memory (or \
+                 deliveries are refused).",
+            ),
+            dedup_store_errors: d.counter(
+                "tamio_bridge_dedup_store_errors_total",
+                "Commands to the shared duplicate store that failed or did not answer in time (each \
+                 is sent again), and writes to it dropped from a full queue.",
+            ),
+            unsigned_allowed: d.gauge(
+                "tamio_bridge_unsigned_allowed",
+                "1 while deliveries are accepted without a signature (signature.allow_unsigned with \
+                 no secret configured); 0 while every delivery must be signed.",
+            ),
+            tls_certificate_expiry: d.gauge(
+                "tamio_bridge_tls_certificate_expiry_timestamp_seconds",
+                "When the ingress's TLS certificate in force expires (its notAfter, unix seconds); \
+                 0 without TLS.",
+            ),
+            reloads: d.counters(
                 "tamio_bridge_reloads_total",
                 "Reloads of the signature settings, secret files and TLS certificate (SIGHUP or \
                  a changed file), by result: applied; restart_needed (applied, and settings \
                  that take a restart changed too); failed (the previous ones stay).",
+                "result",
+                &labels.reload_results,
             ),
-            &["result"],
-        )
-        .unwrap();
-        let connections_closed = IntCounterVec::new(
-            Opts::new(
+            connections_closed: d.counters(
                 "tamio_bridge_connections_closed_total",
                 "Ingress connections the bridge closed, by reason: idle (no request for \
                  server.idle_timeout_ms), reclaimed (the connection bound was reached and a new \
                  connection took the slot of the longest-idle one), slow_start (no first \
                  request within server.header_read_timeout_ms), http2_abuse (an HTTP/2 peer \
                  broke a bound on streams, resets, control frames or header blocks).",
+                "reason",
+                &labels.connection_closes,
             ),
-            &["reason"],
-        )
-        .unwrap();
-        let dedup_entries = IntGauge::new(
-            "tamio_bridge_dedup_entries",
-            "Acknowledged event ids remembered for duplicate suppression.",
-        )
-        .unwrap();
-        let dedup_store_up = IntGauge::new(
-            "tamio_bridge_dedup_store_up",
-            "1 while the store of duplicate claims is in use (always 1 with dedup.store = memory); \
-             0 while the shared store is marked down (every command failed for \
-             dedup.redis_down_after_ms) and claims fall back to this process's memory (or \
-             deliveries are refused).",
-        )
-        .unwrap();
-        let dedup_store_errors = IntCounter::new(
-            "tamio_bridge_dedup_store_errors_total",
-            "Commands to the shared duplicate store that failed or did not answer in time (each \
-             is sent again), and writes to it dropped from a full queue.",
-        )
-        .unwrap();
-        let producer_queue_messages = IntGauge::new(
-            "tamio_bridge_kafka_producer_queue_messages",
-            "Records waiting in the producer for Kafka's acknowledgement (librdkafka msg_cnt).",
-        )
-        .unwrap();
-        let producer_queue_bytes = IntGauge::new(
-            "tamio_bridge_kafka_producer_queue_bytes",
-            "Bytes of the records waiting in the producer (librdkafka msg_size).",
-        )
-        .unwrap();
-        let broker_rtt = GaugeVec::new(
-            Opts::new(
+            http2_streams_refused: d.counter(
+                "tamio_bridge_http2_streams_refused_total",
+                "HTTP/2 streams reset with REFUSED_STREAM: beyond the first of their connection, at server.http2_max_pending_streams.",
+            ),
+            trace_spans_dropped: d.counter(
+                "tamio_bridge_trace_spans_dropped_total",
+                "Spans not exported: the export queue (tracing.max_queue_spans) was full, or their export failed or timed out.",
+            ),
+            producer_queue_messages: d.gauge(
+                "tamio_bridge_kafka_producer_queue_messages",
+                "Records waiting in the producer for Kafka's acknowledgement (librdkafka msg_cnt).",
+            ),
+            producer_queue_bytes: d.gauge(
+                "tamio_bridge_kafka_producer_queue_bytes",
+                "Bytes of the records waiting in the producer (librdkafka msg_size).",
+            ),
+            broker_rtt: d.float_gauges(
                 "tamio_bridge_kafka_broker_rtt_seconds",
                 "Average request round-trip time to each broker over the last statistics window.",
+                &["broker"],
             ),
-            &["broker"],
-        )
-        .unwrap();
-        let broker_up = IntGaugeVec::new(
-            Opts::new(
+            broker_up: d.gauges(
                 "tamio_bridge_kafka_broker_up",
                 "1 while the producer's connection to the broker is up.",
+                &["broker"],
             ),
-            &["broker"],
-        )
-        .unwrap();
-        let partitions_unwritable = IntGaugeVec::new(
-            Opts::new(
+            partitions_unwritable: d.gauges(
                 "tamio_bridge_kafka_partitions_unwritable",
                 "Partitions the last readiness probe found unable to take records: no leader, \
                  or fewer in-sync replicas than the topic's min.insync.replicas (deliveries \
                  to those are answered 503 at once).",
+                &["topic", "reason"],
             ),
-            &["topic", "reason"],
-        )
-        .unwrap();
-        let transactions = IntCounterVec::new(
-            Opts::new(
+            broker_request_errors: d.counters(
+                "tamio_bridge_kafka_broker_request_errors_total",
+                "Requests to each broker that failed: send and receive errors and timeouts.",
+                "broker",
+                &[],
+            ),
+            broker_retries: d.counters(
+                "tamio_bridge_kafka_broker_retries_total",
+                "Requests the producer sent again to each broker.",
+                "broker",
+                &[],
+            ),
+            transactions: d.counters(
                 "tamio_bridge_kafka_transactions_total",
                 "With kafka.exactly_once: Kafka transactions ended, by result (committed, or \
                  aborted: their deliveries were answered 503 and nothing of them is visible \
                  to read_committed consumers).",
+                "result",
+                &[],
             ),
-            &["result"],
-        )
-        .unwrap();
-        let transaction_records = Histogram::with_opts(
-            HistogramOpts::new(
+            transaction_records: d.histogram(
                 "tamio_bridge_kafka_transaction_records",
                 "With kafka.exactly_once: records one transaction held (group commit).",
-            )
-            .buckets(vec![
-                1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0,
-            ]),
-        )
-        .unwrap();
-        let transaction_commit = HistogramVec::new(
-            HistogramOpts::new(
+                &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0],
+            ),
+            transaction_commit: d.histograms(
                 "tamio_bridge_kafka_transaction_commit_seconds",
                 "With kafka.exactly_once: time of each step of a commit, by step (flush: until \
                  librdkafka holds no record of the transaction; end: EndTxn and its markers).",
-            )
-            .buckets(vec![
-                0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.08, 0.1, 0.2, 0.5, 1.0, 5.0,
-            ]),
-            &["step"],
-        )
-        .unwrap();
-        let broker_request_errors = IntCounterVec::new(
-            Opts::new(
-                "tamio_bridge_kafka_broker_request_errors_total",
-                "Requests to each broker that failed: send and receive errors and timeouts.",
+                &[
+                    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.08, 0.1, 0.2, 0.5, 1.0, 5.0,
+                ],
+                "step",
+                &[],
             ),
-            &["broker"],
-        )
-        .unwrap();
-        let broker_retries = IntCounterVec::new(
-            Opts::new(
-                "tamio_bridge_kafka_broker_retries_total",
-                "Requests the producer sent again to each broker.",
-            ),
-            &["broker"],
-        )
-        .unwrap();
-        let build_info = IntGaugeVec::new(
-            Opts::new(
-                "tamio_bridge_build_info",
-                "Always 1; the version as a label.",
-            ),
-            &["version"],
-        )
-        .unwrap();
-        build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
-            .set(1);
-
-        // Every series of a fixed label set exists from the start, so that rates and ratios
-        // are defined before the first event of each kind.
-        for outcome in &labels.outcomes {
-            requests.with_label_values(&[outcome]);
-            request_duration.with_label_values(&[outcome]);
-        }
-        let families = [
-            (&events_delivered, &labels.event_types),
-            (&kafka_delivery_failures, &labels.delivery_failures),
-            (&signature_failures, &labels.signature_failures),
-            (&reloads, &labels.reload_results),
-            (&connections_closed, &labels.connection_closes),
-        ];
-        for (family, values) in families {
-            for value in values {
-                family.with_label_values(&[value]);
-            }
-        }
-
-        for c in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(request_duration.clone()),
-            Box::new(kafka_delivery_duration.clone()),
-            Box::new(events_delivered.clone()),
-            Box::new(kafka_delivery_failures.clone()),
-            Box::new(signature_failures.clone()),
-            Box::new(sender_delay.clone()),
-            Box::new(in_flight.clone()),
-            Box::new(body_memory.clone()),
-            Box::new(kafka_up.clone()),
-            Box::new(build_info),
-            Box::new(dead_letters.clone()),
-            Box::new(producer_restarts.clone()),
-            Box::new(dedup_entries.clone()),
-            Box::new(dedup_store_up.clone()),
-            Box::new(dedup_store_errors.clone()),
-            Box::new(unsigned_allowed.clone()),
-            Box::new(tls_certificate_expiry.clone()),
-            Box::new(reloads.clone()),
-            Box::new(connections_closed.clone()),
-            Box::new(http2_streams_refused.clone()),
-            Box::new(trace_spans_dropped.clone()),
-            Box::new(producer_queue_messages.clone()),
-            Box::new(producer_queue_bytes.clone()),
-            Box::new(broker_rtt.clone()),
-            Box::new(broker_up.clone()),
-            Box::new(partitions_unwritable.clone()),
-            Box::new(broker_request_errors.clone()),
-            Box::new(broker_retries.clone()),
-            Box::new(transactions.clone()),
-            Box::new(transaction_records.clone()),
-            Box::new(transaction_commit.clone()),
-        ] {
-            registry.register(c).expect("metric names are unique");
-        }
-        #[cfg(target_os = "linux")]
-        registry
-            .register(Box::new(
-                prometheus::process_collector::ProcessCollector::for_self(),
-            ))
-            .expect("process metrics register once");
-
-        Metrics {
-            registry,
-            requests,
-            request_duration,
-            kafka_delivery_duration,
-            events_delivered,
-            kafka_delivery_failures,
-            signature_failures,
-            sender_delay,
-            in_flight,
-            body_memory,
-            kafka_up,
-            dead_letters,
-            producer_restarts,
-            dedup_entries,
-            dedup_store_up,
-            dedup_store_errors,
-            unsigned_allowed,
-            tls_certificate_expiry,
-            reloads,
-            connections_closed,
-            http2_streams_refused,
-            trace_spans_dropped,
-            producer_queue_messages,
-            producer_queue_bytes,
-            broker_rtt,
-            broker_up,
-            partitions_unwritable,
-            broker_request_errors,
-            broker_retries,
-            transactions,
-            transaction_records,
-            transaction_commit,
+            registry: d.0,
         }
     }
 
@@ -429,6 +279,69 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut out)
             .expect("text encoding into a Vec does not fail");
         String::from_utf8(out).expect("the text format is UTF-8")
+    }
+}
+
+/// Declares metrics on a registry, one helper per kind; a family with a fixed label set gets
+/// every series at 0 from the start, so that rates and ratios are defined before the first
+/// event of each kind.
+struct Declare(Registry);
+
+impl Declare {
+    fn register<C: prometheus::core::Collector + 'static>(&self, collector: C) {
+        self.0
+            .register(Box::new(collector))
+            .expect("metric names are unique");
+    }
+
+    fn declared<C: prometheus::core::Collector + Clone + 'static>(&self, collector: C) -> C {
+        self.register(collector.clone());
+        collector
+    }
+
+    fn counter(&self, name: &str, help: &str) -> IntCounter {
+        self.declared(IntCounter::new(name, help).expect("valid metric"))
+    }
+
+    fn counters(&self, name: &str, help: &str, label: &str, values: &[&str]) -> IntCounterVec {
+        let family = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+        for value in values {
+            family.with_label_values(&[value]);
+        }
+        self.declared(family)
+    }
+
+    fn gauge(&self, name: &str, help: &str) -> IntGauge {
+        self.declared(IntGauge::new(name, help).expect("valid metric"))
+    }
+
+    fn gauges(&self, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+        self.declared(IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"))
+    }
+
+    fn float_gauges(&self, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+        self.declared(GaugeVec::new(Opts::new(name, help), labels).expect("valid metric"))
+    }
+
+    fn histogram(&self, name: &str, help: &str, buckets: &[f64]) -> Histogram {
+        let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
+        self.declared(Histogram::with_opts(opts).expect("valid metric"))
+    }
+
+    fn histograms(
+        &self,
+        name: &str,
+        help: &str,
+        buckets: &[f64],
+        label: &str,
+        values: &[&str],
+    ) -> HistogramVec {
+        let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
+        let family = HistogramVec::new(opts, &[label]).expect("valid metric");
+        for value in values {
+            family.with_label_values(&[value]);
+        }
+        self.declared(family)
     }
 }
 
