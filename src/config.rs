@@ -811,6 +811,14 @@ pub fn valid_topic(topic: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
+/// The first of `checks` whose value is 0, refused as "must be above 0".
+fn above_zero(checks: &[(&'static str, u64)]) -> Result<(), SettingsError> {
+    match checks.iter().find(|(_, value)| *value == 0) {
+        Some((key, _)) => Err(invalid(key, "must be above 0")),
+        None => Ok(()),
+    }
+}
+
 pub fn invalid(key: &'static str, reason: impl Into<String>) -> SettingsError {
     SettingsError::Invalid {
         key,
@@ -915,43 +923,41 @@ impl Settings {
 
     /// Checks that cannot be expressed in the types.
     pub fn validate(&self) -> Result<(), SettingsError> {
+        self.validate_server()?;
+        self.validate_kafka()?;
+        if self.routes.is_empty() {
+            return Err(invalid("routes", "at least one route is needed"));
+        }
+        self.validate_signature()?;
+        self.validate_dedup()?;
+        if self.log.level.trim().is_empty() {
+            return Err(invalid("log.level", "must not be empty"));
+        }
+        Ok(())
+    }
+
+    fn validate_server(&self) -> Result<(), SettingsError> {
         let s = &self.server;
         if !s.path.starts_with('/') {
             return Err(invalid("server.path", "must start with `/`"));
         }
-        if s.max_body_bytes == 0 {
-            return Err(invalid("server.max_body_bytes", "must be above 0"));
-        }
-        if s.request_timeout_ms == 0 {
-            return Err(invalid("server.request_timeout_ms", "must be above 0"));
-        }
-        if s.header_read_timeout_ms == 0 {
-            return Err(invalid("server.header_read_timeout_ms", "must be above 0"));
-        }
-        if s.idle_timeout_ms == 0 {
-            return Err(invalid("server.idle_timeout_ms", "must be above 0"));
-        }
-        if s.http2_max_concurrent_streams == 0 {
-            return Err(invalid(
+        above_zero(&[
+            ("server.max_body_bytes", s.max_body_bytes as u64),
+            ("server.request_timeout_ms", s.request_timeout_ms),
+            ("server.header_read_timeout_ms", s.header_read_timeout_ms),
+            ("server.idle_timeout_ms", s.idle_timeout_ms),
+            (
                 "server.http2_max_concurrent_streams",
-                "must be above 0",
-            ));
-        }
-        if s.http2_keepalive_timeout_ms == 0 {
-            return Err(invalid(
+                u64::from(s.http2_max_concurrent_streams),
+            ),
+            (
                 "server.http2_keepalive_timeout_ms",
-                "must be above 0",
-            ));
-        }
-        if s.max_in_flight == 0 {
-            return Err(invalid("server.max_in_flight", "must be above 0"));
-        }
-        if s.max_connections == 0 {
-            return Err(invalid("server.max_connections", "must be above 0"));
-        }
-        if s.write_timeout_ms == 0 {
-            return Err(invalid("server.write_timeout_ms", "must be above 0"));
-        }
+                s.http2_keepalive_timeout_ms,
+            ),
+            ("server.max_in_flight", s.max_in_flight as u64),
+            ("server.max_connections", s.max_connections as u64),
+            ("server.write_timeout_ms", s.write_timeout_ms),
+        ])?;
         if s.max_header_bytes < 8192 {
             return Err(invalid(
                 "server.max_header_bytes",
@@ -967,6 +973,16 @@ impl Settings {
         if s.listen == self.admin.listen && s.listen.port() != 0 {
             return Err(invalid("admin.listen", "must differ from server.listen"));
         }
+        if s.tls() == s.tls_key_file.as_os_str().is_empty() {
+            return Err(invalid(
+                "server.tls_key_file",
+                "server.tls_cert_file and server.tls_key_file are set together or not at all",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_kafka(&self) -> Result<(), SettingsError> {
         let k = &self.kafka;
         if !valid_topic(&k.topic) {
             return Err(invalid("kafka.topic", TOPIC_RULE));
@@ -1002,50 +1018,35 @@ impl Settings {
                 ));
             }
         }
-        if k.queue_max_messages == 0 {
-            return Err(invalid("kafka.queue_max_messages", "must be above 0"));
-        }
-        if k.queue_max_kbytes == 0 {
-            return Err(invalid("kafka.queue_max_kbytes", "must be above 0"));
-        }
-        if k.delivery_timeout_ms == 0 {
-            return Err(invalid("kafka.delivery_timeout_ms", "must be above 0"));
-        }
-        if k.delivery_timeout_ms >= s.request_timeout_ms {
+        above_zero(&[
+            ("kafka.queue_max_messages", u64::from(k.queue_max_messages)),
+            ("kafka.queue_max_kbytes", u64::from(k.queue_max_kbytes)),
+            ("kafka.delivery_timeout_ms", k.delivery_timeout_ms),
+        ])?;
+        if k.delivery_timeout_ms >= self.server.request_timeout_ms {
             return Err(invalid(
                 "kafka.delivery_timeout_ms",
                 format!(
                     "must be below server.request_timeout_ms ({}), so that a failed delivery is \
                      reported to the sender before its request's deadline",
-                    s.request_timeout_ms
+                    self.server.request_timeout_ms
                 ),
             ));
         }
-        if k.readiness_interval_ms == 0 {
-            return Err(invalid("kafka.readiness_interval_ms", "must be above 0"));
-        }
-        if k.readiness_timeout_ms == 0 {
-            return Err(invalid("kafka.readiness_timeout_ms", "must be above 0"));
-        }
-        let key_set = !self.server.tls_key_file.as_os_str().is_empty();
-        if self.server.tls() != key_set {
-            return Err(invalid(
-                "server.tls_key_file",
-                "server.tls_cert_file and server.tls_key_file are set together or not at all",
-            ));
-        }
-        if self.routes.is_empty() {
-            return Err(invalid("routes", "at least one route is needed"));
-        }
+        above_zero(&[
+            ("kafka.readiness_interval_ms", k.readiness_interval_ms),
+            ("kafka.readiness_timeout_ms", k.readiness_timeout_ms),
+        ])
+    }
+
+    fn validate_signature(&self) -> Result<(), SettingsError> {
         let sig = &self.signature;
-        if sig.tolerance_secs == 0 {
-            return Err(invalid("signature.tolerance_secs", "must be above 0"));
-        }
+        above_zero(&[("signature.tolerance_secs", sig.tolerance_secs)])?;
         if sig.secrets.iter().any(|s| s.expose().is_empty()) {
             return Err(invalid("signature.secrets", "a secret must not be empty"));
         }
         for (id, endpoint) in &sig.endpoints {
-            let bad = |reason: String| SettingsError::Invalid {
+            let bad = |reason: &str| SettingsError::Invalid {
                 key: "signature.endpoints",
                 reason: format!("endpoint `{id}`: {reason}"),
             };
@@ -1057,24 +1058,25 @@ impl Settings {
             }
             if endpoint.secrets.is_empty() || endpoint.secrets.iter().any(|s| s.expose().is_empty())
             {
-                return Err(bad("needs at least one non-empty secret".into()));
+                return Err(bad("needs at least one non-empty secret"));
             }
             let scheme = endpoint.scheme.unwrap_or(sig.scheme);
             if scheme == Scheme::StandardWebhooks && endpoint.header.is_some() {
                 return Err(bad(
                     "header has no effect with scheme standard-webhooks, whose headers are \
-                     webhook-id, webhook-timestamp and webhook-signature"
-                        .into(),
+                     webhook-id, webhook-timestamp and webhook-signature",
                 ));
             }
             if scheme != Scheme::HmacSha256 && endpoint.encoding.is_some() {
-                return Err(bad("encoding applies to scheme hmac-sha256 only".into()));
+                return Err(bad("encoding applies to scheme hmac-sha256 only"));
             }
         }
+        Ok(())
+    }
+
+    fn validate_dedup(&self) -> Result<(), SettingsError> {
         let d = &self.dedup;
-        if d.redis_timeout_ms == 0 {
-            return Err(invalid("dedup.redis_timeout_ms", "must be above 0"));
-        }
+        above_zero(&[("dedup.redis_timeout_ms", d.redis_timeout_ms)])?;
         if d.redis_down_after_ms < d.redis_timeout_ms {
             return Err(invalid(
                 "dedup.redis_down_after_ms",
@@ -1082,6 +1084,7 @@ impl Settings {
                  store down",
             ));
         }
+        let has_password = !d.redis_password.expose().is_empty();
         match d.store {
             DedupStore::Redis => {
                 let url = d.redis_url.expose();
@@ -1107,24 +1110,20 @@ impl Settings {
                          dedup.max_entries above 0",
                     ));
                 }
-                if d.redis_url.has_password() && !d.redis_password.expose().is_empty() {
+                if d.redis_url.has_password() && has_password {
                     return Err(invalid(
                         "dedup.redis_password",
                         "the password is in dedup.redis_url already: give it once",
                     ));
                 }
             }
-            DedupStore::Memory => {
-                if !d.redis_url.is_empty() || !d.redis_password.expose().is_empty() {
-                    return Err(invalid(
-                        "dedup.store",
-                        "dedup.redis_url is set but the store is \"memory\": set dedup.store = \"redis\"",
-                    ));
-                }
+            DedupStore::Memory if !d.redis_url.is_empty() || has_password => {
+                return Err(invalid(
+                    "dedup.store",
+                    "dedup.redis_url is set but the store is \"memory\": set dedup.store = \"redis\"",
+                ));
             }
-        }
-        if self.log.level.trim().is_empty() {
-            return Err(invalid("log.level", "must not be empty"));
+            DedupStore::Memory => {}
         }
         Ok(())
     }
@@ -1221,6 +1220,79 @@ mod tests {
         assert_eq!(s.signature.tolerance_secs, 300);
         assert!(s.embedded_kafka());
         assert!(!s.has_secrets());
+    }
+
+    #[test]
+    fn every_section_names_the_setting_it_refuses() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (&[("TAMIO_BRIDGE__SERVER__PATH", "webhooks")], "server.path"),
+            (
+                &[("TAMIO_BRIDGE__SERVER__IDLE_TIMEOUT_MS", "0")],
+                "server.idle_timeout_ms",
+            ),
+            (
+                &[("TAMIO_BRIDGE__SERVER__WRITE_TIMEOUT_MS", "0")],
+                "server.write_timeout_ms",
+            ),
+            (
+                &[("TAMIO_BRIDGE__SERVER__MAX_HEADER_BYTES", "100")],
+                "server.max_header_bytes",
+            ),
+            (
+                &[("TAMIO_BRIDGE__SERVER__TLS_KEY_FILE", "/k.pem")],
+                "server.tls_key_file",
+            ),
+            (
+                &[("TAMIO_BRIDGE__SERVER__TLS_CERT_FILE", "/c.pem")],
+                "server.tls_key_file",
+            ),
+            (
+                &[("TAMIO_BRIDGE__ADMIN__LISTEN", "0.0.0.0:8080")],
+                "admin.listen",
+            ),
+            (&[("TAMIO_BRIDGE__KAFKA__TOPIC", "a b")], "kafka.topic"),
+            (
+                &[("TAMIO_BRIDGE__KAFKA__EXACTLY_ONCE", "true")],
+                "kafka.exactly_once",
+            ),
+            (
+                &[("TAMIO_BRIDGE__KAFKA__QUEUE_MAX_KBYTES", "0")],
+                "kafka.queue_max_kbytes",
+            ),
+            (
+                &[("TAMIO_BRIDGE__KAFKA__DELIVERY_TIMEOUT_MS", "9500")],
+                "kafka.delivery_timeout_ms",
+            ),
+            (
+                &[("TAMIO_BRIDGE__KAFKA__READINESS_TIMEOUT_MS", "0")],
+                "kafka.readiness_timeout_ms",
+            ),
+            (
+                &[("TAMIO_BRIDGE__SIGNATURE__TOLERANCE_SECS", "0")],
+                "signature.tolerance_secs",
+            ),
+            (
+                &[("TAMIO_BRIDGE__DEDUP__REDIS_TIMEOUT_MS", "0")],
+                "dedup.redis_timeout_ms",
+            ),
+            (
+                &[("TAMIO_BRIDGE__DEDUP__REDIS_URL", "redis://h:1")],
+                "dedup.store",
+            ),
+            (
+                &[("TAMIO_BRIDGE__DEDUP__STORE", "redis")],
+                "dedup.redis_url",
+            ),
+            (&[("TAMIO_BRIDGE__LOG__LEVEL", " ")], "log.level"),
+        ];
+        for (pairs, key) in cases {
+            match Settings::load_from(None, env(pairs)) {
+                Err(SettingsError::Invalid { key: refused, .. }) => {
+                    assert_eq!(refused, *key, "{pairs:?}")
+                }
+                other => panic!("{pairs:?}: expected {key} refused, got {other:?}"),
+            }
+        }
     }
 
     #[test]
