@@ -548,6 +548,104 @@ impl Connection {
         }
     }
 
+    /// `establish` within the first-request deadline, while answering the accept loop's
+    /// requests to give the slot up and its stop; None when the connection ended.
+    async fn established(
+        &self,
+        stream: Socket,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        first_deadline: Instant,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Option<(Protocol, Box<dyn Stream>)> {
+        let establish = tokio::time::timeout_at(first_deadline, self.establish(stream, tls));
+        tokio::pin!(establish);
+        loop {
+            tokio::select! {
+                biased;
+                established = establish.as_mut() => match established {
+                    Ok(established) => return established,
+                    Err(_) => {
+                        self.closed(CloseReason::SlowStart);
+                        return None;
+                    }
+                },
+                () = self.slot.reclaim.notified() => {
+                    if !self.keeps_slot() {
+                        self.closed(CloseReason::Reclaimed);
+                        return None;
+                    }
+                    self.connections.stays(&self.slot);
+                }
+                _ = stop.wait_for(|stop| *stop) => return None,
+            }
+        }
+    }
+
+    /// Counts how a served connection ended.
+    fn ended(&self, ended: Result<(), Box<dyn std::error::Error + Send + Sync>>) {
+        if let Some(abuse) = self.slot.abuse.get() {
+            tracing::info!(%abuse, "closed an HTTP/2 connection that broke a bound");
+            self.closed(CloseReason::Http2Abuse);
+        } else if let Err(err) = ended {
+            // HTTP/2's own bounds (streams refused, resets, flow control) end a connection
+            // with a GOAWAY of ours: counted with the bridge's.
+            if sent_goaway(err.as_ref()) {
+                tracing::info!(error = %err, "closed an HTTP/2 connection that broke a bound");
+                self.closed(CloseReason::Http2Abuse);
+            } else {
+                tracing::debug!(error = %err, "connection ended with an error");
+            }
+        }
+    }
+
+    /// What the watcher does at its check: `next`, or, once told to close (`closing`: when
+    /// to look again, and the time by which it must be gone), None when it is time to go.
+    fn at_check(
+        &self,
+        now: Instant,
+        closing: Option<(Instant, Instant)>,
+        first_deadline: Instant,
+    ) -> Option<Next> {
+        let Some((by, hard)) = closing else {
+            return Some(self.next(now, first_deadline));
+        };
+        if now >= hard || (now >= by && !self.finishing(now)) {
+            return None;
+        }
+        // A request still in progress finishes, up to its own deadline.
+        let next = if now >= by {
+            now + IDLE_CLOSE_GRACE
+        } else {
+            by
+        };
+        Some(Next::At(next.min(hard)))
+    }
+
+    /// What a served connection asked to give its slot up does: None when it keeps the slot
+    /// (the accept loop asks another), or how it closes.
+    fn reclaimed(&self) -> Option<Next> {
+        // A request started since it was picked, or its bytes are here: it keeps its slot.
+        if self.keeps_slot() {
+            self.connections.stays(&self.slot);
+            return None;
+        }
+        match self.slot.phase() {
+            Phase::Processing => {
+                self.connections.stays(&self.slot);
+                None
+            }
+            // Nothing it holds was taken: a body not yet received, an answer its peer does
+            // not read.
+            Phase::Stuck(_) => Some(Next::Cut(CloseReason::Reclaimed)),
+            // No request yet (nothing, or a head still arriving): nothing to lose, and the
+            // slot is free at once.
+            Phase::Idle(_) if !self.slot.started.load(Ordering::Relaxed) => {
+                Some(Next::Cut(CloseReason::Reclaimed))
+            }
+            Phase::Idle(_) => Some(Next::Close(CloseReason::Reclaimed)),
+        }
+    }
+
     /// Whether a connection asked to give its slot up keeps it: a request is being processed,
     /// or, on a connection with nothing in progress, the peer's bytes (a request, a TLS
     /// handshake) wait in the socket, however long this process took to read them. Bytes
@@ -572,27 +670,12 @@ impl Connection {
         Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
     {
         let first_deadline = self.accepted + self.limits.header_read_timeout;
-        let establish = tokio::time::timeout_at(first_deadline, self.establish(stream, tls));
-        tokio::pin!(establish);
-        let established = loop {
-            tokio::select! {
-                biased;
-                established = establish.as_mut() => match established {
-                    Ok(Some(established)) => break established,
-                    Ok(None) => return,
-                    Err(_) => return self.closed(CloseReason::SlowStart),
-                },
-                () = self.slot.reclaim.notified() => {
-                    if self.keeps_slot() {
-                        self.connections.stays(&self.slot);
-                    } else {
-                        return self.closed(CloseReason::Reclaimed);
-                    }
-                }
-                _ = stop.wait_for(|stop| *stop) => return,
-            }
+        let Some((protocol, stream)) = self
+            .established(stream, tls, first_deadline, &mut stop)
+            .await
+        else {
+            return;
         };
-        let (protocol, stream) = established;
         let guarded = |stream, frames| -> Box<dyn Stream> {
             Box::new(h2guard::Guarded::new(stream, self.slot.clone(), frames))
         };
@@ -649,84 +732,42 @@ impl Connection {
         // with a request still in progress.
         let mut closing: Option<(Instant, Instant)> = None;
         loop {
-            tokio::select! {
+            // Each arm either goes on, ends the connection, or gives the time a connection
+            // told to close has to finish what it is doing.
+            let finish_within = tokio::select! {
                 // The connection first: what its peer sent is read before a decision is made.
                 biased;
-                ended = connection.as_mut() => {
-                    if let Some(abuse) = self.slot.abuse.get() {
-                        tracing::info!(%abuse, "closed an HTTP/2 connection that broke a bound");
-                        self.closed(CloseReason::Http2Abuse);
-                    } else if let Err(err) = ended {
-                        // HTTP/2's own bounds (streams refused, resets, flow control) end a
-                        // connection with a GOAWAY of ours: counted with the bridge's.
-                        if sent_goaway(err.as_ref()) {
-                            tracing::info!(error = %err, "closed an HTTP/2 connection that broke a bound");
-                            self.closed(CloseReason::Http2Abuse);
-                        } else {
-                            tracing::debug!(error = %err, "connection ended with an error");
-                        }
-                    }
-                    return;
-                }
-                () = &mut check => {
-                    let now = Instant::now();
-                    if let Some((by, hard)) = closing {
-                        if now >= hard || (now >= by && !self.finishing(now)) {
-                            return;
-                        }
-                        // A request still in progress finishes, up to its own deadline.
-                        let next = if now >= by { now + IDLE_CLOSE_GRACE } else { by };
-                        check.as_mut().reset(next.min(hard));
+                ended = connection.as_mut() => return self.ended(ended),
+                () = &mut check => match self.at_check(Instant::now(), closing, first_deadline) {
+                    None => return,
+                    Some(Next::At(at)) => {
+                        check.as_mut().reset(at);
                         continue;
                     }
-                    match self.next(now, first_deadline) {
-                        Next::At(at) => check.as_mut().reset(at),
-                        Next::Cut(reason) => return self.closed(reason),
-                        Next::Close(reason) => {
-                            self.closed(reason);
-                            // A GOAWAY first: a peer that answers it goes at once; one that
-                            // does not is dropped after a moment.
-                            connection.as_mut().graceful_shutdown();
-                            closing = Some((now + IDLE_CLOSE_GRACE, now + limits.request_timeout));
-                            check.as_mut().reset(now + IDLE_CLOSE_GRACE);
-                        }
+                    Some(Next::Cut(reason)) => return self.closed(reason),
+                    Some(Next::Close(reason)) => {
+                        self.closed(reason);
+                        limits.request_timeout
                     }
-                }
-                () = self.slot.reclaim.notified(), if closing.is_none() => {
-                    if self.keeps_slot() {
-                        // A request started since it was picked, or its bytes are here: it
-                        // keeps its slot, and the accept loop asks another.
-                        self.connections.stays(&self.slot);
-                        continue;
+                },
+                () = self.slot.reclaim.notified(), if closing.is_none() => match self.reclaimed() {
+                    None | Some(Next::At(_)) => continue,
+                    Some(Next::Cut(reason)) => return self.closed(reason),
+                    Some(Next::Close(reason)) => {
+                        self.closed(reason);
+                        limits.request_timeout
                     }
-                    match self.slot.phase() {
-                        Phase::Processing => self.connections.stays(&self.slot),
-                        // Nothing it holds was taken: a body not yet received, an answer its
-                        // peer does not read.
-                        Phase::Stuck(_) => return self.closed(CloseReason::Reclaimed),
-                        // No request yet (nothing, or a head still arriving): nothing to lose,
-                        // and the slot is free at once.
-                        Phase::Idle(_) if !self.slot.started.load(Ordering::Relaxed) => {
-                            return self.closed(CloseReason::Reclaimed)
-                        }
-                        Phase::Idle(_) => {
-                            self.closed(CloseReason::Reclaimed);
-                            connection.as_mut().graceful_shutdown();
-                            let now = Instant::now();
-                            closing = Some((now + IDLE_CLOSE_GRACE, now + limits.request_timeout));
-                            check.as_mut().reset(now + IDLE_CLOSE_GRACE);
-                        }
-                    }
-                }
-                _ = stop.wait_for(|stop| *stop), if closing.is_none() => {
-                    // Shutting down: requests in flight finish within the drain deadline,
-                    // which the accept loop keeps.
-                    connection.as_mut().graceful_shutdown();
-                    let now = Instant::now();
-                    closing = Some((now + IDLE_CLOSE_GRACE, now + limits.drain_timeout));
-                    check.as_mut().reset(now + IDLE_CLOSE_GRACE);
-                }
-            }
+                },
+                // Shutting down: requests in flight finish within the drain deadline, which
+                // the accept loop keeps.
+                _ = stop.wait_for(|stop| *stop), if closing.is_none() => limits.drain_timeout,
+            };
+            // A GOAWAY first (HTTP/1: no more keep-alive): a peer that answers it goes at
+            // once; one that does not is dropped after a moment.
+            connection.as_mut().graceful_shutdown();
+            let now = Instant::now();
+            closing = Some((now + IDLE_CLOSE_GRACE, now + finish_within));
+            check.as_mut().reset(now + IDLE_CLOSE_GRACE);
         }
     }
 }
