@@ -333,6 +333,78 @@ impl Tracing {
         Context::new().with_remote_span_context(SpanContext::new(trace_id, id, flags, false, state))
     }
 
+    /// The context of a request's server span, child of `parent` (the request's own trace
+    /// context); `parent` itself when spans are not built. `route`: the ingress path and
+    /// its span name, when the request is for it. Semantic conventions: a method HTTP does
+    /// not define is `_OTHER` (its original cut short) and names the span `HTTP`; nothing
+    /// a sender controls goes into a span uncut.
+    pub fn server_span(
+        &self,
+        parent: Context,
+        method: &http::Method,
+        path: &str,
+        route: Option<(&str, &'static str)>,
+    ) -> Context {
+        let Some(tracer) = self.tracer() else {
+            return parent;
+        };
+        let known = known_method(method);
+        let name = match (known, route) {
+            (Some("POST"), Some((_, name))) => name,
+            (Some(method), _) => method,
+            (None, _) => "HTTP",
+        };
+        let span = start_span(tracer, name, SpanKind::Server, &parent, || {
+            let mut attributes = vec![
+                KeyValue::new("http.request.method", known.unwrap_or("_OTHER")),
+                KeyValue::new("url.path", cut(path, MAX_ATTRIBUTE_BYTES)),
+            ];
+            if known.is_none() {
+                attributes.push(KeyValue::new(
+                    "http.request.method_original",
+                    cut(method.as_str(), MAX_METHOD_BYTES),
+                ));
+            }
+            if let Some((route, _)) = route {
+                attributes.push(KeyValue::new("http.route", route.to_owned()));
+            }
+            attributes
+        });
+        parent.with_span(span)
+    }
+
+    /// A record's producer span, child of the server span `cx`, and the context its record's
+    /// headers carry; without spans, only that context (a new span id in the request's
+    /// trace).
+    pub fn producer_span(
+        &self,
+        name: std::borrow::Cow<'static, str>,
+        topic: &str,
+        key: Option<&[u8]>,
+        cx: &Context,
+    ) -> (Option<BoxedSpan>, Context) {
+        let Some(tracer) = self.tracer() else {
+            return (None, self.unbuilt_child(cx));
+        };
+        let span = start_span(tracer, name, SpanKind::Producer, cx, || {
+            let mut attributes = vec![
+                KeyValue::new("messaging.system", "kafka"),
+                KeyValue::new("messaging.operation.type", "send"),
+                KeyValue::new("messaging.operation.name", "publish"),
+                KeyValue::new("messaging.destination.name", topic.to_owned()),
+            ];
+            if let Some(key) = key {
+                attributes.push(KeyValue::new(
+                    "messaging.kafka.message.key",
+                    cut(&String::from_utf8_lossy(key), MAX_ATTRIBUTE_BYTES),
+                ));
+            }
+            attributes
+        });
+        let producer_cx = Context::new().with_remote_span_context(span.span_context().clone());
+        (Some(span), producer_cx)
+    }
+
     /// Exports what waits, within `timeout` (on shutdown).
     pub fn shutdown(&self, timeout: Duration) {
         if let Some(provider) = &self.provider {
@@ -626,6 +698,30 @@ async fn send(
         }
     }
     bytes.give_back(held, refused);
+}
+
+/// Ends the server span of `cx` with the answer: its status, the outcome and, for a
+/// refusal, its kind (never its message, the body or a header).
+pub fn end_server_span(
+    cx: &Context,
+    status: u16,
+    outcome: &'static str,
+    refused: Option<&'static str>,
+) {
+    let span = cx.span();
+    if !span.is_recording() {
+        return;
+    }
+    span.set_attribute(KeyValue::new(
+        "http.response.status_code",
+        i64::from(status),
+    ));
+    span.set_attribute(KeyValue::new("tamio.outcome", outcome));
+    if let Some(kind) = refused {
+        span.set_attribute(KeyValue::new("error.type", kind));
+        span.set_status(Status::error(kind));
+    }
+    span.end();
 }
 
 /// Starts a span on `tracer`, child of `parent`, with `attributes`.
