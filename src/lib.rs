@@ -31,7 +31,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
-use crate::admin::{Admin, Readiness};
+use crate::admin::Readiness;
 use crate::config::Settings;
 use crate::error::Outcome;
 use crate::ingest::verify::SignatureFailure;
@@ -56,6 +56,8 @@ pub enum RunError {
     Plan(#[from] PlanError),
     #[error("{0}")]
     Dedup(String),
+    #[error("cannot start tracing: {0}")]
+    Tracing(String),
     #[error(transparent)]
     Replay(#[from] replay::ReplayError),
     #[error("the destination topics cannot be written: {0}")]
@@ -100,107 +102,33 @@ pub async fn run_with_reloads(
     shutdown: impl Future<Output = ()>,
     reloads: mpsc::Receiver<Reload>,
 ) -> Result<(), RunError> {
-    if plan.settings.embedded_kafka() {
-        return Err(RunError::NoBrokers);
-    }
-    let Plan {
+    let (stages, ingress) = Stages::start(plan, Mode::Serve)?;
+    let Stages {
         settings,
-        routes,
-        verifier,
-        dedup,
-        producer,
-        certificate,
-        limits: ingress_limits,
-        topics,
-        tracing: trace_plan,
-    } = plan;
-    let tls = certificate.map(|c| Arc::new(Tls::new(c)));
-    let metrics = Arc::new(metrics());
-    let publisher = if settings.kafka.exactly_once {
-        let id = settings.kafka.transactional_id();
-        tracing::info!(transactional_id = %id, "exactly once: deliveries are written in Kafka transactions");
-        Publisher::exactly_once(
-            producer,
-            metrics.clone(),
-            &settings.kafka.topic,
-            &id,
-            Duration::from_millis(settings.kafka.transaction_linger_ms),
-        )?
-    } else {
-        Arc::new(Publisher::new(
-            producer,
-            metrics.clone(),
-            &settings.kafka.topic,
-        )?)
-    };
-    tracing::info!(
-        brokers = %settings.kafka.brokers,
-        topic = %settings.kafka.topic,
-        producer = ?publisher.describe(),
-        "producer created"
-    );
+        metrics,
+        publisher,
+        ingest,
+        ..
+    } = &stages;
+    let tls = ingress.certificate.map(|c| Arc::new(Tls::new(c)));
     let readiness = Arc::new(Readiness::new(metrics.clone()));
     let probe = tokio::spawn(probe_kafka(
         publisher.clone(),
         readiness.clone(),
-        topics,
+        ingress.topics,
         Duration::from_millis(settings.kafka.readiness_interval_ms),
         Duration::from_millis(settings.kafka.readiness_timeout_ms),
     ));
-
     let admin_addr = admin_listener
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
-    let admin = Arc::new(Admin {
-        metrics: metrics.clone(),
-        readiness: readiness.clone(),
-    });
-    let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
-    // HTTP/1 only, few connections: probes and scrapers need nothing more.
-    let admin_limits = Limits {
-        http2: false,
-        max_connections: 64,
-        drain_timeout: Duration::from_secs(1),
-        ..ingress_limits
-    };
-    let admin_task = tokio::spawn(server::serve(
-        admin_listener,
-        None,
-        move |req| admin.clone().handle(req),
-        admin_limits,
-        metrics.clone(),
-        async move {
-            let _ = admin_stopped.await;
-        },
-    ));
-
-    reload::announce_signing(&settings, &verifier, &metrics);
-    let traces = Arc::new(
-        trace::Tracing::start(&trace_plan, metrics.trace_spans_dropped.clone())
-            .map_err(RunError::Dedup)?,
-    );
-    if let Some(endpoint) = &trace_plan.endpoint {
-        tracing::info!(%endpoint, "exporting traces");
-    }
-    let ingest = Arc::new(
-        Ingest::new(
-            &settings,
-            routes,
-            verifier,
-            dedup,
-            publisher.clone(),
-            metrics.clone(),
-            traces.clone(),
-        )
-        .map_err(RunError::Dedup)?,
-    );
+    let admin = start_admin(admin_listener, &readiness, metrics, ingress.limits);
     if let Some(tls) = &tls {
         metrics.tls_certificate_expiry.set(tls.not_after());
     }
-    let ingest_after_drain = ingest.clone();
-    warn_about_weak_settings(&settings);
-    announce_memory(&settings);
+    warn_about_weak_settings(settings);
+    announce_memory(settings);
     let reload_task = tokio::spawn(reload::apply(
         reload::Running::new(
             settings.clone(),
@@ -219,17 +147,17 @@ pub async fn run_with_reloads(
         tls = tls.is_some(),
         "accepting webhook deliveries"
     );
-    let readiness_on_stop = readiness.clone();
+    let handling = ingest.clone();
     let drain = server::serve(
         listener,
         tls,
-        move |req| ingest.clone().handle(req),
-        ingress_limits,
+        move |req| handling.clone().handle(req),
+        ingress.limits,
         metrics.clone(),
         async move {
             shutdown.await;
             // Readiness fails before the listener closes, so load balancers stop first.
-            readiness_on_stop.set_shutting_down();
+            readiness.set_shutting_down();
             tracing::info!("shutting down: no new connections; finishing requests in flight");
         },
     )
@@ -240,22 +168,175 @@ pub async fn run_with_reloads(
             "requests still in flight at the drain deadline were cut short"
         );
     }
-
     probe.abort();
     reload_task.abort();
-    let outstanding = flush_stages(&settings, &publisher, &ingest_after_drain, &traces).await;
-    if outstanding == 0 {
-        tracing::info!("producer flushed");
-    } else {
-        tracing::warn!(
-            outstanding,
-            "records still unacknowledged at the flush deadline (their senders were answered 503)"
-        );
-    }
-    let _ = admin_stop.send(());
-    let _ = admin_task.await;
-    tracing::info!("stopped");
+    stages.shut_down(admin).await;
     Ok(())
+}
+
+/// The stages serving and replay share, started from a plan: metrics, the publisher,
+/// tracing and the request pipeline.
+struct Stages {
+    settings: Settings,
+    metrics: Arc<Metrics>,
+    publisher: Arc<Publisher>,
+    traces: Arc<trace::Tracing>,
+    ingest: Arc<Ingest>,
+}
+
+/// What the stages are started for.
+enum Mode<'a> {
+    /// Serving senders, with the producer `kafka.exactly_once` asks for.
+    Serve,
+    /// Replaying dead letters: records and the group's position are committed together, so
+    /// the producer's transactional id is the group's name (a run fences the one before it
+    /// and finishes its open transaction); a dry run writes nothing and needs none.
+    Replay(&'a replay::Options),
+}
+
+/// What the plan holds for serving alone.
+struct Ingress {
+    certificate: Option<server::tls::Certificate>,
+    limits: Limits,
+    topics: Vec<String>,
+}
+
+impl Stages {
+    fn start(plan: Plan, mode: Mode<'_>) -> Result<(Stages, Ingress), RunError> {
+        if plan.settings.embedded_kafka() {
+            return Err(RunError::NoBrokers);
+        }
+        let Plan {
+            settings,
+            routes,
+            verifier,
+            dedup,
+            producer,
+            certificate,
+            limits,
+            topics,
+            tracing: trace_plan,
+        } = plan;
+        let metrics = Arc::new(metrics());
+        let kafka = &settings.kafka;
+        let publisher = match mode {
+            Mode::Serve if kafka.exactly_once => {
+                let id = kafka.transactional_id();
+                tracing::info!(transactional_id = %id, "exactly once: deliveries are written in Kafka transactions");
+                let linger = Duration::from_millis(kafka.transaction_linger_ms);
+                Publisher::exactly_once(producer, metrics.clone(), &kafka.topic, &id, linger)?
+            }
+            Mode::Replay(options) if !options.dry_run => Arc::new(Publisher::transactional(
+                producer,
+                metrics.clone(),
+                &kafka.topic,
+                &options.group,
+            )?),
+            Mode::Serve | Mode::Replay(_) => {
+                Arc::new(Publisher::new(producer, metrics.clone(), &kafka.topic)?)
+            }
+        };
+        if let Mode::Serve = mode {
+            tracing::info!(
+                brokers = %kafka.brokers,
+                topic = %kafka.topic,
+                producer = ?publisher.describe(),
+                "producer created"
+            );
+            reload::announce_signing(&settings, &verifier, &metrics);
+        }
+        let traces = trace::Tracing::start(&trace_plan, metrics.trace_spans_dropped.clone())
+            .map_err(RunError::Tracing)?;
+        if let Some(endpoint) = &trace_plan.endpoint {
+            tracing::info!(%endpoint, "exporting traces");
+        }
+        let traces = Arc::new(traces);
+        let ingest = Ingest::new(
+            &settings,
+            routes,
+            verifier,
+            dedup,
+            publisher.clone(),
+            metrics.clone(),
+            traces.clone(),
+        )
+        .map_err(RunError::Dedup)?;
+        let stages = Stages {
+            settings,
+            metrics,
+            publisher,
+            traces,
+            ingest: Arc::new(ingest),
+        };
+        let ingress = Ingress {
+            certificate,
+            limits,
+            topics,
+        };
+        Ok((stages, ingress))
+    }
+
+    /// Flushes the stages in order (`flush_stages`), logging what was left, then closes
+    /// the admin listener.
+    async fn shut_down(self, admin: Admin) {
+        let outstanding =
+            flush_stages(&self.settings, &self.publisher, &self.ingest, &self.traces).await;
+        if outstanding == 0 {
+            tracing::info!("producer flushed");
+        } else {
+            tracing::warn!(
+                outstanding,
+                "records still unacknowledged at the flush deadline (their senders were answered 503)"
+            );
+        }
+        admin.stop().await;
+        tracing::info!("stopped");
+    }
+}
+
+/// The admin listener's server (metrics, health), and its stop.
+struct Admin {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Drain>,
+}
+
+impl Admin {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
+/// Serves the admin listener until [`Admin::stop`]: HTTP/1 only, few connections (probes
+/// and scrapers need nothing more).
+fn start_admin(
+    listener: TcpListener,
+    readiness: &Arc<Readiness>,
+    metrics: &Arc<Metrics>,
+    ingress_limits: Limits,
+) -> Admin {
+    let admin = Arc::new(admin::Admin {
+        metrics: metrics.clone(),
+        readiness: readiness.clone(),
+    });
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let limits = Limits {
+        http2: false,
+        max_connections: 64,
+        drain_timeout: Duration::from_secs(1),
+        ..ingress_limits
+    };
+    let task = tokio::spawn(server::serve(
+        listener,
+        None,
+        move |req| admin.clone().handle(req),
+        limits,
+        metrics.clone(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    Admin { stop, task }
 }
 
 /// Replays the dead letters `options` select through the pipeline of `plan` (its routes,
@@ -267,43 +348,20 @@ pub async fn replay(
     progress: impl FnMut(&replay::Counts),
     stop: impl Future<Output = ()>,
 ) -> Result<replay::Summary, RunError> {
-    if plan.settings.embedded_kafka() {
-        return Err(RunError::NoBrokers);
-    }
-    let Plan {
-        settings,
-        routes,
-        verifier,
-        dedup,
-        producer,
-        tracing: trace_plan,
-        ..
-    } = plan;
-    let metrics = Arc::new(metrics());
-    // Records and the group's position are committed together: the producer's transactional
-    // id is the group's name, so that a run fences the one before it and finishes its open
-    // transaction.
-    let publisher = Arc::new(if options.dry_run {
-        Publisher::new(producer, metrics.clone(), &settings.kafka.topic)?
-    } else {
-        Publisher::transactional(
-            producer,
-            metrics.clone(),
-            &settings.kafka.topic,
-            &options.group,
-        )?
-    });
+    let (stages, ingress) = Stages::start(plan, Mode::Replay(&options))?;
     // Nothing is read before every destination can be written: a missing topic would
     // otherwise stop the replay at its first record. A stop meanwhile ends it at once.
     tokio::pin!(stop);
     if !options.dry_run {
-        let topics = routes.topics();
-        let probed = publisher.probe(
-            &topics,
-            Duration::from_millis(settings.kafka.readiness_timeout_ms).max(Duration::from_secs(5)),
-        );
+        let timeout = Duration::from_millis(stages.settings.kafka.readiness_timeout_ms)
+            .max(Duration::from_secs(5));
+        // The routes' topics: the dead-letter topic (the plan's last) is read, not written.
+        let mut topics = ingress.topics;
+        if stages.settings.dead_letter_topic().is_some() {
+            topics.pop();
+        }
         let probed = tokio::select! {
-            probed = probed => probed,
+            probed = stages.publisher.probe(&topics, timeout) => probed,
             () = &mut stop => {
                 return Ok(replay::Summary::interrupted(&options, std::time::Instant::now()))
             }
@@ -316,34 +374,24 @@ pub async fn replay(
             })
             .map_err(|e| RunError::Destinations(e.to_string()))?;
     }
-    let traces = Arc::new(
-        trace::Tracing::start(&trace_plan, metrics.trace_spans_dropped.clone())
-            .map_err(RunError::Dedup)?,
-    );
-    let ingest = Arc::new(
-        Ingest::new(
-            &settings,
-            routes,
-            verifier,
-            dedup,
-            publisher.clone(),
-            metrics,
-            traces.clone(),
-        )
-        .map_err(RunError::Dedup)?,
-    );
-    let txn = (!options.dry_run).then(|| publisher.txn());
+    let txn = (!options.dry_run).then(|| stages.publisher.txn());
     let summary = replay::run(
-        ingest.clone(),
+        stages.ingest.clone(),
         txn,
-        &settings.kafka,
-        settings.request_timeout(),
+        &stages.settings.kafka,
+        stages.settings.request_timeout(),
         options,
         progress,
         stop,
     )
     .await;
-    flush_stages(&settings, &publisher, &ingest, &traces).await;
+    flush_stages(
+        &stages.settings,
+        &stages.publisher,
+        &stages.ingest,
+        &stages.traces,
+    )
+    .await;
     Ok(summary?)
 }
 
