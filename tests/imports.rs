@@ -89,3 +89,45 @@ fn the_bridge_has_no_circle() {
     assert!(out.status.success(), "{text}");
     assert!(text.contains("imports: 0 problem(s)"), "{text}");
 }
+
+/// The README's Code map against the tree: every file of `src/` named (or its folder), and
+/// every name there a file or folder that exists.
+#[test]
+fn the_code_map_names_every_source_file_and_nothing_else() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let map = readme
+        .split("## Code map")
+        .nth(1)
+        .and_then(|rest| rest.split("```").nth(1))
+        .expect("README.md has a Code map block");
+    let named: Vec<&str> = map
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .filter(|path| path.starts_with("src/"))
+        .collect();
+    for path in &named {
+        assert!(root.join(path).exists(), "the Code map names {path}, which does not exist");
+    }
+    let mut files = Vec::new();
+    let mut dirs = vec![root.join("src")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                files.push(path.strip_prefix(root).unwrap().to_str().unwrap().to_owned());
+            }
+        }
+    }
+    let missing: Vec<&String> = files
+        .iter()
+        .filter(|file| {
+            !named
+                .iter()
+                .any(|n| n == file || (n.ends_with('/') && file.starts_with(n)))
+        })
+        .collect();
+    assert!(missing.is_empty(), "files the Code map does not name: {missing:?}");
+}
