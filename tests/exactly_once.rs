@@ -15,14 +15,7 @@ use common::*;
 async fn concurrent_deliveries_share_transactions_and_each_is_read_once() {
     let topic = unique_topic("exactly-once");
     create_topic(&topic, 6).await;
-    let brokers = brokers();
-    let bridge = Process::spawn(&[
-        ("TAMIO_BRIDGE__KAFKA__BROKERS", brokers.as_str()),
-        ("TAMIO_BRIDGE__KAFKA__TOPIC", topic.as_str()),
-        ("TAMIO_BRIDGE__SIGNATURE__SECRETS", SECRET),
-        ("TAMIO_BRIDGE__KAFKA__EXACTLY_ONCE", "true"),
-        ("TAMIO_BRIDGE__KAFKA__TRANSACTIONAL_ID", topic.as_str()),
-    ]);
+    let bridge = exactly_once_bridge(&topic, &[], &[]);
     bridge.wait_ready().await;
     let acked = Arc::new(AtomicUsize::new(0));
     let load = Load {
@@ -36,7 +29,7 @@ async fn concurrent_deliveries_share_transactions_and_each_is_read_once() {
     let report = load.run(acked).await;
     assert_eq!(report.acked.len(), 800, "answers: {:?}", report.answers);
 
-    let findings = check_losses(&brokers, &topic, &report).await;
+    let findings = check_losses(&brokers(), &topic, &report).await;
     findings.assert_nothing_lost(&report);
     assert_eq!(findings.duplicates, 0);
 
@@ -75,6 +68,21 @@ fn exactly_once_is_refused_without_kafka_brokers() {
 /// letter.
 const ONLY_CREATED: &str =
     "[[routes]]\nevent_type = \"whitelabel_ticket_created\"\nkey = \"/data/ticket/id\"\n";
+
+/// The binary with exactly once on, writing to `topic` (its transactional id too) on the
+/// test broker, with `extra` settings and `args`.
+fn exactly_once_bridge(topic: &str, extra: &[(&str, &str)], args: &[&str]) -> Process {
+    let brokers = brokers();
+    let mut env = vec![
+        ("TAMIO_BRIDGE__KAFKA__BROKERS", brokers.as_str()),
+        ("TAMIO_BRIDGE__KAFKA__TOPIC", topic),
+        ("TAMIO_BRIDGE__SIGNATURE__SECRETS", SECRET),
+        ("TAMIO_BRIDGE__KAFKA__EXACTLY_ONCE", "true"),
+        ("TAMIO_BRIDGE__KAFKA__TRANSACTIONAL_ID", topic),
+    ];
+    env.extend_from_slice(extra);
+    Process::spawn_with_args(&env, args)
+}
 
 fn created(event_id: &str, ticket: &str) -> String {
     ticket_event(event_id, ticket, 0)
@@ -134,17 +142,10 @@ async fn senders_who_hang_up_on_a_dead_letter_leave_every_later_delivery_served(
     let (topic, dlt) = (unique_topic("eo-hangup"), unique_topic("eo-hangup-dlt"));
     create_topic(&topic, 3).await;
     create_topic(&dlt, 3).await;
-    let brokers = brokers();
     let routes = config_file(ONLY_CREATED);
-    let bridge = Process::spawn_with_args(
-        &[
-            ("TAMIO_BRIDGE__KAFKA__BROKERS", brokers.as_str()),
-            ("TAMIO_BRIDGE__KAFKA__TOPIC", topic.as_str()),
-            ("TAMIO_BRIDGE__KAFKA__DEAD_LETTER_TOPIC", dlt.as_str()),
-            ("TAMIO_BRIDGE__SIGNATURE__SECRETS", SECRET),
-            ("TAMIO_BRIDGE__KAFKA__EXACTLY_ONCE", "true"),
-            ("TAMIO_BRIDGE__KAFKA__TRANSACTIONAL_ID", topic.as_str()),
-        ],
+    let bridge = exactly_once_bridge(
+        &topic,
+        &[("TAMIO_BRIDGE__KAFKA__DEAD_LETTER_TOPIC", dlt.as_str())],
         &["--config", routes.path().to_str().unwrap()],
     );
     bridge.wait_ready().await;
@@ -232,14 +233,7 @@ async fn senders_who_hang_up_on_a_dead_letter_leave_every_later_delivery_served(
 async fn a_commit_never_waits_on_reports_already_given() {
     let topic = unique_topic("eo-flush");
     create_topic(&topic, 3).await;
-    let brokers = brokers();
-    let bridge = Process::spawn(&[
-        ("TAMIO_BRIDGE__KAFKA__BROKERS", brokers.as_str()),
-        ("TAMIO_BRIDGE__KAFKA__TOPIC", topic.as_str()),
-        ("TAMIO_BRIDGE__SIGNATURE__SECRETS", SECRET),
-        ("TAMIO_BRIDGE__KAFKA__EXACTLY_ONCE", "true"),
-        ("TAMIO_BRIDGE__KAFKA__TRANSACTIONAL_ID", topic.as_str()),
-    ]);
+    let bridge = exactly_once_bridge(&topic, &[], &[]);
     bridge.wait_ready().await;
     // One sender: every delivery is a transaction of its own, committed once its record's
     // report has come.
@@ -281,7 +275,6 @@ async fn a_missing_topic_is_refused_alone_and_every_other_topic_is_probed() {
     let missing = unique_topic("eo-missing");
     create_topic(&topic, 3).await;
     create_topic(&dlt, 3).await;
-    let brokers = brokers();
     // The missing topic's route comes first: the probe reads the topics in this order, and
     // the dead-letter topic last.
     let routes = config_file(&format!(
@@ -289,14 +282,10 @@ async fn a_missing_topic_is_refused_alone_and_every_other_topic_is_probed() {
          key = \"/data/ticket/id\"\n\n\
          [[routes]]\nevent_type = \"whitelabel_ticket_created\"\nkey = \"/data/ticket/id\"\n"
     ));
-    let bridge = Process::spawn_with_args(
+    let bridge = exactly_once_bridge(
+        &topic,
         &[
-            ("TAMIO_BRIDGE__KAFKA__BROKERS", brokers.as_str()),
-            ("TAMIO_BRIDGE__KAFKA__TOPIC", topic.as_str()),
             ("TAMIO_BRIDGE__KAFKA__DEAD_LETTER_TOPIC", dlt.as_str()),
-            ("TAMIO_BRIDGE__SIGNATURE__SECRETS", SECRET),
-            ("TAMIO_BRIDGE__KAFKA__EXACTLY_ONCE", "true"),
-            ("TAMIO_BRIDGE__KAFKA__TRANSACTIONAL_ID", topic.as_str()),
             // Long enough that the deliveries below share one transaction.
             ("TAMIO_BRIDGE__KAFKA__TRANSACTION_LINGER_MS", "300"),
         ],

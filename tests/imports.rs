@@ -107,7 +107,10 @@ fn the_code_map_names_every_source_file_and_nothing_else() {
         .filter(|path| path.starts_with("src/"))
         .collect();
     for path in &named {
-        assert!(root.join(path).exists(), "the Code map names {path}, which does not exist");
+        assert!(
+            root.join(path).exists(),
+            "the Code map names {path}, which does not exist"
+        );
     }
     let mut files = Vec::new();
     let mut dirs = vec![root.join("src")];
@@ -117,7 +120,13 @@ fn the_code_map_names_every_source_file_and_nothing_else() {
             if path.is_dir() {
                 dirs.push(path);
             } else if path.extension().is_some_and(|e| e == "rs") {
-                files.push(path.strip_prefix(root).unwrap().to_str().unwrap().to_owned());
+                files.push(
+                    path.strip_prefix(root)
+                        .unwrap()
+                        .to_str()
+                        .unwrap()
+                        .to_owned(),
+                );
             }
         }
     }
@@ -129,5 +138,8 @@ fn the_code_map_names_every_source_file_and_nothing_else() {
                 .any(|n| n == file || (n.ends_with('/') && file.starts_with(n)))
         })
         .collect();
-    assert!(missing.is_empty(), "files the Code map does not name: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "files the Code map does not name: {missing:?}"
+    );
 }

@@ -136,36 +136,27 @@ async fn read_with(bootstrap: &str, options: &[(&str, String)], topic: &str) -> 
 /// A bridge that cannot get through to the broker: not ready, and deliveries get 503.
 async fn assert_kept_out(settings: tamio_kafka_bridge::config::Settings, why: &str) {
     let bridge = Bridge::start(settings).await;
-    // Never ready, for as long as a good bridge takes to get ready many times over (the
-    // probe runs every 200 ms here, every 500 ms while failing).
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(3) {
-        let ready = get(bridge.admin, "/readyz").await;
-        assert_eq!(
-            ready.status,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "{why}: {}",
-            ready.text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let reply = bridge
-        .send(&ticket_event("whev_kept_out", "ticket-out", 0))
-        .await;
-    assert_eq!(
-        reply.status,
-        StatusCode::SERVICE_UNAVAILABLE,
-        "{why}: {}",
-        reply.text()
-    );
+    let event = ticket_event("whev_kept_out", "ticket-out", 0);
+    assert_refusing(bridge.admin, bridge.send(&event), why).await;
     bridge.stop().await;
 }
 
 /// Like [`assert_kept_out`], for the binary.
 async fn assert_process_kept_out(bridge: &Process, why: &str) {
+    let event = ticket_event("whev_kept_out", "ticket-out", 0);
+    assert_refusing(bridge.admin, bridge.send(&event), why).await;
+}
+
+/// Never ready, for as long as a good bridge takes to get ready many times over (the probe
+/// runs every 200 ms here, every 500 ms while failing); then `delivery` is answered 503.
+async fn assert_refusing(
+    admin: std::net::SocketAddr,
+    delivery: impl std::future::Future<Output = Reply>,
+    why: &str,
+) {
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(3) {
-        let ready = get(bridge.admin, "/readyz").await;
+        let ready = get(admin, "/readyz").await;
         assert_eq!(
             ready.status,
             StatusCode::SERVICE_UNAVAILABLE,
@@ -174,9 +165,7 @@ async fn assert_process_kept_out(bridge: &Process, why: &str) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let reply = bridge
-        .send(&ticket_event("whev_kept_out", "ticket-out", 0))
-        .await;
+    let reply = delivery.await;
     assert_eq!(
         reply.status,
         StatusCode::SERVICE_UNAVAILABLE,

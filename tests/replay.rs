@@ -159,6 +159,19 @@ async fn write_signed_letters_at(
     ids
 }
 
+/// A destination topic and a dead-letter topic of `partitions` each, on `broker` (the
+/// test broker when None).
+async fn replay_topics(broker: Option<&OwnBroker>, partitions: i32) -> (String, String) {
+    let (topic, dlt) = (unique_topic("replay-main"), unique_topic("replay-dlt"));
+    for t in [&topic, &dlt] {
+        match broker {
+            Some(broker) => broker.create_topic(t, partitions).await,
+            None => create_topic(t, partitions).await,
+        }
+    }
+    (topic, dlt)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fixed_routes_put_every_dead_letter_through_once_in_ticket_order() {
     let topic = unique_topic("replay-main");
@@ -920,9 +933,7 @@ fn assert_once_in_order(records: &[Record], ids: &[String]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_halted_by_kafka_writes_nothing_twice_for_read_committed_readers() {
     let broker = OwnBroker::start().await;
-    let (topic, dlt) = (unique_topic("replay-main"), unique_topic("replay-dlt"));
-    broker.create_topic(&topic, 3).await;
-    broker.create_topic(&dlt, 3).await;
+    let (topic, dlt) = replay_topics(Some(&broker), 3).await;
     const N: usize = 3000;
     let bootstrap = broker.address();
     let ids = write_signed_letters_at(&bootstrap, &dlt, "h", N, 60).await;
@@ -978,9 +989,7 @@ async fn a_replay_halted_by_kafka_writes_nothing_twice_for_read_committed_reader
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_killed_at_random_points_leaves_every_letter_once() {
-    let (topic, dlt) = (unique_topic("replay-main"), unique_topic("replay-dlt"));
-    create_topic(&topic, 3).await;
-    create_topic(&dlt, 3).await;
+    let (topic, dlt) = replay_topics(None, 3).await;
     const N: usize = 6000;
     const KILLS: usize = 25;
     let ids = write_signed_letters(&dlt, "x", N, 60).await;
@@ -1052,9 +1061,7 @@ async fn a_replay_killed_at_random_points_leaves_every_letter_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn letters_that_repeat_an_event_id_in_one_transaction_are_duplicates_not_a_stall() {
-    let (topic, dlt) = (unique_topic("replay-main"), unique_topic("replay-dlt"));
-    create_topic(&topic, 1).await;
-    create_topic(&dlt, 1).await;
+    let (topic, dlt) = replay_topics(None, 1).await;
     // The same three letters twice (a sender's retry dead-lettered again): one ticket, so
     // all six in one partition, read into one transaction.
     let ids = write_signed_letters(&dlt, "rep", 3, 1).await;
@@ -1088,9 +1095,7 @@ async fn a_run_after_one_killed_between_its_offsets_and_its_commit_starts_at_onc
     use rdkafka::producer::Producer;
     use rdkafka::{Offset, TopicPartitionList};
 
-    let (topic, dlt) = (unique_topic("replay-main"), unique_topic("replay-dlt"));
-    create_topic(&topic, 1).await;
-    create_topic(&dlt, 1).await;
+    let (topic, dlt) = replay_topics(None, 1).await;
     let ids = write_signed_letters(&dlt, "kl", 20, 4).await;
     let brokers = brokers();
     let group = unique_topic("replay-group");
@@ -1191,9 +1196,7 @@ async fn a_replay_stops_at_once_when_interrupted_before_kafka_answers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_that_times_out_is_resumed_and_nothing_is_written_twice() {
     let broker = OwnBroker::start().await;
-    let (topic, dlt) = (unique_topic("replay-main"), unique_topic("replay-dlt"));
-    broker.create_topic(&topic, 1).await;
-    broker.create_topic(&dlt, 1).await;
+    let (topic, dlt) = replay_topics(Some(&broker), 1).await;
     const N: usize = 40;
     let bootstrap = broker.address();
     let ids = write_signed_letters_at(&bootstrap, &dlt, "cr", N, 8).await;

@@ -414,16 +414,7 @@ impl Cluster {
         for (k, v) in configs {
             new = new.set(k, v);
         }
-        let results = admin
-            .create_topics(
-                &[new],
-                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
-            )
-            .await
-            .expect("CreateTopics request");
-        for r in results {
-            r.unwrap_or_else(|(t, e)| panic!("creating topic {t}: {e}"));
-        }
+        create(&admin, new).await;
         wait_for_leaders(&bootstrap, topic, assignment.len() as i32, &[]).await;
     }
 
@@ -546,16 +537,7 @@ pub async fn create_topic_at(
     for (k, v) in configs {
         new = new.set(k, v);
     }
-    let results = admin
-        .create_topics(
-            &[new],
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
-        )
-        .await
-        .expect("CreateTopics request");
-    for r in results {
-        r.unwrap_or_else(|(t, e)| panic!("creating topic {t}: {e}"));
-    }
+    create(&admin, new).await;
     // Created is not yet led everywhere: wait until its partitions have leaders in the
     // metadata, as a producer would see it.
     wait_for_leaders(bootstrap, topic, partitions, client).await;
@@ -600,4 +582,18 @@ pub async fn wait_for_leaders(
     })
     .await
     .unwrap();
+}
+
+/// Creates `new` through `admin`, failing the test on any error.
+async fn create(admin: &AdminClient<DefaultClientContext>, new: NewTopic<'_>) {
+    let results = admin
+        .create_topics(
+            &[new],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+        )
+        .await
+        .expect("CreateTopics request");
+    for r in results {
+        r.unwrap_or_else(|(t, e)| panic!("creating topic {t}: {e}"));
+    }
 }
