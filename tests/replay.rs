@@ -159,6 +159,17 @@ async fn write_signed_letters_at(
     ids
 }
 
+/// The exit code and the JSON summary of a replay run once it ends (its standard error, if
+/// its output is no summary).
+async fn finished(child: std::process::Child) -> (Option<i32>, serde_json::Value) {
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let summary = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    (out.status.code(), summary)
+}
+
 /// A destination topic and a dead-letter topic of `partitions` each, on `broker` (the
 /// test broker when None).
 async fn replay_topics(broker: Option<&OwnBroker>, partitions: i32) -> (String, String) {
@@ -526,12 +537,9 @@ async fn a_replay_stopped_midway_resumes_with_nothing_lost_or_written_twice() {
             .status()
             .unwrap();
         assert!(status.success());
-        let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
-            .await
-            .unwrap();
-        let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let (code, summary) = finished(child).await;
         assert_eq!(
-            out.status.code(),
+            code,
             Some(3),
             "stopped before the end: {summary:#}"
         );
@@ -626,12 +634,9 @@ async fn ten_thousand_dead_letters_are_replayed_once_each() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     });
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
-        .await
-        .unwrap();
+    let (code, summary) = finished(child).await;
     let (cpu, rss) = sampler.await.unwrap();
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(out.status.code(), Some(0), "{summary:#}");
+    assert_eq!(code, Some(0), "{summary:#}");
     assert_eq!(summary["published"].as_u64(), Some(N as u64));
     let secs = summary["elapsed_secs"].as_f64().unwrap();
     println!(
@@ -949,12 +954,8 @@ async fn a_replay_halted_by_kafka_writes_nothing_twice_for_read_committed_reader
     broker.freeze();
     tokio::time::sleep(Duration::from_secs(6)).await;
     broker.thaw();
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
-        .await
-        .unwrap();
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
-    assert_eq!(out.status.code(), Some(3), "halted: {summary:#}");
+    let (code, summary) = finished(child).await;
+    assert_eq!(code, Some(3), "halted: {summary:#}");
     assert!(
         summary["stopped"].as_str().unwrap().contains("Kafka"),
         "{summary:#}"
@@ -1209,12 +1210,8 @@ async fn a_commit_that_times_out_is_resumed_and_nothing_is_written_twice() {
     broker.freeze();
     tokio::time::sleep(Duration::from_secs(32)).await;
     broker.thaw();
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
-        .await
-        .unwrap();
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
-    assert_eq!(out.status.code(), Some(0), "{summary:#}");
+    let (code, summary) = finished(child).await;
+    assert_eq!(code, Some(0), "{summary:#}");
     assert_eq!(summary["published"].as_u64(), Some(N as u64), "{summary:#}");
     let records = read_topic_from(
         &bootstrap,
