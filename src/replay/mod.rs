@@ -771,22 +771,9 @@ pub async fn run(
 ) -> Result<Summary, ReplayError> {
     let started = Instant::now();
     tokio::pin!(stop);
-    // Transactions first: initialising them fences a run of this group that died and
-    // finishes its open transaction, whose offsets a read_committed lookup would otherwise
-    // wait for until Kafka times the transaction out.
-    if let Some(txn) = &txn {
-        tokio::select! {
-            ready = txn.init(KAFKA_PATIENCE) => ready.map_err(|error| ReplayError::Transactions {
-                id: options.group.clone(),
-                error,
-            })?,
-            () = &mut stop => return Ok(Summary::interrupted(&options, started)),
-        }
-    }
-    let mut positions = Positions::default();
-    let mut source = tokio::select! {
-        source = Source::open(kafka, &options.topic, &options.group, &options.selection.since, &options.selection.until, &mut positions) => source?,
-        () = &mut stop => return Ok(Summary::interrupted(&options, started)),
+    let Some((mut source, positions)) = open(txn.as_ref(), kafka, &options, stop.as_mut()).await?
+    else {
+        return Ok(Summary::interrupted(&options, started));
     };
     let group = match &txn {
         Some(_) => source.consumer.group_metadata().map(Arc::new),
@@ -816,97 +803,154 @@ pub async fn run(
         batch: None,
         committed: source.committed.clone(),
     };
-    let mut in_flight: FuturesUnordered<InFlight> = FuturesUnordered::new();
-    let mut ends = tokio::time::interval(Duration::from_millis(100));
-    ends.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let txn = txn.as_ref().zip(group.as_ref());
+    replay.drive(&mut source, txn, &mut progress, stop).await;
+    Ok(replay.summary(&source.topic, started))
+}
 
-    loop {
-        // A letter read before the last commit starts in the next transaction.
-        if replay.waiting.is_some() && !replay.commit_due() {
-            replay.open_batch(txn.as_ref()).await;
-        }
-        replay.start_waiting(&mut in_flight);
-        // A transaction is committed between letters, when its time has come or at the end.
-        let draining = replay.commit_due() || replay.stopped.is_some();
-        let reading = !draining
-            && replay.waiting.is_none()
-            && !source.open.is_empty()
-            && in_flight.len() < replay.options.concurrency.max(1);
-        if in_flight.is_empty() && !reading {
-            if let (Some(txn), Some(group)) = (&txn, &group) {
-                if replay.halted {
-                    if let Some(batch) = replay.batch.take() {
-                        replay.abort(txn, batch).await;
-                    }
-                } else {
-                    replay.commit(txn, group, &source.topic).await;
-                }
-            }
-            let finished =
-                replay.stopped.is_some() || (replay.waiting.is_none() && source.open.is_empty());
-            if finished {
-                break;
-            }
-            continue;
-        }
+/// Initialises the transactions, then opens the dead-letter topic's consumer; None when
+/// `stop` completes first. Transactions first: initialising them fences a run of this
+/// group that died and finishes its open transaction, whose offsets a read_committed
+/// lookup would otherwise wait for until Kafka times the transaction out.
+async fn open<S: Future<Output = ()>>(
+    txn: Option<&Txn>,
+    kafka: &Kafka,
+    options: &Options,
+    mut stop: std::pin::Pin<&mut S>,
+) -> Result<Option<(Source, Positions)>, ReplayError> {
+    if let Some(txn) = txn {
         tokio::select! {
-            biased;
-            () = &mut stop, if replay.stopped.is_none() => {
-                replay.stopped = Some("interrupted".into());
+            ready = txn.init(KAFKA_PATIENCE) => ready.map_err(|error| ReplayError::Transactions {
+                id: options.group.clone(),
+                error,
+            })?,
+            () = &mut stop => return Ok(None),
+        }
+    }
+    let mut positions = Positions::default();
+    let selection = &options.selection;
+    let opened = Source::open(
+        kafka,
+        &options.topic,
+        &options.group,
+        &selection.since,
+        &selection.until,
+        &mut positions,
+    );
+    tokio::select! {
+        source = opened => Ok(Some((source?, positions))),
+        () = &mut stop => Ok(None),
+    }
+}
+
+impl Replay {
+    /// Reads, puts through and commits letters until the end, a stop or a halt. `txn`: the
+    /// transactions and the consumer group's metadata (none for a dry run).
+    async fn drive<S: Future<Output = ()>>(
+        &mut self,
+        source: &mut Source,
+        txn: Option<(&Txn, &Arc<ConsumerGroupMetadata>)>,
+        progress: &mut impl FnMut(&Counts),
+        mut stop: std::pin::Pin<&mut S>,
+    ) {
+        let mut in_flight: FuturesUnordered<InFlight> = FuturesUnordered::new();
+        let mut ends = tokio::time::interval(Duration::from_millis(100));
+        ends.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let only_txn = txn.map(|(txn, _)| txn);
+        loop {
+            // A letter read before the last commit starts in the next transaction.
+            if self.waiting.is_some() && !self.commit_due() {
+                self.open_batch(only_txn).await;
             }
-            Some((letter, outcome)) = in_flight.next(), if !in_flight.is_empty() => {
-                replay.record(letter, outcome, &mut source);
-                progress(&replay.tally.counts);
-            }
-            _ = ends.tick(), if reading => source.close_the_ends(),
-            message = source.consumer.recv(), if reading => match message {
-                Ok(m) => {
-                    let letter = Letter::read(&m, &replay.signature_headers);
-                    drop(m);
-                    replay.open_batch(txn.as_ref()).await;
-                    replay.take(&mut source, letter);
-                    progress(&replay.tally.counts);
+            self.start_waiting(&mut in_flight);
+            // A transaction is committed between letters, when its time has come or at the
+            // end.
+            let draining = self.commit_due() || self.stopped.is_some();
+            let reading = !draining
+                && self.waiting.is_none()
+                && !source.open.is_empty()
+                && in_flight.len() < self.options.concurrency.max(1);
+            if in_flight.is_empty() && !reading {
+                self.end_batch(txn, &source.topic).await;
+                if self.stopped.is_some() || (self.waiting.is_none() && source.open.is_empty()) {
+                    return;
                 }
-                Err(KafkaError::PartitionEOF(p)) => source.close(p),
-                Err(e) => {
-                    tracing::warn!(error = %e, "reading the dead-letter topic");
-                    if !is_transient(&e) {
-                        replay.halt(format!("reading the dead-letter topic: {e}"));
+                continue;
+            }
+            tokio::select! {
+                biased;
+                () = &mut stop, if self.stopped.is_none() => {
+                    self.stopped = Some("interrupted".into());
+                }
+                Some((letter, outcome)) = in_flight.next(), if !in_flight.is_empty() => {
+                    self.record(letter, outcome, source);
+                    progress(&self.tally.counts);
+                }
+                _ = ends.tick(), if reading => source.close_the_ends(),
+                message = source.consumer.recv(), if reading => match message {
+                    Ok(m) => {
+                        let letter = Letter::read(&m, &self.signature_headers);
+                        drop(m);
+                        self.open_batch(only_txn).await;
+                        self.take(source, letter);
+                        progress(&self.tally.counts);
                     }
-                }
-            },
+                    Err(KafkaError::PartitionEOF(p)) => source.close(p),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading the dead-letter topic");
+                        if !is_transient(&e) {
+                            self.halt(format!("reading the dead-letter topic: {e}"));
+                        }
+                    }
+                },
+            }
         }
     }
 
-    let elapsed = started.elapsed().as_secs_f64();
-    let Replay {
-        options,
-        tally,
-        stopped,
-        crowded,
-        committed,
-        positions,
-        ..
-    } = replay;
-    Ok(Summary {
-        topic: source.topic.clone(),
-        group: options.group,
-        dry_run: options.dry_run,
-        records_per_sec: if elapsed > 0.0 {
-            tally.counts.read as f64 / elapsed
-        } else {
-            0.0
-        },
-        counts: tally.counts,
-        would_publish_to: tally.would_publish_to,
-        stayed: tally.stayed,
-        complete: stopped.is_none() && crowded.is_empty(),
-        stopped,
-        crowded,
-        positions: committed,
-        to_do: positions.to_do(),
-        elapsed_secs: elapsed,
-    })
+    /// With nothing in flight: commits the open transaction, or aborts it once halted.
+    async fn end_batch(&mut self, txn: Option<(&Txn, &Arc<ConsumerGroupMetadata>)>, topic: &str) {
+        let Some((txn, group)) = txn else {
+            return;
+        };
+        if !self.halted {
+            self.commit(txn, group, topic).await;
+        } else if let Some(batch) = self.batch.take() {
+            self.abort(txn, batch).await;
+        }
+    }
+
+    /// What the run did, for the operator.
+    fn summary(self, topic: &str, started: Instant) -> Summary {
+        let elapsed = started.elapsed().as_secs_f64();
+        let Replay {
+            options,
+            tally,
+            stopped,
+            crowded,
+            committed,
+            positions,
+            ..
+        } = self;
+        Summary {
+            topic: topic.to_owned(),
+            group: options.group,
+            dry_run: options.dry_run,
+            records_per_sec: if elapsed > 0.0 {
+                tally.counts.read as f64 / elapsed
+            } else {
+                0.0
+            },
+            counts: tally.counts,
+            would_publish_to: tally.would_publish_to,
+            stayed: tally.stayed,
+            complete: stopped.is_none() && crowded.is_empty(),
+            stopped,
+            crowded,
+            positions: committed,
+            to_do: positions.to_do(),
+            elapsed_secs: elapsed,
+        }
+    }
 }
 
 #[cfg(test)]

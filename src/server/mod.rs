@@ -306,23 +306,7 @@ where
     H: Fn(Request<RequestBody>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // hyper's own header timer would also end idle keep-alive connections; the deadlines of
-    // this module replace it. The read buffer, which holds the request head, is bounded.
-    builder
-        .http1()
-        .header_read_timeout(None)
-        .max_buf_size(limits.max_header_bytes.max(MIN_HTTP1_BUFFER));
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(limits.http2_max_concurrent_streams)
-        .max_local_error_reset_streams(H2_MAX_ERROR_RESETS)
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        .initial_stream_window_size(limits.http2_window_bytes)
-        .initial_connection_window_size(limits.http2_window_bytes)
-        .keep_alive_interval(limits.http2_keepalive_interval)
-        .keep_alive_timeout(limits.http2_keepalive_timeout);
+    let builder = builder(&limits);
     // The bound, and room beside it for reclaimed connections that are still closing.
     let slack = (limits.max_connections / RECLAIM_SLACK_DIVISOR).max(1);
     let connections = Arc::new(Connections::new(slack, limits.http2_max_pending_streams));
@@ -344,41 +328,10 @@ where
             },
             () = &mut shutdown => break,
         };
-        // At the bound, a connection that holds its slot without progress gives it up and
-        // the new one is served meanwhile; when every connection is processing a request,
-        // the new one waits until one is not.
-        if connections.staying() >= limits.max_connections && !connections.reclaim_one() {
-            let room = async {
-                loop {
-                    tokio::select! {
-                        () = tokio::time::sleep(Duration::from_millis(20)) => {}
-                        () = connections.refused.notified() => {}
-                    }
-                    if connections.staying() < limits.max_connections || connections.reclaim_one() {
-                        return;
-                    }
-                }
-            };
-            tokio::select! {
-                () = room => {}
-                () = &mut shutdown => break,
-            }
-        }
-        // The slot of a connection asked to go is free once it has closed; one that turns
-        // out to be processing a request stays, and the next is asked.
-        let permit = loop {
-            tokio::select! {
-                biased;
-                permit = permits.clone().acquire_owned() => break permit.ok(),
-                () = connections.refused.notified() => {
-                    // Told of a connection that stayed (possibly before this loop waited):
-                    // another is asked only if no slot is free and none asked is closing.
-                    if permits.available_permits() == 0 && connections.closing() == 0 {
-                        connections.reclaim_one();
-                    }
-                }
-                () = &mut shutdown => break None,
-            }
+        let slot = free_slot(&connections, &permits, limits.max_connections);
+        let permit = tokio::select! {
+            permit = slot => permit,
+            () = &mut shutdown => None,
         };
         let Some(permit) = permit else { break };
         let _ = stream.set_nodelay(true);
@@ -408,6 +361,65 @@ where
     match drained {
         Ok(_) => Drain::Complete,
         Err(_) => Drain::TimedOut,
+    }
+}
+
+/// The connection builder: hyper's own header timer would also end idle keep-alive
+/// connections, so the deadlines of this module replace it; the read buffer, which holds
+/// the request head, is bounded; HTTP/2's streams, resets, header lists and windows too.
+fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .header_read_timeout(None)
+        .max_buf_size(limits.max_header_bytes.max(MIN_HTTP1_BUFFER));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.http2_max_concurrent_streams)
+        .max_local_error_reset_streams(H2_MAX_ERROR_RESETS)
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .initial_stream_window_size(limits.http2_window_bytes)
+        .initial_connection_window_size(limits.http2_window_bytes)
+        .keep_alive_interval(limits.http2_keepalive_interval)
+        .keep_alive_timeout(limits.http2_keepalive_timeout);
+    builder
+}
+
+/// A slot for a newly accepted connection; None if the semaphore closed. At the bound, a
+/// connection that holds its slot without progress gives it up and the new one is served
+/// meanwhile; when every connection is processing a request, the new one waits until one
+/// is not.
+async fn free_slot(
+    connections: &Connections,
+    permits: &Arc<Semaphore>,
+    max_connections: usize,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    if connections.staying() >= max_connections && !connections.reclaim_one() {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(20)) => {}
+                () = connections.refused.notified() => {}
+            }
+            if connections.staying() < max_connections || connections.reclaim_one() {
+                break;
+            }
+        }
+    }
+    // The slot of a connection asked to go is free once it has closed; one that turns out
+    // to be processing a request stays, and the next is asked.
+    loop {
+        tokio::select! {
+            biased;
+            permit = permits.clone().acquire_owned() => return permit.ok(),
+            () = connections.refused.notified() => {
+                // Told of a connection that stayed (possibly before this loop waited):
+                // another is asked only if no slot is free and none asked is closing.
+                if permits.available_permits() == 0 && connections.closing() == 0 {
+                    connections.reclaim_one();
+                }
+            }
+        }
     }
 }
 
