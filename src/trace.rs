@@ -144,41 +144,10 @@ impl Plan {
                 ));
             }
         }
-        let sampler_name = set("OTEL_TRACES_SAMPLER").unwrap_or_else(|| t.sampler.clone());
-        let arg_text = set("OTEL_TRACES_SAMPLER_ARG").unwrap_or_else(|| t.sampler_arg.clone());
-        let ratio = || -> Result<f64, SettingsError> {
-            arg_text
-                .trim()
-                .parse::<f64>()
-                .ok()
-                .filter(|r| (0.0..=1.0).contains(r))
-                .ok_or_else(|| {
-                    bad(
-                        "tracing.sampler_arg",
-                        format!("`{arg_text}` is no ratio between 0 and 1"),
-                    )
-                })
-        };
-        let sampler = match sampler_name.trim() {
-            "always_on" => SamplerChoice::AlwaysOn,
-            "always_off" => SamplerChoice::AlwaysOff,
-            "traceidratio" => SamplerChoice::Ratio(ratio()?),
-            "parentbased_always_on" => SamplerChoice::ParentBased(ParentDefault::AlwaysOn),
-            "parentbased_always_off" => SamplerChoice::ParentBased(ParentDefault::AlwaysOff),
-            "parentbased_traceidratio" => {
-                SamplerChoice::ParentBased(ParentDefault::Ratio(ratio()?))
-            }
-            other => {
-                return Err(bad(
-                    "tracing.sampler",
-                    format!(
-                        "`{other}` is none of always_on, always_off, traceidratio, \
-                         parentbased_always_on, parentbased_always_off, \
-                         parentbased_traceidratio"
-                    ),
-                ))
-            }
-        };
+        let sampler = sampler(
+            &set("OTEL_TRACES_SAMPLER").unwrap_or_else(|| t.sampler.clone()),
+            &set("OTEL_TRACES_SAMPLER_ARG").unwrap_or_else(|| t.sampler_arg.clone()),
+        )?;
         let mut headers: HashMap<String, String> = t.headers.clone().into_iter().collect();
         // The exporter reads OTEL_EXPORTER_OTLP_HEADERS itself, over these.
         headers.retain(|k, _| !k.trim().is_empty());
@@ -204,6 +173,41 @@ impl Plan {
             export_timeout: Duration::from_millis(t.export_timeout_ms),
         })
     }
+}
+
+/// The sampler `name` (OpenTelemetry's names) with its `arg`, a ratio where it takes one.
+fn sampler(name: &str, arg: &str) -> Result<SamplerChoice, SettingsError> {
+    let bad = |key: &'static str, reason: String| SettingsError::Invalid { key, reason };
+    let ratio = || -> Result<f64, SettingsError> {
+        arg.trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|r| (0.0..=1.0).contains(r))
+            .ok_or_else(|| {
+                bad(
+                    "tracing.sampler_arg",
+                    format!("`{arg}` is no ratio between 0 and 1"),
+                )
+            })
+    };
+    Ok(match name.trim() {
+        "always_on" => SamplerChoice::AlwaysOn,
+        "always_off" => SamplerChoice::AlwaysOff,
+        "traceidratio" => SamplerChoice::Ratio(ratio()?),
+        "parentbased_always_on" => SamplerChoice::ParentBased(ParentDefault::AlwaysOn),
+        "parentbased_always_off" => SamplerChoice::ParentBased(ParentDefault::AlwaysOff),
+        "parentbased_traceidratio" => SamplerChoice::ParentBased(ParentDefault::Ratio(ratio()?)),
+        other => {
+            return Err(bad(
+                "tracing.sampler",
+                format!(
+                    "`{other}` is none of always_on, always_off, traceidratio, \
+                     parentbased_always_on, parentbased_always_off, \
+                     parentbased_traceidratio"
+                ),
+            ))
+        }
+    })
 }
 
 /// Tracing in force: the propagator, always; the tracer, when spans are exported.

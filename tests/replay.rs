@@ -538,11 +538,7 @@ async fn a_replay_stopped_midway_resumes_with_nothing_lost_or_written_twice() {
             .unwrap();
         assert!(status.success());
         let (code, summary) = finished(child).await;
-        assert_eq!(
-            code,
-            Some(3),
-            "stopped before the end: {summary:#}"
-        );
+        assert_eq!(code, Some(3), "stopped before the end: {summary:#}");
         assert_eq!(summary["complete"], false);
         assert_eq!(summary["stopped"], "interrupted");
         let published = summary["published"].as_u64().unwrap();

@@ -69,44 +69,11 @@ pub fn run(config: Option<&Path>, args: Args) -> anyhow::Result<i32> {
             "setting `kafka.brokers` is empty: replay reads the dead-letter topic of a real Kafka"
         );
     }
-    let topic = match (&args.topic, settings.dead_letter_topic()) {
-        (Some(t), _) => t.clone(),
-        (None, Some(t)) => t.to_owned(),
-        (None, None) => {
-            anyhow::bail!("no dead-letter topic: set `kafka.dead_letter_topic` or pass --topic")
-        }
-    };
-    let selection = Selection {
-        endpoint_ids: args.endpoint_ids,
-        event_type: args.event_type,
-        error_kinds: args.error_kinds,
-        since: args.since,
-        until: args.until,
-    };
-    let group = args.group.unwrap_or_else(|| {
-        let digest = Sha256::digest(format!("{topic}\n{}", selection.fingerprint()));
-        format!("tamio-kafka-bridge-replay-{}", &hex::encode(digest)[..12])
-    });
-    let options = Options {
-        topic,
-        group,
-        selection,
-        dry_run: args.dry_run,
-        concurrency: args.concurrency,
-    };
+    let output = args.output.clone();
+    let options = options(args, &settings)?;
     let plan = Plan::compile(&settings)?;
 
-    let bar = interactive.then(|| {
-        let bar = indicatif::ProgressBar::new_spinner();
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} {elapsed} {pos} read, {per_sec}: {msg}",
-            )
-            .expect("a valid template"),
-        );
-        bar.enable_steady_tick(Duration::from_millis(120));
-        bar
-    });
+    let bar = interactive.then(spinner);
     let mut last_line = Instant::now();
     let progress = |counts: &Counts| match &bar {
         Some(bar) => {
@@ -146,13 +113,55 @@ pub fn run(config: Option<&Path>, args: Args) -> anyhow::Result<i32> {
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
-    let text = match args.output.as_str() {
+    let text = match output.as_str() {
         "json" => serde_json::to_string_pretty(&summary)? + "\n",
         _ => table(&summary),
     };
     // A terminal that dropped takes no summary: the exit status still tells.
     let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());
     Ok(summary.exit_code())
+}
+
+/// The replay's options from the command line: the dead-letter topic (`--topic`, or the
+/// configured one), the selection, and the group (`--group`, or one named after the topic
+/// and the filters, so that the same command resumes where it stopped).
+fn options(args: Args, settings: &Settings) -> anyhow::Result<Options> {
+    let topic = match (&args.topic, settings.dead_letter_topic()) {
+        (Some(t), _) => t.clone(),
+        (None, Some(t)) => t.to_owned(),
+        (None, None) => {
+            anyhow::bail!("no dead-letter topic: set `kafka.dead_letter_topic` or pass --topic")
+        }
+    };
+    let selection = Selection {
+        endpoint_ids: args.endpoint_ids,
+        event_type: args.event_type,
+        error_kinds: args.error_kinds,
+        since: args.since,
+        until: args.until,
+    };
+    let group = args.group.unwrap_or_else(|| {
+        let digest = Sha256::digest(format!("{topic}\n{}", selection.fingerprint()));
+        format!("tamio-kafka-bridge-replay-{}", &hex::encode(digest)[..12])
+    });
+    Ok(Options {
+        topic,
+        group,
+        selection,
+        dry_run: args.dry_run,
+        concurrency: args.concurrency,
+    })
+}
+
+/// The progress bar of a replay run on a terminal.
+fn spinner() -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {elapsed} {pos} read, {per_sec}: {msg}")
+            .expect("a valid template"),
+    );
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar
 }
 
 /// Ctrl-C, SIGTERM, or SIGHUP (the terminal or SSH session that ran the command dropped):

@@ -351,6 +351,13 @@ impl Publisher {
                 }
             }
         }
+        self.replace().await;
+        Ok(self.current_parts())
+    }
+
+    /// Builds a new producer in place of the dead one (off the runtime), and retires the
+    /// dead one on a thread of its own; the dead one stays when no new one can be built.
+    async fn replace(&self) {
         tracing::warn!("the Kafka producer is dead: building a new one");
         let (config, metrics, topic, last_error, reach) = self.build_parts();
         let started = std::time::Instant::now();
@@ -365,11 +372,11 @@ impl Publisher {
             },
             Ok(Err(err)) => {
                 tracing::error!(%err, "cannot create a new Kafka producer");
-                return Ok(self.current_parts());
+                return;
             }
             Err(err) => {
                 tracing::error!(%err, "creating a new Kafka producer failed");
-                return Ok(self.current_parts());
+                return;
             }
         };
         let retired = std::mem::replace(
@@ -392,7 +399,6 @@ impl Publisher {
             let _ = retired.producer.flush(Timeout::After(drain));
             drop(retired)
         });
-        Ok(self.current_parts())
     }
 
     /// The producer in force, its fatal flag and its warm-up.
@@ -662,6 +668,27 @@ impl Publisher {
         }
         let unreachable = failed.as_ref().is_some_and(|e| e.failure.refuses_records());
         self.reachable.store(!unreachable, Ordering::Relaxed);
+        let (degraded, refusing) = self.keep(health);
+        if unreachable || refusing {
+            self.reach.bump();
+        }
+        tracing::debug!(
+            took_ms = began.elapsed().as_millis() as u64,
+            unreachable,
+            refusing,
+            "probed"
+        );
+        if let Some(failed) = failed {
+            return Err(failed);
+        }
+        self.can_write()?;
+        Ok(degraded)
+    }
+
+    /// Keeps what a probe saw of the partitions, for the quick refusals and the metric of
+    /// unwritable partitions; returns the degraded partitions' descriptions, and whether any
+    /// partition's records are refused.
+    fn keep(&self, health: Health) -> (Vec<String>, bool) {
         self.metrics.partitions_unwritable.reset();
         for (topic, states) in &health.topics {
             for state in states {
@@ -678,18 +705,12 @@ impl Publisher {
         self.degraded.store(refusing, Ordering::Relaxed);
         // Partitions seen, even when none of a topic can take records: theirs are refused.
         *self.health.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(health);
-        if unreachable || refusing {
-            self.reach.bump();
-        }
-        tracing::debug!(
-            took_ms = began.elapsed().as_millis() as u64,
-            unreachable,
-            refusing,
-            "probed"
-        );
-        if let Some(failed) = failed {
-            return Err(failed);
-        }
+        (degraded, refusing)
+    }
+
+    /// Whether the producer could write now: it holds a producer id and, with exactly once,
+    /// its transactions are not stalled.
+    fn can_write(&self) -> Result<(), ProbeError> {
         let has_id = self
             .current
             .read()
@@ -704,14 +725,14 @@ impl Publisher {
                  transaction coordinator may still be loading)",
             ));
         }
-        if let Some(why) = self
+        match self
             .group
             .get()
             .and_then(|g| g.stalled(TXN_CLOSED_FOR, 2 * self.delivery_timeout()))
         {
-            return Err(ProbeError::new(ProbeFailure::TransactionsStalled, why));
+            Some(why) => Err(ProbeError::new(ProbeFailure::TransactionsStalled, why)),
+            None => Ok(()),
         }
-        Ok(degraded)
     }
 
     /// Waits up to `timeout` for every queued record to be acknowledged; returns how many

@@ -189,39 +189,60 @@ impl Source {
             until,
             committed: BTreeMap::new(),
         };
+        source.assign(&partitions, &committed, positions)?;
+        Ok(source)
+    }
+
+    /// Assigns each of `partitions` from the later of the group's committed position and
+    /// `--since`'s (the beginning when neither), skipping those already at `--until`.
+    fn assign(
+        &mut self,
+        partitions: &[i32],
+        committed: &TopicPartitionList,
+        positions: &mut Positions,
+    ) -> Result<(), ReplayError> {
+        let kafka_error = |error| ReplayError::Kafka {
+            topic: self.topic.clone(),
+            error,
+        };
         let mut assignment = TopicPartitionList::new();
-        for &p in &partitions {
-            let group_at = committed
-                .find_partition(&topic, p)
-                .and_then(|e| match e.offset() {
-                    Offset::Offset(o) => Some(positions.resume(p, o, e.metadata())),
-                    _ => None,
-                });
+        for &p in partitions {
+            let group_at =
+                committed
+                    .find_partition(&self.topic, p)
+                    .and_then(|e| match e.offset() {
+                        Offset::Offset(o) => Some(positions.resume(p, o, e.metadata())),
+                        _ => None,
+                    });
             if let Some(at) = group_at {
-                source.committed.insert(p, at);
+                self.committed.insert(p, at);
             }
-            let start = match (group_at, source.since.get(&p)) {
+            let start = match (group_at, self.since.get(&p)) {
                 (Some(g), Some(&s)) => Some(g.max(s)),
                 (g, s) => g.or(s.copied()),
             };
-            if let (Some(start), Some(&until)) = (start, source.until.get(&p)) {
+            if let (Some(start), Some(&until)) = (start, self.until.get(&p)) {
                 if start >= until {
                     continue;
                 }
             }
             tracing::debug!(partition = p, committed = ?group_at, ?start, "replay starts");
             assignment
-                .add_partition_offset(&topic, p, start.map_or(Offset::Beginning, Offset::Offset))
+                .add_partition_offset(
+                    &self.topic,
+                    p,
+                    start.map_or(Offset::Beginning, Offset::Offset),
+                )
                 .map_err(kafka_error)?;
-            source.open.insert(p);
+            self.open.insert(p);
             if let Some(start) = start {
-                source.consumed.insert(p, start);
+                self.consumed.insert(p, start);
             }
         }
-        if !source.open.is_empty() {
-            source.consumer.assign(&assignment).map_err(kafka_error)?;
+        if !self.open.is_empty() {
+            self.consumer.assign(&assignment).map_err(kafka_error)?;
         }
-        Ok(source)
+        Ok(())
     }
 
     /// Stops reading `partition`.

@@ -209,7 +209,8 @@ impl SentinelLink {
 }
 
 /// The topology of a `dedup.redis_url`, or why it is not one. `password` is the data nodes'
-/// password when the URL has none; `sentinel_password` the sentinels' own.
+/// password when the URL has none; `sentinel_password` the sentinels' own. Sentinel and
+/// cluster URLs list several hosts (`host:port,host:port`), which no URL parser takes.
 pub fn topology(
     url: &str,
     password: Option<String>,
@@ -220,18 +221,7 @@ pub fn topology(
         .split_once("://")
         .ok_or_else(|| "not a URL".to_owned())?;
     let (kind, tls) = match scheme {
-        "redis" | "rediss" => {
-            let mut info = redis::IntoConnectionInfo::into_connection_info(url)
-                // The parser's message may quote the URL, and with it a password.
-                .map_err(|e| format!("not a Redis URL ({:?})", e.kind()))?;
-            if let Some(password) = password {
-                let settings = info.redis_settings().clone().set_password(password);
-                info = info.set_redis_settings(settings);
-            }
-            let client =
-                redis::Client::open(info).map_err(|e| format!("unusable ({:?})", e.kind()))?;
-            return Ok(Topology::Single(client));
-        }
+        "redis" | "rediss" => return single(url, password),
         "redis+sentinel" => ("sentinel", false),
         "rediss+sentinel" => ("sentinel", true),
         "redis+cluster" => ("cluster", false),
@@ -246,42 +236,9 @@ pub fn topology(
         Some((userinfo, hosts)) => (Some(userinfo), hosts),
         None => (None, authority),
     };
-    let (username, url_password) = match userinfo {
-        Some(userinfo) => {
-            let (user, pass) = match userinfo.split_once(':') {
-                Some((user, pass)) => (user, Some(percent_decode(pass)?)),
-                None => (userinfo, None),
-            };
-            let user = percent_decode(user)?;
-            ((!user.is_empty()).then_some(user), pass)
-        }
-        None => (None, None),
-    };
+    let (username, url_password) = credentials(userinfo)?;
     let password = url_password.or(password);
-    let addrs = hosts
-        .split(',')
-        .map(|host| {
-            let (name, port) = host
-                .rsplit_once(':')
-                .ok_or_else(|| format!("`{host}` has no port"))?;
-            let port: u16 = port
-                .parse()
-                .map_err(|_| format!("`{host}` has no valid port"))?;
-            if name.is_empty() {
-                return Err(format!("`{host}` has no host"));
-            }
-            Ok(if tls {
-                ConnectionAddr::TcpTls {
-                    host: name.to_owned(),
-                    port,
-                    insecure: false,
-                    tls_params: None,
-                }
-            } else {
-                ConnectionAddr::Tcp(name.to_owned(), port)
-            })
-        })
-        .collect::<Result<Vec<_>, String>>()?;
+    let addrs = addresses(hosts, tls)?;
     if kind == "sentinel" {
         let mut parts = path.split('/').filter(|p| !p.is_empty());
         let master = parts
@@ -307,6 +264,71 @@ pub fn topology(
     if !path.is_empty() {
         return Err("a cluster URL has no path: a cluster has database 0 only".into());
     }
+    cluster(addrs, username, password, tls, timeout)
+}
+
+/// One server's `redis://` or `rediss://` URL, through the client's own parser.
+fn single(url: &str, password: Option<String>) -> Result<Topology, String> {
+    let mut info = redis::IntoConnectionInfo::into_connection_info(url)
+        // The parser's message may quote the URL, and with it a password.
+        .map_err(|e| format!("not a Redis URL ({:?})", e.kind()))?;
+    if let Some(password) = password {
+        let settings = info.redis_settings().clone().set_password(password);
+        info = info.set_redis_settings(settings);
+    }
+    let client = redis::Client::open(info).map_err(|e| format!("unusable ({:?})", e.kind()))?;
+    Ok(Topology::Single(client))
+}
+
+/// The user name and password of a URL's `user:password@`, percent-decoded.
+fn credentials(userinfo: Option<&str>) -> Result<(Option<String>, Option<String>), String> {
+    let Some(userinfo) = userinfo else {
+        return Ok((None, None));
+    };
+    let (user, pass) = match userinfo.split_once(':') {
+        Some((user, pass)) => (user, Some(percent_decode(pass)?)),
+        None => (userinfo, None),
+    };
+    let user = percent_decode(user)?;
+    Ok(((!user.is_empty()).then_some(user), pass))
+}
+
+/// The addresses of `host:port,host:port`.
+fn addresses(hosts: &str, tls: bool) -> Result<Vec<ConnectionAddr>, String> {
+    hosts
+        .split(',')
+        .map(|host| {
+            let (name, port) = host
+                .rsplit_once(':')
+                .ok_or_else(|| format!("`{host}` has no port"))?;
+            let port: u16 = port
+                .parse()
+                .map_err(|_| format!("`{host}` has no valid port"))?;
+            if name.is_empty() {
+                return Err(format!("`{host}` has no host"));
+            }
+            Ok(if tls {
+                ConnectionAddr::TcpTls {
+                    host: name.to_owned(),
+                    port,
+                    insecure: false,
+                    tls_params: None,
+                }
+            } else {
+                ConnectionAddr::Tcp(name.to_owned(), port)
+            })
+        })
+        .collect()
+}
+
+/// A cluster client that starts from `addrs`.
+fn cluster(
+    addrs: Vec<ConnectionAddr>,
+    username: Option<String>,
+    password: Option<String>,
+    tls: bool,
+    timeout: Duration,
+) -> Result<Topology, String> {
     let nodes: Vec<redis::ConnectionInfo> = addrs
         .into_iter()
         .map(|addr| {

@@ -189,33 +189,7 @@ impl Dedup {
                     return Ok(Claim::Duplicate(original));
                 }
                 Found::Pending => {
-                    // Another delivery is publishing it: its verdict is awaited, reading the
-                    // key again; a command that fails is tried again, within the deadline,
-                    // while the store is not marked down.
-                    loop {
-                        if tokio::time::Instant::now() + shared::POLL > deadline {
-                            return Err(Unclaimed::Timeout);
-                        }
-                        tokio::time::sleep(shared::POLL).await;
-                        match shared.look(endpoint_id, event_id).await {
-                            Ok(Some(found)) => {
-                                claimed = Claimed::Found(found);
-                                break;
-                            }
-                            // Released by a failed delivery: claim it again.
-                            Ok(None) => {
-                                claimed = shared.claim(endpoint_id, event_id, deadline).await;
-                                break;
-                            }
-                            Err(()) if shared.is_up() => {}
-                            Err(()) => {
-                                return local_only(guard, shared.unclaimed(endpoint_id, event_id))
-                            }
-                        }
-                    }
-                    if let Claimed::Found(Found::Pending) = claimed {
-                        continue;
-                    }
+                    claimed = verdict(shared, endpoint_id, event_id, deadline).await?;
                 }
             }
         }
@@ -227,6 +201,34 @@ impl Dedup {
         match &self.shared {
             Some(shared) => shared.flush(timeout).await,
             None => 0,
+        }
+    }
+}
+
+/// Another delivery is publishing the id: its verdict is awaited, reading the key again; a
+/// command that fails is tried again, within the deadline, while the store is not marked
+/// down. A released id is claimed again.
+async fn verdict(
+    shared: &Arc<Shared>,
+    endpoint_id: &str,
+    event_id: &str,
+    deadline: tokio::time::Instant,
+) -> Result<Claimed, Unclaimed> {
+    loop {
+        if tokio::time::Instant::now() + shared::POLL > deadline {
+            return Err(Unclaimed::Timeout);
+        }
+        tokio::time::sleep(shared::POLL).await;
+        match shared.look(endpoint_id, event_id).await {
+            Ok(Some(found)) => return Ok(Claimed::Found(found)),
+            // Released by a failed delivery: claim it again.
+            Ok(None) => return Ok(shared.claim(endpoint_id, event_id, deadline).await),
+            Err(()) if shared.is_up() => {}
+            Err(()) => {
+                return Ok(Claimed::Unavailable(
+                    shared.unclaimed(endpoint_id, event_id),
+                ))
+            }
         }
     }
 }
