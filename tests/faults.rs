@@ -7,14 +7,10 @@ use std::time::Duration;
 
 use common::*;
 use http::StatusCode;
-use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use tamio_kafka_bridge::config::Settings;
 
-fn mock_settings(
-    cluster: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>,
-    topic: &str,
-) -> Settings {
+fn mock_settings(cluster: &Mock, topic: &str) -> Settings {
     let mut s = settings(
         topic,
         &[
@@ -28,15 +24,8 @@ fn mock_settings(
 
 /// A one-broker mock cluster with `topic` (`partitions`, one replica each) and a bridge on
 /// it, ready.
-async fn mock_bridge(
-    topic: &str,
-    partitions: i32,
-) -> (
-    MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
-    Bridge,
-) {
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic(topic, partitions, 1).unwrap();
+async fn mock_bridge(topic: &str, partitions: i32) -> (Mock, Bridge) {
+    let cluster = mock_cluster(1, topic, partitions, 1);
     let bridge = Bridge::start_ready(mock_settings(&cluster, topic)).await;
     (cluster, bridge)
 }
@@ -251,16 +240,8 @@ async fn producers_dead_one_after_another_are_replaced_at_most_twice_a_second() 
 
 /// Drives 32 senders against a bridge process on a mock cluster and injects `errors` into
 /// the produce requests once 300 events are acknowledged; returns the run and the bridge.
-async fn under_load(
-    topic: &str,
-    errors: &[RDKafkaRespErr],
-) -> (
-    MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
-    Process,
-    LoadReport,
-) {
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic(topic, 3, 1).unwrap();
+async fn under_load(topic: &str, errors: &[RDKafkaRespErr]) -> (Mock, Process, LoadReport) {
+    let cluster = mock_cluster(1, topic, 3, 1);
     let brokers = cluster.bootstrap_servers();
     let bridge = Process::spawn(&[
         ("TAMIO_BRIDGE__KAFKA__BROKERS", &brokers),

@@ -227,9 +227,8 @@ async fn bodies_still_arriving_take_no_in_flight_slot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_that_lands_after_its_request_ended_is_remembered() {
     use tokio::io::AsyncReadExt;
-    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
     let topic = "tamio.tickets.late";
-    cluster.create_topic(topic, 1, 1).unwrap();
+    let cluster = mock_cluster(1, topic, 1, 1);
     let mut s = settings(
         topic,
         &[

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use tamio_kafka_bridge::config::Settings;
 
@@ -119,9 +118,8 @@ async fn broker_killed_and_started_again_with_its_data() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_changes_and_a_broker_down_in_a_three_broker_cluster() {
-    let cluster = MockCluster::new(3).unwrap();
     let topic = "tamio.tickets.loss";
-    cluster.create_topic(topic, 3, 3).unwrap();
+    let cluster = mock_cluster(3, topic, 3, 3);
     let bridge = Bridge::start_ready(fault_settings(topic, cluster.bootstrap_servers())).await;
 
     let (acked, run) = start_load(bridge.url());
@@ -161,9 +159,8 @@ async fn leader_changes_and_a_broker_down_in_a_three_broker_cluster() {
 /// mock's flaw make the loss checker fail.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn produce_errors_injected_mid_run_lose_nothing() {
-    let cluster = MockCluster::new(1).unwrap();
     let topic = "tamio.tickets.produce-errors";
-    cluster.create_topic(topic, 3, 1).unwrap();
+    let cluster = mock_cluster(1, topic, 3, 1);
     let mut s = fault_settings(topic, cluster.bootstrap_servers());
     let in_flight = std::env::var("TAMIO_TEST_MOCK_IN_FLIGHT").unwrap_or_else(|_| "1".into());
     s.kafka

@@ -1,7 +1,7 @@
 //! The test kit, by concern: the test broker (`broker`) and clusters of a test's own
 //! (`kafka`), the bridge in process (`bridge`) or as the real binary (`process`, with `url`,
 //! `send` and `metric`), an HTTP client with a timeout (`client`), a reader of whole topics
-//! (`topic`), the loss checker's load (`load`), free ports and silent peers (`net`), an OTLP
+//! (`topic`), the loss checker's load (`load`), librdkafka's mock cluster for faults on cue (`mock`), free ports and silent peers (`net`), an OTLP
 //! receiver (`otlp`), a Redis server (`redis_server`), attacks on the ingress (`siege`),
 //! signatures (`signing`), TLS (`tls`) and a raw HTTP/2 peer (`h2raw`). Each test file takes
 //! what it needs with `use common::*`.
@@ -13,6 +13,7 @@ pub mod client;
 pub mod h2raw;
 pub mod kafka;
 pub mod load;
+pub mod mock;
 pub mod net;
 pub mod otlp;
 pub mod process;
@@ -26,6 +27,7 @@ pub use self::bridge::*;
 pub use self::broker::*;
 pub use self::client::*;
 pub use self::load::*;
+pub use self::mock::*;
 pub use self::net::*;
 pub use self::process::*;
 pub use self::redis_server::*;
