@@ -73,13 +73,11 @@ const ONLY_CREATED: &str =
 /// test broker, with `extra` settings and `args`.
 fn exactly_once_bridge(topic: &str, extra: &[(&str, &str)], args: &[&str]) -> Process {
     let brokers = brokers();
-    let mut env = vec![
-        ("TAMIO_BRIDGE__KAFKA__BROKERS", brokers.as_str()),
-        ("TAMIO_BRIDGE__KAFKA__TOPIC", topic),
-        ("TAMIO_BRIDGE__SIGNATURE__SECRETS", SECRET),
+    let mut env = bridge_env(&brokers, topic);
+    env.extend([
         ("TAMIO_BRIDGE__KAFKA__EXACTLY_ONCE", "true"),
         ("TAMIO_BRIDGE__KAFKA__TRANSACTIONAL_ID", topic),
-    ];
+    ]);
     env.extend_from_slice(extra);
     Process::spawn_with_args(&env, args)
 }

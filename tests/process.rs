@@ -30,12 +30,9 @@ async fn sigterm_finishes_requests_in_flight_loses_none_and_exits_0() {
     let topic = unique_topic("sigterm");
     create_topic(&topic, 3).await;
     let brokers = brokers();
-    let mut bridge = Process::spawn(&[
-        ("TAMIO_BRIDGE__KAFKA__BROKERS", &brokers),
-        ("TAMIO_BRIDGE__KAFKA__TOPIC", &topic),
-        ("TAMIO_BRIDGE__SIGNATURE__SECRETS", SECRET),
-        ("TAMIO_BRIDGE__LOG__LEVEL", "debug"),
-    ]);
+    let mut env = bridge_env(&brokers, &topic);
+    env.push(("TAMIO_BRIDGE__LOG__LEVEL", "debug"));
+    let mut bridge = Process::spawn(&env);
     bridge.wait_ready().await;
 
     // A request that is certainly in flight when the signal comes: half its body is sent.

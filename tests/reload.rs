@@ -81,11 +81,7 @@ async fn every_restart_only_section_changed_by_a_reload_is_reported() {
     let file = dir.path().join("bridge.toml");
     std::fs::write(&file, BASE).unwrap();
     let brokers = brokers();
-    let mut cmd = command(&[
-        ("TAMIO_BRIDGE__KAFKA__BROKERS", &brokers),
-        ("TAMIO_BRIDGE__KAFKA__TOPIC", &topic),
-        ("TAMIO_BRIDGE__SIGNATURE__SECRETS", SECRET),
-    ]);
+    let mut cmd = command(&bridge_env(&brokers, &topic));
     // The admin address comes from the file, so that the file can change it.
     cmd.env_remove("TAMIO_BRIDGE__ADMIN__LISTEN")
         .args(["--config", file.to_str().unwrap()]);

@@ -19,11 +19,7 @@ const BODY_MARKER: &str = "body-marker-never-exported";
 
 fn bridge(topic: &str, extra: &[(&str, &str)]) -> Process {
     let brokers = brokers();
-    let mut env = vec![
-        ("TAMIO_BRIDGE__KAFKA__BROKERS", brokers.as_str()),
-        ("TAMIO_BRIDGE__KAFKA__TOPIC", topic),
-        ("TAMIO_BRIDGE__SIGNATURE__SECRETS", SECRET),
-    ];
+    let mut env = bridge_env(&brokers, topic);
     env.extend_from_slice(extra);
     Process::spawn(&env)
 }

@@ -211,3 +211,13 @@ pub fn peak_rss_mb(pid: u32) -> f64 {
         .map(|kb| kb / 1024.0)
         .unwrap_or(f64::NAN)
 }
+
+/// The environment of a bridge on `brokers` writing `topic`, its deliveries signed with
+/// [`SECRET`](super::SECRET); a test extends it with its own settings.
+pub fn bridge_env<'a>(brokers: &'a str, topic: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("TAMIO_BRIDGE__KAFKA__BROKERS", brokers),
+        ("TAMIO_BRIDGE__KAFKA__TOPIC", topic),
+        ("TAMIO_BRIDGE__SIGNATURE__SECRETS", super::SECRET),
+    ]
+}
